@@ -1,0 +1,32 @@
+# Set-up is idempotent: the venv is rebuilt only when pyproject.toml changes.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# On a machine without CUDA take the CPU build of torch (a plain `torch` pulls a multi-GB CUDA build).
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+
+.PHONY: setup check test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0" || \
+	  $(BIN)/python -m pip install -q "torch==2.13.0" --index-url $(TORCH_CPU_INDEX)
+	$(BIN)/python -m pip install -q -e ".[cpu,gpu,test]"
+	touch $(STAMP)
+
+check: setup
+	$(BIN)/mhc-multi backends
+	$(BIN)/mhc-multi check
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python bench/bench.py
+
+clean:
+	rm -rf $(VENV)
