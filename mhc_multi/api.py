@@ -1,0 +1,343 @@
+"""The front end: check every argument once, convert, pick a backend, run it, convert back.
+
+Backends receive validated, contiguous arrays flattened to ``T = B*S`` tokens in their own
+container (numpy arrays or torch tensors; see ``registry``) and never re-validate.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import registry
+from .errors import BackendUnavailableError
+
+__all__ = ["ForwardOutput", "Gradients", "PostGradients", "forward", "backward",
+           "post_forward", "post_backward"]
+
+
+class ForwardOutput(NamedTuple):
+    h_in: Any     # [B, S, D]     x's dtype
+    h_post: Any   # [B, S, n]     phi's dtype
+    h_res: Any    # [B, S, n, n]  phi's dtype (logits, or SK_k(logits) with sinkhorn_iters=k)
+    inv_rms: Any  # [B, S]
+    h_mix: Any    # [B, S, F]     raw projections, before inv_rms
+    h_pre: Any    # [B, S, n]
+
+
+class Gradients(NamedTuple):
+    dx: Any       # [B, S, n, D]  x's dtype
+    dphi: Any     # [F, n*D]      phi's dtype
+    dalpha: Any   # [3]
+    dbias: Any    # [F]
+    dgamma: Any   # [n, D], or None when gamma is None
+
+
+class PostGradients(NamedTuple):
+    dx: Any       # [B, S, n, D]  activation dtype
+    df_out: Any   # [B, S, D]     activation dtype
+    dh_post: Any  # [B, S, n]     gates' dtype
+    dh_res: Any   # [B, S, n, n]  gates' dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# containers and dtypes
+
+def _torch():
+    return sys.modules.get("torch")  # torch is only needed when the caller already uses it
+
+
+def _is_tensor(a) -> bool:
+    torch = _torch()
+    return torch is not None and isinstance(a, torch.Tensor)
+
+
+_NP_NAMES = {np.dtype(np.float16): "fp16", np.dtype(np.float32): "fp32", np.dtype(np.float64): "fp64"}
+
+
+def dtype_name(a) -> str | None:
+    """'bf16' | 'fp16' | 'fp32' | 'fp64' for a float array or tensor, else None."""
+    if _is_tensor(a):
+        torch = _torch()
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                torch.float64: "fp64"}.get(a.dtype)
+    return _NP_NAMES.get(np.dtype(a.dtype))
+
+
+def _describe_dtype(a) -> str:
+    return str(a.dtype).replace("torch.", "")
+
+
+class _Args:
+    """Validates arguments against x: same container, same device, expected shape and dtype."""
+
+    def __init__(self, x, backend: str):
+        registry.check_name(backend)
+        if _is_tensor(x):
+            self.kind, self.device = "torch", x.device
+        elif isinstance(x, np.ndarray):
+            self.kind, self.device = "numpy", None
+        else:
+            raise TypeError(f"x: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+        self.backend = backend
+
+    def container(self, name: str, a) -> None:
+        if self.kind == "torch":
+            if not _is_tensor(a):
+                raise TypeError(f"{name}: expected a torch.Tensor like x, got {type(a).__name__}")
+            if a.device != self.device:
+                raise ValueError(f"{name}: expected device {self.device} (x's device), got {a.device}")
+        elif not isinstance(a, np.ndarray):
+            raise TypeError(f"{name}: expected a numpy.ndarray like x, got {type(a).__name__}")
+
+    def check(self, name: str, a, shape: tuple, allowed: tuple[str, ...], meaning: str = ""):
+        """Container, device, shape and dtype of one argument."""
+        self.container(name, a)
+        if tuple(a.shape) != tuple(shape):
+            what = f" ({meaning})" if meaning else ""
+            raise ValueError(f"{name}: expected shape {tuple(shape)}{what}, got {tuple(a.shape)}")
+        if dtype_name(a) not in allowed:
+            raise TypeError(f"{name}: expected dtype in {list(allowed)}, got {_describe_dtype(a)}")
+
+
+_X_DTYPES_TORCH = ("bf16", "fp16", "fp32", "fp64")
+_X_DTYPES_NUMPY = ("fp16", "fp32", "fp64")  # numpy has no bfloat16: pass bf16 as a torch tensor
+_PARAM_DTYPES = ("fp32", "fp64")
+_FLOATS = ("bf16", "fp16", "fp32", "fp64")
+
+
+def _check_x(args: _Args, x) -> tuple[int, int, int, int]:
+    if x.ndim != 4:
+        raise ValueError(f"x: expected 4 dimensions [B, S, n, D], got shape {tuple(x.shape)}")
+    B, S, n, D = (int(s) for s in x.shape)
+    if not 1 <= n <= 8:
+        raise ValueError(f"x: expected n = x.shape[2] in 1..8, got shape {tuple(x.shape)}")
+    if D < 1:
+        raise ValueError(f"x: expected D = x.shape[3] >= 1, got shape {tuple(x.shape)}")
+    allowed = _X_DTYPES_TORCH if args.kind == "torch" else _X_DTYPES_NUMPY
+    if dtype_name(x) not in allowed:
+        raise TypeError(f"x: expected dtype in {list(allowed)}, got {_describe_dtype(x)}")
+    return B, S, n, D
+
+
+def _check_params(args: _Args, n: int, D: int, phi, alpha, bias, gamma) -> None:
+    F = n * n + 2 * n
+    args.check("phi", phi, (F, n * D), _PARAM_DTYPES, "F = n*n + 2n rows, n*D columns")
+    like = (dtype_name(phi),)  # alpha, bias and gamma share phi's dtype
+    args.check("alpha", alpha, (3,), like, "a_pre, a_post, a_res; dtype of phi")
+    args.check("bias", bias, (F,), like, "F = n*n + 2n; dtype of phi")
+    if gamma is not None:
+        args.check("gamma", gamma, (n, D), like, "n, D; dtype of phi")
+
+
+def _check_eps(norm_eps, hc_eps) -> None:
+    for name, val, low in (("norm_eps", norm_eps, "> 0"), ("hc_eps", hc_eps, ">= 0")):
+        ok = isinstance(val, (int, float)) and math.isfinite(val) and (val > 0 if low == "> 0" else val >= 0)
+        if not ok:
+            raise ValueError(f"{name}: expected a finite number {low}, got {val!r}")
+
+
+def _check_iters(sinkhorn_iters) -> None:
+    if isinstance(sinkhorn_iters, bool) or not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 0:
+        raise ValueError(f"sinkhorn_iters: expected an int >= 0, got {sinkhorn_iters!r}")
+
+
+def _cast_like(a, ref):
+    """``a`` in ``ref``'s dtype (no copy when it already is)."""
+    if _is_tensor(a):
+        return a.to(ref.dtype)
+    return a.astype(ref.dtype, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing a backend and moving data to and from it
+
+def _select(args: _Args, total_tokens: int, *, needs: str | None = None):
+    """(name, module) of the backend to run; the numpy reference when there are no tokens."""
+    on_cuda = args.kind == "torch" and args.device.type == "cuda"
+    name, mod = registry.resolve(args.backend, on_cuda=on_cuda)
+    if needs is not None and not getattr(mod, needs, None):
+        what = {"SUPPORTS_SINKHORN": "sinkhorn_iters > 0",
+                "post_forward": "the post operator"}[needs]
+        raise BackendUnavailableError(f"backend {name!r} does not implement {what} yet")
+    if mod.ARRAY_KIND == "torch" and not on_cuda:
+        if _torch() is None:
+            raise BackendUnavailableError(f"backend {name!r} needs torch, which is not imported")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendUnavailableError(
+                f"backend {name!r} runs on CUDA tensors; got CPU data. Set TRITON_INTERPRET=1 to "
+                "run its kernels on the CPU interpreter, or use backend='numba' / 'numpy'")
+    x_dtypes = getattr(mod, "X_DTYPES", None)
+    if x_dtypes is not None and args.x_dtype not in x_dtypes:
+        raise TypeError(f"x: backend {name!r} expects dtype in {list(x_dtypes)}, got {args.x_dtype}")
+    p_dtypes = getattr(mod, "PARAM_DTYPES", None)
+    if p_dtypes is not None and args.param_dtype not in p_dtypes:
+        raise TypeError(f"phi: backend {name!r} expects dtype in {list(p_dtypes)}, got {args.param_dtype}")
+    if total_tokens == 0:  # nothing to compute: the reference returns the empty results exactly
+        return registry.resolve("numpy", on_cuda=False)
+    return name, mod
+
+
+def _to_backend(a, kind: str):
+    """An argument as the backend's contiguous container (bf16 -> uint16 words for numpy)."""
+    if a is None:
+        return None
+    if kind == "numpy":
+        if _is_tensor(a):
+            torch = _torch()
+            t = a.detach().cpu().contiguous()
+            if t.dtype == torch.bfloat16:
+                return t.view(torch.int16).numpy().view(np.uint16)
+            return t.numpy()
+        return np.ascontiguousarray(a)
+    torch = _torch()
+    if _is_tensor(a):
+        return a.detach().contiguous()
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _from_backend(a, args: _Args, shape: tuple | None = None):
+    """A backend result in the caller's container and device, reshaped to ``shape``."""
+    if a is None:
+        return None
+    if args.kind == "numpy":
+        if _is_tensor(a):
+            a = a.cpu().numpy()
+    else:
+        torch = _torch()
+        if isinstance(a, np.ndarray):
+            a = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == np.uint16
+                 else torch.from_numpy(a))
+        a = a.to(args.device)
+    return a if shape is None else a.reshape(shape)
+
+
+def _run(args: _Args, mod, fn: str, inputs: dict, **kw):
+    conv = {k: _to_backend(v, mod.ARRAY_KIND) for k, v in inputs.items()}
+    return getattr(mod, fn)(**conv, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pre operator
+
+def forward(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps: float = 1e-6,
+            hc_eps: float = 1e-6, sinkhorn_iters: int = 0) -> ForwardOutput:
+    """Forward pass of the mHC pre operator (CONTRACT.md).
+
+    Args:
+        x: ``[B, S, n, D]`` streams; bf16/fp16/fp32/fp64 torch tensor or fp16/fp32/fp64 array.
+        phi: ``[n*n + 2n, n*D]`` projection, fp32 or fp64. alpha ``[3]``, bias ``[n*n + 2n]``
+            and gamma ``[n, D]`` (or None for all ones) share phi's dtype.
+        backend: ``"auto"`` (CUDA -> triton, CPU -> numba, else numpy; $MHC_MULTI_BACKEND
+            overrides it), ``"triton"``, ``"numba"`` or ``"numpy"``.
+        sinkhorn_iters: k > 0 returns ``h_res = SK_k(logits)``; 0 returns the logits.
+
+    Returns:
+        :class:`ForwardOutput` ``(h_in, h_post, h_res, inv_rms, h_mix, h_pre)`` in x's
+        container and device; ``h_in`` in x's dtype, the rest in phi's dtype.
+    """
+    args = _Args(x, backend)
+    B, S, n, D = _check_x(args, x)
+    _check_params(args, n, D, phi, alpha, bias, gamma)
+    _check_eps(norm_eps, hc_eps)
+    _check_iters(sinkhorn_iters)
+    args.x_dtype, args.param_dtype = dtype_name(x), dtype_name(phi)
+    _, mod = _select(args, B * S, needs="SUPPORTS_SINKHORN" if sinkhorn_iters else None)
+    T, F = B * S, n * n + 2 * n
+    out = _run(args, mod, "forward",
+               dict(x=x.reshape(T, n, D), phi=phi, alpha=alpha, bias=bias, gamma=gamma),
+               norm_eps=float(norm_eps), hc_eps=float(hc_eps), sinkhorn_iters=sinkhorn_iters)
+    shapes = ((B, S, D), (B, S, n), (B, S, n, n), (B, S), (B, S, F), (B, S, n))
+    return ForwardOutput(*(_from_backend(a, args, s) for a, s in zip(out, shapes)))
+
+
+def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res,
+             gamma=None, *, backend: str = "auto", norm_eps: float = 1e-6, hc_eps: float = 1e-6,
+             sinkhorn_iters: int = 0) -> Gradients:
+    """Backward pass of the mHC pre operator (CONTRACT.md).
+
+    Takes the forward's intermediates ``inv_rms [B,S], h_mix [B,S,F], h_pre, h_post [B,S,n]``
+    and the gradients ``dh_in [B,S,D], dh_post [B,S,n], dh_res [B,S,n,n]`` (with
+    ``sinkhorn_iters=k``, ``dh_res`` is with respect to the projected matrix). Floating
+    gradients and intermediates of another dtype are cast: ``dh_in`` to x's dtype, the rest to
+    phi's.
+
+    Returns:
+        :class:`Gradients` ``(dx, dphi, dalpha, dbias, dgamma)``; ``dx`` in x's dtype, the
+        rest in phi's dtype; ``dgamma`` is None when ``gamma`` is None.
+    """
+    args = _Args(x, backend)
+    B, S, n, D = _check_x(args, x)
+    _check_params(args, n, D, phi, alpha, bias, gamma)
+    _check_eps(norm_eps, hc_eps)
+    _check_iters(sinkhorn_iters)
+    F = n * n + 2 * n
+    per_token = (("inv_rms", inv_rms, (B, S)), ("h_mix", h_mix, (B, S, F)),
+                 ("h_pre", h_pre, (B, S, n)), ("h_post", h_post, (B, S, n)),
+                 ("dh_in", dh_in, (B, S, D)), ("dh_post", dh_post, (B, S, n)),
+                 ("dh_res", dh_res, (B, S, n, n)))
+    for name, a, shape in per_token:
+        args.check(name, a, shape, _FLOATS)
+    args.x_dtype, args.param_dtype = dtype_name(x), dtype_name(phi)
+    _, mod = _select(args, B * S, needs="SUPPORTS_SINKHORN" if sinkhorn_iters else None)
+    T = B * S
+    small = {name: _cast_like(a, phi).reshape((T,) + shape[2:])
+             for name, a, shape in per_token if name != "dh_in"}
+    out = _run(args, mod, "backward",
+               dict(x=x.reshape(T, n, D), phi=phi, alpha=alpha, bias=bias,
+                    dh_in=_cast_like(dh_in, x).reshape(T, D), gamma=gamma, **small),
+               norm_eps=float(norm_eps), hc_eps=float(hc_eps), sinkhorn_iters=sinkhorn_iters)
+    dx, dphi, dalpha, dbias, dgamma = out
+    return Gradients(_from_backend(dx, args, (B, S, n, D)), _from_backend(dphi, args),
+                     _from_backend(dalpha, args), _from_backend(dbias, args),
+                     _from_backend(dgamma, args))
+
+
+# ---------------------------------------------------------------------------------------------
+# the post operator: x_next = H_res x + H_post f_out
+
+def _check_post(args: _Args, x, f_out, h_post, h_res):
+    B, S, n, D = _check_x(args, x)
+    args.check("f_out", f_out, (B, S, D), _FLOATS)
+    args.check("h_post", h_post, (B, S, n), _PARAM_DTYPES, "gates: fp32 or fp64")
+    args.check("h_res", h_res, (B, S, n, n), _FLOATS)
+    args.x_dtype, args.param_dtype = dtype_name(x), dtype_name(h_post)
+    return B, S, n, D
+
+
+def post_forward(x, f_out, h_post, h_res, *, backend: str = "auto"):
+    """``x_next[b,s,i,:] = sum_j h_res[b,s,i,j] x[b,s,j,:] + h_post[b,s,i] f_out[b,s,:]``.
+
+    ``x [B,S,n,D]`` and ``f_out [B,S,D]`` are activations (f_out is cast to x's dtype);
+    ``h_post [B,S,n]`` and ``h_res [B,S,n,n]`` are gates (fp32/fp64; h_res is cast to
+    h_post's dtype). Returns ``x_next [B,S,n,D]`` in x's dtype.
+    """
+    args = _Args(x, backend)
+    B, S, n, D = _check_post(args, x, f_out, h_post, h_res)
+    _, mod = _select(args, B * S, needs="post_forward")
+    T = B * S
+    out = _run(args, mod, "post_forward",
+               dict(x=x.reshape(T, n, D), f_out=_cast_like(f_out, x).reshape(T, D),
+                    h_post=h_post.reshape(T, n), h_res=_cast_like(h_res, h_post).reshape(T, n, n)))
+    return _from_backend(out, args, (B, S, n, D))
+
+
+def post_backward(x, f_out, h_post, h_res, dx_next, *, backend: str = "auto") -> PostGradients:
+    """Gradients of :func:`post_forward` given ``dx_next [B,S,n,D]`` (cast to x's dtype).
+
+    Returns :class:`PostGradients` ``(dx, df_out, dh_post, dh_res)``.
+    """
+    args = _Args(x, backend)
+    B, S, n, D = _check_post(args, x, f_out, h_post, h_res)
+    args.check("dx_next", dx_next, (B, S, n, D), _FLOATS)
+    _, mod = _select(args, B * S, needs="post_forward")
+    T = B * S
+    out = _run(args, mod, "post_backward",
+               dict(x=x.reshape(T, n, D), f_out=_cast_like(f_out, x).reshape(T, D),
+                    h_post=h_post.reshape(T, n), h_res=_cast_like(h_res, h_post).reshape(T, n, n),
+                    dx_next=_cast_like(dx_next, x).reshape(T, n, D)))
+    shapes = ((B, S, n, D), (B, S, D), (B, S, n), (B, S, n, n))
+    return PostGradients(*(_from_backend(a, args, s) for a, s in zip(out, shapes)))

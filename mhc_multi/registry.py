@@ -1,0 +1,98 @@
+"""The backend registry: names -> backend modules, availability, and the ``"auto"`` choice.
+
+A backend is a module exposing (see ``backends/numpy_ref.py`` for the full interface):
+
+    ARRAY_KIND          "numpy" (computes on numpy arrays, CPU) or "torch" (torch tensors)
+    SUPPORTS_SINKHORN   whether forward/backward accept sinkhorn_iters > 0
+    availability()      None when it can run here, else the reason it cannot
+    forward(...), backward(...)        the pre operator
+    post_forward(...), post_backward(...)   the post operator (optional)
+
+Adding a backend means adding one module under ``backends/`` and one line below.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import NamedTuple
+
+from .errors import BackendUnavailableError
+
+#: name -> module path, in the order ``"auto"`` prefers them
+BACKENDS: dict[str, str] = {
+    "triton": "mhc_multi.backends.triton_gpu",
+    "numba": "mhc_multi.backends.numba_cpu",
+    "numpy": "mhc_multi.backends.numpy_ref",
+}
+ENV_VAR = "MHC_MULTI_BACKEND"
+
+
+class BackendInfo(NamedTuple):
+    name: str
+    available: bool
+    reason: str | None  # why it cannot run here; None when it can
+
+
+_loaded: dict[str, ModuleType | str] = {}
+
+
+def _load(name: str) -> ModuleType | str:
+    """The backend module, or the reason it failed to import (cached)."""
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(BACKENDS[name])
+        except ImportError as exc:  # a missing optional dependency inside the module
+            _loaded[name] = f"cannot import {BACKENDS[name]}: {exc}"
+    return _loaded[name]
+
+
+def _reason(name: str) -> str | None:
+    mod = _load(name)
+    return mod if isinstance(mod, str) else mod.availability()
+
+
+def available_backends() -> list[BackendInfo]:
+    """Every backend with whether it can run here and, if not, why."""
+    return [BackendInfo(name, (r := _reason(name)) is None, r) for name in BACKENDS]
+
+
+def register(name: str, module: ModuleType) -> None:
+    """Add (or replace) a backend under ``name``: a module or object with the interface above."""
+    BACKENDS[name] = getattr(module, "__name__", name)
+    _loaded[name] = module
+
+
+def unregister(name: str) -> None:
+    BACKENDS.pop(name, None)
+    _loaded.pop(name, None)
+
+
+def check_name(backend: str) -> str:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        valid = ", ".join(repr(b) for b in ("auto", *BACKENDS))
+        raise ValueError(f"backend: expected one of {valid}, got {backend!r}")
+    return backend
+
+
+def resolve(backend: str, *, on_cuda: bool) -> tuple[str, ModuleType]:
+    """Turn a requested name (or ``"auto"``) into a runnable backend module.
+
+    ``"auto"`` (overridden by $MHC_MULTI_BACKEND): CUDA tensors -> triton; anything on the
+    CPU -> numba when it can run, else numpy.
+    """
+    check_name(backend)
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env:
+            if env not in BACKENDS:
+                raise ValueError(f"${ENV_VAR}: expected one of {', '.join(BACKENDS)}, got {env!r}")
+            backend = env
+        elif on_cuda:
+            backend = "triton"
+        else:
+            backend = "numba" if _reason("numba") is None else "numpy"
+    reason = _reason(backend)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {backend!r} cannot run here: {reason}")
+    return backend, _load(backend)

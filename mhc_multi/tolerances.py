@@ -1,0 +1,37 @@
+"""The accuracy table of CONTRACT.md, as code: the one place every tolerance comes from.
+
+Errors are relative Frobenius norms ``||got - ref|| / ||ref||`` against a float64 evaluation
+of the contract. Outputs in the activation dtype (``h_in``, ``dx``, and the post operator's
+``x_next``, ``df_out``) are bounded by the rounding of that dtype: 1.5x (bf16) and 2x (fp16)
+its unit roundoff, so one final rounding fits and any intermediate 16-bit rounding does not.
+Everything else (gates, intermediates, parameter gradients) is fp32-class: 2e-5, or 1e-12 when
+both the activations and the parameters are fp64.
+"""
+from __future__ import annotations
+
+DTYPE_NAMES = ("bf16", "fp16", "fp32", "fp64")
+
+#: outputs that take the activation (x) dtype
+ACTIVATION_OUTPUTS = frozenset({"h_in", "dx", "x_next", "df_out"})
+
+#: bound for activation-dtype outputs, by x's dtype
+ACTIVATION_TOLERANCE = {"bf16": 6e-3, "fp16": 1e-3, "fp32": 1e-5, "fp64": 1e-12}
+
+#: bound for every other output: fp32-class unless x and the parameters are both fp64
+PARAM_TOLERANCE = {"fp32": 2e-5, "fp64": 1e-12}
+
+
+def tolerance(output: str, x_dtype: str, param_dtype: str | None = None) -> float:
+    """The bound on the relative error of ``output`` (a contract name such as ``"dphi"``).
+
+    ``x_dtype`` and ``param_dtype`` are names from :data:`DTYPE_NAMES`; ``param_dtype``
+    defaults to fp64 for fp64 activations and to fp32 otherwise.
+    """
+    if x_dtype not in DTYPE_NAMES:
+        raise ValueError(f"x_dtype: expected one of {DTYPE_NAMES}, got {x_dtype!r}")
+    if output in ACTIVATION_OUTPUTS:
+        return ACTIVATION_TOLERANCE[x_dtype]
+    if param_dtype is None:
+        param_dtype = "fp64" if x_dtype == "fp64" else "fp32"
+    both_fp64 = x_dtype == "fp64" and param_dtype == "fp64"
+    return PARAM_TOLERANCE["fp64" if both_fp64 else "fp32"]
