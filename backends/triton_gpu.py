@@ -1,0 +1,648 @@
+"""Triton backend: the mHC pre operator, fused forward and backward (CONTRACT.md).
+
+Same interface as ``numpy_ref`` (see its docstring), on torch tensors: CUDA tensors on a GPU, or
+CPU tensors when ``TRITON_INTERPRET=1`` runs the same kernels on Triton's CPU interpreter.
+
+Kernels (design and precision choices in docs/triton.md):
+
+* ``_prep_phi_kernel``   phi (times g for the forward) -> bf16 hi/mid/lo pieces, F padded.
+* ``_pre_fwd_kernel``    one program per BLOCK_T tokens: pass 1 over the row accumulates the sum
+                         of squares and m = v @ (phi*g)^T on the tensor cores; gates; pass 2 over
+                         D (reverse order, so the most recently read x is re-read from L2) writes
+                         h_in.  Nothing bigger than [T, F] is written besides the outputs.
+* ``_pre_bwd_row_kernel`` persistent; per token block: dh_pre = sum_d dh_in*x, the gate
+                         derivatives, dm = r*e and the coefficient dr*r^3/(nD) -> [T, F_PAD] and
+                         [T] scratch; per-program partial sums for dbias and dalpha.
+* ``_pre_bwd_col_kernel`` grid (stream i, D chunk, token split): w = dm @ phi, dx, and the partial
+                         P = dm^T @ v of dphi/g held in registers for the program's whole token
+                         range, written once to a [splits, F, nD] workspace.
+* ``_reduce_partials_kernel`` fixed-order sums of the workspaces: dphi = g*P, dgamma = sum_f phi*P,
+                         dbias, dalpha.  No atomics anywhere: results are bitwise repeatable.
+
+fp32 accuracy on the tensor cores: every fp32 operand is split into bf16 pieces
+(a = a0 + a1 + a2, each the bf16 rounding of what is left) and the dot is the sum of the piece
+products a_i @ b_j with i + j < max(pieces) — two or three bf16 dots reach ~2^-17 relative, six
+reach fp32.  bf16 x is exact in one piece.  See docs/triton.md for the measurements.
+"""
+from __future__ import annotations
+
+import os
+
+try:  # importing this module must never fail where triton is missing
+    import triton
+    import triton.language as tl
+    _TRITON_ERROR = None
+except Exception as exc:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    _TRITON_ERROR = exc
+
+try:
+    import torch
+except Exception:  # pragma: no cover
+    torch = None
+
+ARRAY_KIND = "torch"
+SUPPORTS_SINKHORN = False
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def availability() -> str | None:
+    """None when this backend can run here, else the reason it cannot."""
+    if torch is None:
+        return "torch is not installed"
+    if triton is None:
+        return f"triton is not installed ({_TRITON_ERROR})"
+    if _interpret():
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)"
+    return None
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision: number of bf16 pieces per operand, by x dtype (measured; docs/triton.md).
+#   fwd: m = x @ (phi*g)^T                     (A = x, B = phi*g)
+#   w:   w = dm @ phi          (only feeds dx)  (A = dm, B = phi)
+#   P:   P = dm^T @ x          (dphi, dgamma)   (A = dm, B = x)
+_PIECES = {
+    #            fwd (A,B)  w (A,B)  P (A,B)
+    "bf16":     ((1, 2),   (2, 2),  (2, 1)),
+    "fp16":     ((2, 2),   (2, 2),  (2, 2)),
+    "fp32":     ((3, 3),   (3, 3),  (3, 3)),
+}
+
+
+def _dtype_name(dt) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dt]
+
+
+if triton is not None:
+
+    # -----------------------------------------------------------------------------------------
+    @triton.jit
+    def _bf16(a, INTERP: tl.constexpr):
+        """fp32 -> bf16, round to nearest even.  Under the interpreter (whose casts truncate and
+        whose dot multiplies bf16 bit patterns as integers) the value stays an fp32 that holds
+        the bf16 number exactly, rounded with integer arithmetic."""
+        if INTERP:
+            b = a.to(tl.uint32, bitcast=True)
+            b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+            r = b.to(tl.float32, bitcast=True)
+        else:
+            r = a.to(tl.bfloat16)
+        return r
+
+    @triton.jit
+    def _dot(a, b, acc, INTERP: tl.constexpr):
+        """acc + a @ b for bf16-valued operands (exact products, fp32 accumulation)."""
+        if INTERP:
+            r = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            r = tl.dot(a, b, acc)
+        return r
+
+    @triton.jit
+    def _mm_pieces(a, b0, b1, b2, acc, NA: tl.constexpr, NB: tl.constexpr,
+                   INTERP: tl.constexpr):
+        """acc + a @ b on bf16 tensor cores, b given as its bf16 pieces b0 + b1 + b2 and a split
+        here into NA pieces: a0 = bf16(a), a1 = bf16(a - a0), a2 = bf16(a - a0 - a1).
+
+        The products a_i @ b_j with i + j < max(NA, NB) are summed, smallest first.  One piece
+        means the operand is exact in bf16 (bf16 x) or bf16 accuracy is enough.
+        """
+        NMAX: tl.constexpr = NA if NA > NB else NB
+        af = a.to(tl.float32)
+        a0 = _bf16(af, INTERP)
+        if NA > 1:
+            ar = af - a0.to(tl.float32)
+            a1 = _bf16(ar, INTERP)
+        if NMAX > 2:
+            if NA > 2:
+                a2 = _bf16(ar - a1.to(tl.float32), INTERP)
+                acc = _dot(a2, b0, acc, INTERP)
+            if NB > 2:
+                acc = _dot(a0, b2, acc, INTERP)
+            if NA > 1:
+                if NB > 1:
+                    acc = _dot(a1, b1, acc, INTERP)
+        if NA > 1:
+            acc = _dot(a1, b0, acc, INTERP)
+        if NB > 1:
+            acc = _dot(a0, b1, acc, INTERP)
+        acc = _dot(a0, b0, acc, INTERP)
+        return acc
+
+    @triton.jit
+    def _mm_split(a, b, acc, NA: tl.constexpr, NB: tl.constexpr, INTERP: tl.constexpr):
+        """acc + a @ b with both operands split here (see _mm_pieces)."""
+        bf = b.to(tl.float32)
+        b0 = _bf16(bf, INTERP)
+        b1 = b0
+        b2 = b0
+        if NB > 1:
+            br = bf - b0.to(tl.float32)
+            b1 = _bf16(br, INTERP)
+            if NB > 2:
+                b2 = _bf16(br - b1.to(tl.float32), INTERP)
+        return _mm_pieces(a, b0, b1, b2, acc, NA, NB, INTERP)
+
+    @triton.jit
+    def _round_out(v, dtype: tl.constexpr, INTERP: tl.constexpr):
+        """Round the fp32 result once to the output dtype (round to nearest even)."""
+        if INTERP and dtype == tl.bfloat16:
+            r = _bf16(v, INTERP)
+        else:
+            r = v.to(dtype)
+        return r
+
+    # -----------------------------------------------------------------------------------------
+    @triton.jit
+    def _prep_phi_kernel(
+        phi_ptr,     # [F, ND] fp32
+        g_ptr,       # [ND] fp32 (unused unless HAS_G)
+        out_ptr,     # [NPIECE, F_PAD, ND] bf16: pieces of phi (* g), rows >= F zero
+        F: tl.constexpr, ND: tl.constexpr, F_PAD: tl.constexpr,
+        NPIECE: tl.constexpr, HAS_G: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
+    ):
+        # p = phi[f, k] * g[k]; p0 = bf16(p); p1 = bf16(p - p0); p2 = bf16(p - p0 - p1)
+        f = tl.program_id(1)
+        k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        km = k < ND
+        fv = f + tl.zeros([BLOCK], dtype=tl.int32)
+        p = tl.load(phi_ptr + f * ND + k, mask=km & (fv < F), other=0.0).to(tl.float32)
+        if HAS_G:
+            p = p * tl.load(g_ptr + k, mask=km, other=0.0).to(tl.float32)
+        p0 = _bf16(p, INTERP)
+        tl.store(out_ptr + f * ND + k, p0, mask=km)
+        if NPIECE > 1:
+            r = p - p0.to(tl.float32)
+            p1 = _bf16(r, INTERP)
+            tl.store(out_ptr + F_PAD * ND + f * ND + k, p1, mask=km)
+            if NPIECE > 2:
+                p2 = _bf16(r - p1.to(tl.float32), INTERP)
+                tl.store(out_ptr + 2 * F_PAD * ND + f * ND + k, p2, mask=km)
+
+    # -----------------------------------------------------------------------------------------
+    # Forward, per token t (CONTRACT.md):
+    #   r = 1/sqrt(mean(v*v) + norm_eps);  m = v @ (phi*g)^T;  u = r*m
+    #   h_pre = sigmoid(a0*u[:n] + b[:n]) + hc_eps;  h_post = 2*sigmoid(a1*u[n:2n] + b[n:2n])
+    #   h_res = a2*u[2n:] + b[2n:];  h_in = sum_i h_pre[i] * x[i, :]
+    @triton.jit(do_not_specialize=["T"])
+    def _pre_fwd_kernel(
+        x_ptr,       # [T, n, D] x dtype
+        pg_ptr,      # [NPB, F_PAD, ND] bf16 pieces of phi*g
+        alpha_ptr,   # [3] fp32
+        bias_ptr,    # [F] fp32
+        hin_ptr,     # [T, D] x dtype          (out)
+        hpost_ptr,   # [T, n] fp32             (out)
+        hres_ptr,    # [T, n*n] fp32           (out)
+        rms_ptr,     # [T] fp32                (out)
+        hmix_ptr,    # [T, F] fp32             (out)
+        hpre_ptr,    # [T, n] fp32             (out)
+        T, norm_eps, hc_eps,
+        N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr,
+    ):
+        ND: tl.constexpr = N * D
+        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        rows64 = rows.to(tl.int64)
+        dd = tl.arange(0, BLOCK_D)
+        ff = tl.arange(0, F_PAD)
+
+        acc = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_T], dtype=tl.float32)
+        # pass 1: D chunks outer, streams inner (so pass 2 can walk back over the freshest x)
+        for c in range(NCH):
+            d = c * BLOCK_D + dd
+            dmask = d < D
+            m2 = rmask[:, None] & dmask[None, :]
+            for i in tl.static_range(N):
+                xv = tl.load(x_ptr + rows64[:, None] * ND + (i * D) + d[None, :], mask=m2,
+                             other=0.0)
+                xf = xv.to(tl.float32)
+                ss += tl.sum(xf * xf, axis=1)
+                # B tile [BLOCK_D, F_PAD] of the pieces (zero past D)
+                boff = ff[None, :] * ND + (i * D) + d[:, None]
+                bm = dmask[:, None]
+                b0 = tl.load(pg_ptr + boff, mask=bm, other=0.0)
+                b1 = b0
+                b2 = b0
+                if NPB > 1:
+                    b1 = tl.load(pg_ptr + F_PAD * ND + boff, mask=bm, other=0.0)
+                if NPB > 2:
+                    b2 = tl.load(pg_ptr + 2 * F_PAD * ND + boff, mask=bm, other=0.0)
+                acc = _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP)
+
+        r = 1.0 / tl.sqrt_rn(ss / ND + norm_eps)
+        a_pre = tl.load(alpha_ptr)
+        a_post = tl.load(alpha_ptr + 1)
+        a_res = tl.load(alpha_ptr + 2)
+        fmask = ff < F
+        is_pre = ff < N
+        is_post = (ff >= N) & (ff < 2 * N)
+        bias = tl.load(bias_ptr + ff, mask=fmask, other=0.0)
+        a_col = tl.where(is_pre, a_pre, tl.where(is_post, a_post, a_res))
+        z = a_col[None, :] * (r[:, None] * acc) + bias[None, :]
+        sig = 1.0 / (1.0 + tl.exp(-z))
+        gate = tl.where(is_pre[None, :], sig + hc_eps, tl.where(is_post[None, :], 2.0 * sig, z))
+
+        tl.store(rms_ptr + rows, r, mask=rmask)
+        rm2 = rmask[:, None]
+        tl.store(hmix_ptr + rows64[:, None] * F + ff[None, :], acc, mask=rm2 & fmask[None, :])
+        tl.store(hpre_ptr + rows64[:, None] * N + ff[None, :], gate, mask=rm2 & is_pre[None, :])
+        tl.store(hpost_ptr + rows64[:, None] * N + (ff[None, :] - N), gate,
+                 mask=rm2 & is_post[None, :])
+        is_res = (ff >= 2 * N) & fmask
+        tl.store(hres_ptr + rows64[:, None] * (N * N) + (ff[None, :] - 2 * N), gate,
+                 mask=rm2 & is_res[None, :])
+
+        # pass 2: h_in = sum_i h_pre[i] * x[i, :], D chunks in reverse order
+        for cc in range(NCH):
+            c = NCH - 1 - cc
+            d = c * BLOCK_D + dd
+            dmask = d < D
+            m2 = rmask[:, None] & dmask[None, :]
+            h = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+            for i in tl.static_range(N):
+                hp = tl.sum(tl.where(ff[None, :] == i, gate, 0.0), axis=1)
+                xv = tl.load(x_ptr + rows64[:, None] * ND + (i * D) + d[None, :], mask=m2,
+                             other=0.0)
+                h += hp[:, None] * xv.to(tl.float32)
+            tl.store(hin_ptr + rows64[:, None] * D + d[None, :],
+                     _round_out(h, hin_ptr.dtype.element_ty, INTERP), mask=m2)
+
+    # -----------------------------------------------------------------------------------------
+    # Backward, row part, per token t:
+    #   dh_pre[i] = sum_d dh_in[d] x[i, d];  s = h_pre - hc_eps
+    #   raw = [dh_pre*s*(1-s), dh_post*h_post*(1-h_post/2), dh_res]   (dp, dq, dR)
+    #   e = alpha_col * raw;  dm = r*e;  coef = (e . m) * r^3 / (n D)
+    # Partials per program (fixed token blocks pid, pid+P, ...): sum_t raw (-> dbias) and
+    # sum_t raw*u (-> dalpha, grouped by column class in the reduce kernel).
+    @triton.jit(do_not_specialize=["T", "NBLK"])
+    def _pre_bwd_row_kernel(
+        x_ptr,       # [T, n, D] x dtype
+        dhin_ptr,    # [T, D] x dtype
+        rms_ptr,     # [T] fp32
+        hmix_ptr,    # [T, F] fp32
+        hpre_ptr,    # [T, n] fp32
+        hpost_ptr,   # [T, n] fp32
+        dhpost_ptr,  # [T, n] fp32
+        dhres_ptr,   # [T, n*n] fp32
+        alpha_ptr,   # [3] fp32
+        dm_ptr,      # [T, F_PAD] fp32 scratch (out): r * e, zero past F
+        coef_ptr,    # [T] fp32 scratch (out)
+        wsrow_ptr,   # [P, 2, F_PAD] fp32 (out): per-program sum raw, sum raw*u
+        T, NBLK, hc_eps,
+        N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        ND: tl.constexpr = N * D
+        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        dd = tl.arange(0, BLOCK_D)
+        ff = tl.arange(0, F_PAD)
+        fmask = ff < F
+        is_pre = ff < N
+        is_post = (ff >= N) & (ff < 2 * N)
+        is_res = (ff >= 2 * N) & fmask
+        a_pre = tl.load(alpha_ptr)
+        a_post = tl.load(alpha_ptr + 1)
+        a_res = tl.load(alpha_ptr + 2)
+        a_col = tl.where(is_pre, a_pre, tl.where(is_post, a_post, tl.where(fmask, a_res, 0.0)))
+        sum_raw = tl.zeros([F_PAD], dtype=tl.float32)
+        sum_ru = tl.zeros([F_PAD], dtype=tl.float32)
+        for blk in range(pid, NBLK, nprog):
+            rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+            rmask = rows < T
+            rows64 = rows.to(tl.int64)
+            rm2 = rmask[:, None]
+            dhp = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)   # dh_pre in columns [0, n)
+            for c in range(NCH):
+                d = c * BLOCK_D + dd
+                m2 = rm2 & (d < D)[None, :]
+                g = tl.load(dhin_ptr + rows64[:, None] * D + d[None, :], mask=m2,
+                            other=0.0).to(tl.float32)
+                for i in tl.static_range(N):
+                    xv = tl.load(x_ptr + rows64[:, None] * ND + (i * D) + d[None, :], mask=m2,
+                                 other=0.0).to(tl.float32)
+                    p = tl.sum(xv * g, axis=1)
+                    dhp += tl.where(ff[None, :] == i, p[:, None], 0.0)
+            r = tl.load(rms_ptr + rows, mask=rmask, other=0.0)
+            m = tl.load(hmix_ptr + rows64[:, None] * F + ff[None, :], mask=rm2 & fmask[None, :],
+                        other=0.0)
+            hp = tl.load(hpre_ptr + rows64[:, None] * N + ff[None, :],
+                         mask=rm2 & is_pre[None, :], other=0.0)
+            hq = tl.load(hpost_ptr + rows64[:, None] * N + (ff[None, :] - N),
+                         mask=rm2 & is_post[None, :], other=0.0)
+            dq = tl.load(dhpost_ptr + rows64[:, None] * N + (ff[None, :] - N),
+                         mask=rm2 & is_post[None, :], other=0.0)
+            dR = tl.load(dhres_ptr + rows64[:, None] * (N * N) + (ff[None, :] - 2 * N),
+                         mask=rm2 & is_res[None, :], other=0.0)
+            s = hp - hc_eps
+            raw = tl.where(is_pre[None, :], dhp * s * (1.0 - s),
+                           tl.where(is_post[None, :], dq * hq * (1.0 - 0.5 * hq), dR))
+            raw = tl.where(rm2 & fmask[None, :], raw, 0.0)
+            e = a_col[None, :] * raw
+            dm = r[:, None] * e
+            dr = tl.sum(e * m, axis=1)
+            coef = dr * (r * r * r) / ND
+            tl.store(dm_ptr + rows64[:, None] * F_PAD + ff[None, :], dm, mask=rm2)
+            tl.store(coef_ptr + rows, coef, mask=rmask)
+            sum_raw += tl.sum(raw, axis=0)
+            sum_ru += tl.sum(raw * (r[:, None] * m), axis=0)
+        tl.store(wsrow_ptr + pid * (2 * F_PAD) + ff, sum_raw)
+        tl.store(wsrow_ptr + pid * (2 * F_PAD) + F_PAD + ff, sum_ru)
+
+    # -----------------------------------------------------------------------------------------
+    # Backward, column part: program (stream i, D chunk c, token split s).
+    #   w = dm @ phi[:, i*D + d];  dx[i, d] = w*g - coef*x[i, d] + h_pre[i]*dh_in[d]
+    #   P[f, i*D + d] += sum_t dm[t, f] x[t, i, d]      (registers; dphi = g*P, dgamma = sum_f phi*P)
+    @triton.jit(do_not_specialize=["T", "TOK_PER_SPLIT"])
+    def _pre_bwd_col_kernel(
+        x_ptr,       # [T, n, D] x dtype
+        dhin_ptr,    # [T, D] x dtype
+        hpre_ptr,    # [T, n] fp32
+        dm_ptr,      # [T, F_PAD] fp32 scratch
+        coef_ptr,    # [T] fp32 scratch
+        pp_ptr,      # [NPW, F_PAD, ND] bf16 pieces of phi
+        g_ptr,       # [ND] fp32 (unused unless HAS_G)
+        dx_ptr,      # [T, n, D] x dtype (out)
+        wscol_ptr,   # [SPLITS, F, ND] fp32 (out): per-split P
+        T, TOK_PER_SPLIT,
+        N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
+        NWA: tl.constexpr, NWB: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr,
+        INTERP: tl.constexpr,
+    ):
+        ND: tl.constexpr = N * D
+        i = tl.program_id(0)
+        c = tl.program_id(1)
+        s = tl.program_id(2)
+        d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = d < D
+        col = i * D + d
+        ff = tl.arange(0, F_PAD)
+        # loop-invariant B operand of w: phi pieces [F_PAD, BLOCK_D]
+        poff = ff[:, None] * ND + col[None, :]
+        p0 = tl.load(pp_ptr + poff, mask=dmask[None, :], other=0.0)
+        p1 = p0
+        p2 = p0
+        if NWB > 1:
+            p1 = tl.load(pp_ptr + F_PAD * ND + poff, mask=dmask[None, :], other=0.0)
+        if NWB > 2:
+            p2 = tl.load(pp_ptr + 2 * F_PAD * ND + poff, mask=dmask[None, :], other=0.0)
+        if HAS_G:
+            g = tl.load(g_ptr + col, mask=dmask, other=0.0)
+        P = tl.zeros([F_PAD, BLOCK_D], dtype=tl.float32)
+        t_lo = s * TOK_PER_SPLIT
+        t_hi = tl.minimum(t_lo + TOK_PER_SPLIT, T)
+        for t0 in range(t_lo, t_hi, BLOCK_T):
+            rows = t0 + tl.arange(0, BLOCK_T)
+            rmask = rows < t_hi
+            rows64 = rows.to(tl.int64)
+            rm2 = rmask[:, None]
+            m2 = rm2 & dmask[None, :]
+            dm = tl.load(dm_ptr + rows64[:, None] * F_PAD + ff[None, :], mask=rm2, other=0.0)
+            coef = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
+            hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
+            xv = tl.load(x_ptr + rows64[:, None] * ND + col[None, :], mask=m2, other=0.0)
+            dh = tl.load(dhin_ptr + rows64[:, None] * D + d[None, :], mask=m2, other=0.0)
+            w = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+            w = _mm_pieces(dm, p0, p1, p2, w, NWA, NWB, INTERP)
+            if HAS_G:
+                w = w * g[None, :]
+            xf = xv.to(tl.float32)
+            dx = w - coef[:, None] * xf + hp[:, None] * dh.to(tl.float32)
+            tl.store(dx_ptr + rows64[:, None] * ND + col[None, :],
+                     _round_out(dx, dx_ptr.dtype.element_ty, INTERP), mask=m2)
+            P = _mm_split(tl.trans(dm), xv, P, NPA, NPB, INTERP)
+        tl.store(wscol_ptr + s * (F * ND) + ff[:, None] * ND + col[None, :], P,
+                 mask=(ff < F)[:, None] & dmask[None, :])
+
+    # -----------------------------------------------------------------------------------------
+    # Fixed-order reduction of the workspaces:
+    #   Q[f, k] = sum_s wscol[s, f, k];  dphi = g*Q;  dgamma[k] = sum_f phi[f, k]*Q[f, k]
+    #   dbias[f] = sum_p wsrow[p, 0, f];  dalpha[c] = sum_{f in class c} sum_p wsrow[p, 1, f]
+    @triton.jit
+    def _reduce_partials_kernel(
+        wscol_ptr,   # [SPLITS, F, ND] fp32
+        wsrow_ptr,   # [P, 2, F_PAD] fp32
+        phi_ptr,     # [F, ND] fp32
+        g_ptr,       # [ND] fp32 (unused unless HAS_G)
+        dphi_ptr,    # [F, ND] fp32 (out)
+        dgamma_ptr,  # [ND] fp32 (out, if HAS_G)
+        dalpha_ptr,  # [3] fp32 (out)
+        dbias_ptr,   # [F] fp32 (out)
+        SPLITS, PROW,
+        N: tl.constexpr, ND: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
+        HAS_G: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        k = pid * BLOCK + tl.arange(0, BLOCK)
+        km = k < ND
+        if HAS_G:
+            g = tl.load(g_ptr + k, mask=km, other=0.0)
+            dg = tl.zeros([BLOCK], dtype=tl.float32)
+        for f in range(F):
+            q = tl.zeros([BLOCK], dtype=tl.float32)
+            for s in range(SPLITS):
+                q += tl.load(wscol_ptr + s * (F * ND) + f * ND + k, mask=km, other=0.0)
+            if HAS_G:
+                tl.store(dphi_ptr + f * ND + k, q * g, mask=km)
+                dg += q * tl.load(phi_ptr + f * ND + k, mask=km, other=0.0)
+            else:
+                tl.store(dphi_ptr + f * ND + k, q, mask=km)
+        if HAS_G:
+            tl.store(dgamma_ptr + k, dg, mask=km)
+        if pid == 0:
+            ff = tl.arange(0, F_PAD)
+            sb = tl.zeros([F_PAD], dtype=tl.float32)
+            su = tl.zeros([F_PAD], dtype=tl.float32)
+            for p in range(PROW):
+                sb += tl.load(wsrow_ptr + p * (2 * F_PAD) + ff)
+                su += tl.load(wsrow_ptr + p * (2 * F_PAD) + F_PAD + ff)
+            tl.store(dbias_ptr + ff, sb, mask=ff < F)
+            tl.store(dalpha_ptr, tl.sum(tl.where(ff < N, su, 0.0)))
+            tl.store(dalpha_ptr + 1, tl.sum(tl.where((ff >= N) & (ff < 2 * N), su, 0.0)))
+            tl.store(dalpha_ptr + 2, tl.sum(tl.where((ff >= 2 * N) & (ff < F), su, 0.0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration: a rule keyed on (n, D, dtype, device), cached.  Override for tuning via
+# set_config(); bench/gpu_suite.py sweeps candidates.
+
+_CONFIG_OVERRIDES: dict = {}
+_SM_COUNT: dict = {}
+
+
+def set_config(**kw) -> None:
+    """Override launch parameters (keys: fwd_bt, fwd_bd, fwd_warps, fwd_stages, row_bt, row_bd,
+    row_warps, col_bt, col_bd, col_warps, col_stages, col_waves, row_waves); {} restores rules."""
+    _CONFIG_OVERRIDES.clear()
+    _CONFIG_OVERRIDES.update(kw)
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 4
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
+
+
+def _config(n: int, D: int, dtype_name: str, device) -> dict:
+    cpu = device.type != "cuda"
+    cfg = dict(
+        fwd_bt=16 if cpu else 32, fwd_bd=16 if cpu else 64, fwd_warps=4, fwd_stages=2,
+        row_bt=16 if cpu else 8, row_bd=32 if cpu else 256, row_warps=4, row_stages=2,
+        col_bt=16 if cpu else 32, col_bd=16 if cpu else 64, col_warps=4, col_stages=2,
+        col_waves=2, row_waves=4,
+    )
+    if not cpu and dtype_name == "fp32":
+        cfg.update(fwd_bd=32, col_bd=32)
+    if not cpu and D <= 64:
+        cfg.update(fwd_bd=max(16, _next_pow2(D)), col_bd=max(16, _next_pow2(D)),
+                   row_bd=max(16, _next_pow2(D)))
+    cfg.update(_CONFIG_OVERRIDES)
+    return cfg
+
+
+def _launch_kw(cfg, prefix):
+    kw = {"num_warps": cfg[prefix + "_warps"]}
+    if not _interpret():
+        kw["num_stages"] = cfg.get(prefix + "_stages", 2)
+    return kw
+
+
+def _prep_phi(phi, g, F_pad, npieces):
+    F, ND = phi.shape
+    out = torch.empty((npieces, F_pad, ND), dtype=torch.bfloat16, device=phi.device)
+    BLOCK = 1024 if phi.device.type == "cuda" else 256
+    grid = (triton.cdiv(ND, BLOCK), F_pad)
+    _prep_phi_kernel[grid](phi, g if g is not None else phi, out, F=F, ND=ND, F_PAD=F_pad,
+                           NPIECE=npieces, HAS_G=g is not None, BLOCK=BLOCK, INTERP=_interpret(),
+                           num_warps=4)
+    return out
+
+
+def _f32(a):
+    return a.to(torch.float32).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+
+def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
+    """(h_in [T,D] x dtype, h_post [T,n], h_res [T,n,n], inv_rms [T], h_mix [T,F], h_pre [T,n])"""
+    if sinkhorn_iters:
+        raise NotImplementedError("triton backend: sinkhorn_iters > 0 is not implemented")
+    T, n, D = x.shape
+    F = n * n + 2 * n
+    F_pad = max(16, _next_pow2(F))
+    ND = n * D
+    dev = x.device
+    pdt = phi.dtype
+    x = x.contiguous()
+    h_in = torch.empty((T, D), dtype=x.dtype, device=dev)
+    h_post = torch.empty((T, n), dtype=torch.float32, device=dev)
+    h_res = torch.empty((T, n, n), dtype=torch.float32, device=dev)
+    inv_rms = torch.empty((T,), dtype=torch.float32, device=dev)
+    h_mix = torch.empty((T, F), dtype=torch.float32, device=dev)
+    h_pre = torch.empty((T, n), dtype=torch.float32, device=dev)
+    if T > 0:
+        dname = _dtype_name(x.dtype)
+        npa, npb = _PIECES[dname][0]
+        cfg = _config(n, D, dname, dev)
+        g = None if gamma is None else _f32(gamma).reshape(ND)
+        pg = _prep_phi(_f32(phi), g, F_pad, npb)
+        grid = (triton.cdiv(T, cfg["fwd_bt"]),)
+        _pre_fwd_kernel[grid](
+            x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre,
+            T, float(norm_eps), float(hc_eps),
+            N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=cfg["fwd_bt"], BLOCK_D=cfg["fwd_bd"],
+            NPA=npa, NPB=npb, INTERP=_interpret(), **_launch_kw(cfg, "fwd"))
+    outs = (h_post, h_res, inv_rms, h_mix, h_pre)
+    return (h_in,) + tuple(o if o.dtype == pdt else o.to(pdt) for o in outs)
+
+
+def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
+             *, norm_eps, hc_eps, sinkhorn_iters=0):
+    """(dx [T,n,D] x dtype, dphi [F,nD], dalpha [3], dbias [F], dgamma [n,D] or None)"""
+    if sinkhorn_iters:
+        raise NotImplementedError("triton backend: sinkhorn_iters > 0 is not implemented")
+    T, n, D = x.shape
+    F = n * n + 2 * n
+    F_pad = max(16, _next_pow2(F))
+    ND = n * D
+    dev = x.device
+    pdt = phi.dtype
+    x = x.contiguous()
+    dx = torch.empty((T, n, D), dtype=x.dtype, device=dev)
+    dphi = torch.empty((F, ND), dtype=torch.float32, device=dev)
+    dalpha = torch.empty((3,), dtype=torch.float32, device=dev)
+    dbias = torch.empty((F,), dtype=torch.float32, device=dev)
+    dgamma = None if gamma is None else torch.empty((n, D), dtype=torch.float32, device=dev)
+    if T == 0:
+        dphi.zero_(); dalpha.zero_(); dbias.zero_()
+        if dgamma is not None:
+            dgamma.zero_()
+    else:
+        dname = _dtype_name(x.dtype)
+        (_, _), (nwa, nwb), (npa, npb) = _PIECES[dname]
+        cfg = _config(n, D, dname, dev)
+        sms = _sm_count(dev)
+        phi32 = _f32(phi)
+        g = None if gamma is None else _f32(gamma).reshape(ND)
+        dh_in = dh_in.contiguous()
+        hp32 = _f32(h_pre)
+        # row kernel: persistent, P programs
+        bt = cfg["row_bt"]
+        nblk = triton.cdiv(T, bt)
+        prow = max(1, min(nblk, sms * cfg["row_waves"]))
+        dm = torch.empty((T, F_pad), dtype=torch.float32, device=dev)
+        coef = torch.empty((T,), dtype=torch.float32, device=dev)
+        wsrow = torch.empty((prow, 2, F_pad), dtype=torch.float32, device=dev)
+        _pre_bwd_row_kernel[(prow,)](
+            x, dh_in, _f32(inv_rms), _f32(h_mix), hp32, _f32(h_post), _f32(dh_post),
+            _f32(dh_res).reshape(T, n * n), _f32(alpha), dm, coef, wsrow,
+            T, nblk, float(hc_eps),
+            N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=cfg["row_bd"],
+            **_launch_kw(cfg, "row"))
+        # column kernel: grid (n, D chunks, token splits); splits fixed by (n, D, T-blocks)
+        bt = cfg["col_bt"]
+        bd = cfg["col_bd"]
+        nch = triton.cdiv(D, bd)
+        nblk = triton.cdiv(T, bt)
+        want = triton.cdiv(sms * cfg["col_waves"], n * nch)
+        splits = max(1, min(nblk, want))
+        tok_per_split = triton.cdiv(nblk, splits) * bt
+        splits = triton.cdiv(T, tok_per_split)
+        pp = _prep_phi(phi32, None, F_pad, nwb)
+        wscol = torch.empty((splits, F, ND), dtype=torch.float32, device=dev)
+        _pre_bwd_col_kernel[(n, nch, splits)](
+            x, dh_in, hp32, dm, coef, pp, g if g is not None else phi32, dx, wscol,
+            T, tok_per_split,
+            N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd, HAS_G=g is not None,
+            NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, INTERP=_interpret(),
+            **_launch_kw(cfg, "col"))
+        BLOCK = 512 if dev.type == "cuda" else 128
+        _reduce_partials_kernel[(triton.cdiv(ND, BLOCK),)](
+            wscol, wsrow, phi32, g if g is not None else phi32, dphi,
+            dgamma if dgamma is not None else dphi, dalpha, dbias, splits, prow,
+            N=n, ND=ND, F=F, F_PAD=F_pad, HAS_G=g is not None, BLOCK=BLOCK, num_warps=4)
+    outs = (dphi, dalpha, dbias, dgamma)
+    return (dx,) + tuple(None if o is None else (o if o.dtype == pdt else o.to(pdt))
+                         for o in outs)
