@@ -1,0 +1,463 @@
+"""Numba CPU backend: fused, parallel, deterministic forward and backward of the mHC pre operator.
+
+Interface: see ``backends/numpy_ref.py`` (x [T, n, D] with ``np.uint16`` meaning bfloat16 bits,
+parameters fp32 or fp64, outputs in the contract's dtypes). Design notes: ``docs/numba.md``.
+
+* One pass per block of ``TB`` tokens: the block's activations are read from memory once,
+  decoded (bf16/fp16 bits -> fp32 in registers) into a small per-thread scratch buffer that stays
+  in L2, and everything else (sum of squares, the ``F`` projections, gates, ``h_in``; in the
+  backward ``dh_pre``, gate derivatives, ``w = dm @ phi``, ``dx`` and the parameter-gradient
+  contributions) is computed from that buffer. No temporary of size ``T x n*D`` exists.
+* Tokens are split into a fixed number of chunks that depends on ``T`` only (never on the thread
+  count); each chunk owns its partial parameter-gradient buffers, which are reduced afterwards in
+  chunk order in float64. Results are therefore bitwise identical for any thread count and from
+  run to run.
+* Arithmetic is fp32 for 16/32-bit activations with fp32 parameters and fp64 as soon as either
+  side is fp64; per-token scalars (gates, their derivatives, ``dalpha``/``dbias``) are fp64.
+  16-bit outputs are rounded once, to nearest even, from the fp32 result.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+ARRAY_KIND = "numpy"
+SUPPORTS_SINKHORN = False
+
+try:  # numba is optional: importing this module must work without it
+    import numba
+    from llvmlite import ir as _ir
+    from numba import njit, prange, types
+    from numba.extending import intrinsic, overload
+    _IMPORT_ERROR: str | None = None
+except Exception as _exc:  # pragma: no cover - exercised only without numba
+    numba = None
+    _IMPORT_ERROR = f"numba is not installed ({type(_exc).__name__}: {_exc})"
+
+
+def availability() -> str | None:
+    """None when this backend can run here, else the reason it cannot."""
+    return _IMPORT_ERROR
+
+
+TB = 8          # tokens per block (register blocking: one phi row load serves TB tokens)
+KT = 512        # column tile of the backward's second phase (keeps w / dphi tiles in L1)
+MAX_CHUNKS = 16  # fixed chunking of the tokens: chunk count depends on T only
+
+# Numba calls from several Python threads are serialised: the parallel region already uses
+# every core, and this keeps any threading layer (workqueue included) safe.
+_LOCK = threading.Lock()
+
+
+def _chunking(T: int) -> tuple[int, int]:
+    """(chunk size, chunk count) for T tokens: a function of T only."""
+    if T == 0:
+        return TB, 0
+    blocks = -(-T // TB)
+    per = -(-blocks // MAX_CHUNKS)
+    csize = per * TB
+    return csize, -(-T // csize)
+
+
+if numba is not None:
+    _FM = {"reassoc", "contract"}  # lets LLVM vectorise the reductions; integer code untouched
+
+    # -----------------------------------------------------------------------------------------
+    # bit casts and 16-bit float codecs (integer arithmetic only: immune to fastmath)
+
+    @intrinsic
+    def _u32_as_f32(typingctx, v):
+        sig = types.float32(types.uint32)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _ir.FloatType())
+        return sig, codegen
+
+    @intrinsic
+    def _f32_as_u32(typingctx, v):
+        sig = types.uint32(types.float32)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _ir.IntType(32))
+        return sig, codegen
+
+    @njit(inline="always", cache=True)
+    def _bf16_to_f32(h):
+        return _u32_as_f32(np.uint32(h) << np.uint32(16))
+
+    @njit(inline="always", cache=True)
+    def _f16_to_f32(h):
+        hu = np.uint32(np.uint16(h))
+        a = hu & np.uint32(0x7FFF)
+        sign = (hu & np.uint32(0x8000)) << np.uint32(16)
+        # normal or subnormal: exact rescale by 2**112; inf / nan: force the exponent
+        fin = _f32_as_u32(_u32_as_f32(a << np.uint32(13)) * np.float32(5.192296858534828e33))
+        nonfin = (a << np.uint32(13)) | np.uint32(0x7F800000)
+        return _u32_as_f32((nonfin if a >= np.uint32(0x7C00) else fin) | sign)
+
+    @njit(inline="always", cache=True)
+    def _f32_to_bf16(f):
+        w = _f32_as_u32(np.float32(f))
+        if (w & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+            return np.uint16(0x7FC0)
+        w = w + np.uint32(0x7FFF) + ((w >> np.uint32(16)) & np.uint32(1))
+        return np.uint16(w >> np.uint32(16))
+
+    @njit(inline="always", cache=True)
+    def _f32_to_f16(f):
+        w = _f32_as_u32(np.float32(f))
+        sign = (w >> np.uint32(16)) & np.uint32(0x8000)
+        a = w & np.uint32(0x7FFFFFFF)
+        if a > np.uint32(0x7F800000):
+            h = np.uint32(0x7E00)
+        elif a >= np.uint32(0x477FF000):  # rounds to >= 65520: infinity
+            h = np.uint32(0x7C00)
+        elif a >= np.uint32(0x38800000):  # normal half
+            r = a - np.uint32(0x38000000)
+            h = (r + np.uint32(0xFFF) + ((r >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
+        elif a < np.uint32(0x33000000):  # below half the smallest subnormal (ties to 0)
+            h = np.uint32(0)
+        else:  # subnormal half: shift the full significand, round to nearest even
+            mant = (a & np.uint32(0x7FFFFF)) | np.uint32(0x800000)
+            sh = np.uint32(126) - (a >> np.uint32(23))
+            q = mant >> sh
+            rem = mant & ((np.uint32(1) << sh) - np.uint32(1))
+            half = np.uint32(1) << (sh - np.uint32(1))
+            if rem > half or (rem == half and (q & np.uint32(1)) == np.uint32(1)):
+                q += np.uint32(1)
+            h = q
+        return np.int16(np.uint16(h | sign))
+
+    # -----------------------------------------------------------------------------------------
+    # element load / store by storage kind: uint16 = bf16 bits, int16 = fp16 bits, else native
+
+    def _ld(a, i, j):
+        pass
+
+    @overload(_ld, inline="always")
+    def _ld_ol(a, i, j):
+        if a.dtype == types.uint16:
+            return lambda a, i, j: _bf16_to_f32(a[i, j])
+        if a.dtype == types.int16:
+            return lambda a, i, j: _f16_to_f32(a[i, j])
+        return lambda a, i, j: a[i, j]
+
+    def _st(a, i, j, v):
+        pass
+
+    @overload(_st, inline="always")
+    def _st_ol(a, i, j, v):
+        if a.dtype == types.uint16:
+            def impl(a, i, j, v):
+                a[i, j] = _f32_to_bf16(v)
+            return impl
+        if a.dtype == types.int16:
+            def impl(a, i, j, v):
+                a[i, j] = _f32_to_f16(v)
+            return impl
+
+        def impl(a, i, j, v):
+            a[i, j] = v
+        return impl
+
+    # -----------------------------------------------------------------------------------------
+    # forward
+
+    @njit(parallel=True, cache=True, fastmath=_FM, nogil=True)
+    def _fwd_kernel(x, phig, alpha, bias, norm_eps, hc_eps, n, D, csize, zero,
+                    h_in, h_post, h_res, inv_rms, h_mix, h_pre):
+        T = x.shape[0]
+        nD = n * D
+        F = phig.shape[0]
+        nchunks = (T + csize - 1) // csize
+        a_pre = np.float64(alpha[0])
+        a_post = np.float64(alpha[1])
+        a_res = np.float64(alpha[2])
+        for c in prange(nchunks):
+            t0 = c * csize
+            t1 = min(T, t0 + csize)
+            vb = np.empty((TB, nD), phig.dtype)
+            hb = np.empty(D, phig.dtype)
+            hp = np.empty(n, phig.dtype)
+            m = np.empty((TB, F), np.float64)
+            ss = np.empty(TB, np.float64)
+            for b0 in range(t0, t1, TB):
+                nt = min(TB, t1 - b0)
+                # decode the block once; sum of squares on the way
+                for j in range(TB):
+                    if j < nt:
+                        s = zero
+                        for k in range(nD):
+                            vb[j, k] = _ld(x, b0 + j, k)
+                            s += vb[j, k] * vb[j, k]
+                        ss[j] = s
+                    else:
+                        for k in range(nD):
+                            vb[j, k] = zero
+                # the F projections: each phi row is loaded once for TB tokens
+                for f in range(F):
+                    a0 = zero
+                    a1 = zero
+                    a2 = zero
+                    a3 = zero
+                    a4 = zero
+                    a5 = zero
+                    a6 = zero
+                    a7 = zero
+                    for k in range(nD):
+                        p = phig[f, k]
+                        a0 += vb[0, k] * p
+                        a1 += vb[1, k] * p
+                        a2 += vb[2, k] * p
+                        a3 += vb[3, k] * p
+                        a4 += vb[4, k] * p
+                        a5 += vb[5, k] * p
+                        a6 += vb[6, k] * p
+                        a7 += vb[7, k] * p
+                    m[0, f] = a0
+                    m[1, f] = a1
+                    m[2, f] = a2
+                    m[3, f] = a3
+                    m[4, f] = a4
+                    m[5, f] = a5
+                    m[6, f] = a6
+                    m[7, f] = a7
+                for j in range(nt):
+                    t = b0 + j
+                    r = 1.0 / np.sqrt(ss[j] / nD + norm_eps)
+                    inv_rms[t] = r
+                    for f in range(F):
+                        h_mix[t, f] = m[j, f]
+                    for i in range(n):
+                        z = a_pre * (r * m[j, i]) + bias[i]
+                        hpv = 1.0 / (1.0 + np.exp(-z)) + hc_eps
+                        h_pre[t, i] = hpv
+                        hp[i] = hpv
+                        z = a_post * (r * m[j, n + i]) + bias[n + i]
+                        h_post[t, i] = 2.0 / (1.0 + np.exp(-z))
+                    for q in range(n * n):
+                        h_res[t, q] = a_res * (r * m[j, 2 * n + q]) + bias[2 * n + q]
+                    # h_in = sum_i h_pre[i] * x[i, :]
+                    h0 = hp[0]
+                    for d in range(D):
+                        hb[d] = h0 * vb[j, d]
+                    for i in range(1, n):
+                        hi = hp[i]
+                        off = i * D
+                        for d in range(D):
+                            hb[d] += hi * vb[j, off + d]
+                    for d in range(D):
+                        _st(h_in, t, d, hb[d])
+
+    # -----------------------------------------------------------------------------------------
+    # backward
+
+    @njit(parallel=True, cache=True, fastmath=_FM, nogil=True)
+    def _bwd_kernel(x, phi, g, alpha, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res,
+                    hc_eps, n, D, csize, has_gamma, zero, dx, dphi_p, dg_p, dab_p):
+        T = x.shape[0]
+        nD = n * D
+        F = phi.shape[0]
+        F4 = F - F % 4
+        nchunks = (T + csize - 1) // csize
+        a_pre = np.float64(alpha[0])
+        a_post = np.float64(alpha[1])
+        a_res = np.float64(alpha[2])
+        for c in prange(nchunks):
+            t0 = c * csize
+            t1 = min(T, t0 + csize)
+            dphi_c = dphi_p[c]
+            dg_c = dg_p[c]
+            dab_c = dab_p[c]
+            dphi_c[:, :] = zero
+            dg_c[:] = zero
+            dab_c[:] = 0.0
+            vb = np.empty((TB, nD), phi.dtype)
+            dh = np.empty((TB, D), phi.dtype)
+            wb = np.empty(KT, phi.dtype)
+            dm = np.zeros((TB, F), phi.dtype)
+            hpc = np.empty((TB, n), phi.dtype)
+            coef = np.empty(TB, phi.dtype)
+            dhp = np.empty(n, np.float64)
+            e = np.empty(F, np.float64)
+            for b0 in range(t0, t1, TB):
+                nt = min(TB, t1 - b0)
+                for j in range(TB):
+                    if j < nt:
+                        t = b0 + j
+                        for d in range(D):
+                            dh[j, d] = _ld(dh_in, t, d)
+                        for i in range(n):
+                            off = i * D
+                            s = zero
+                            for d in range(D):
+                                vb[j, off + d] = _ld(x, t, off + d)
+                                s += dh[j, d] * vb[j, off + d]
+                            dhp[i] = s
+                        # gate derivatives (fp64 scalars)
+                        r = np.float64(inv_rms[t])
+                        for i in range(n):
+                            hpv = np.float64(h_pre[t, i])
+                            hpc[j, i] = hpv
+                            sg = hpv - hc_eps
+                            dp = dhp[i] * sg * (1.0 - sg)
+                            e[i] = a_pre * dp
+                            dab_c[0] += dp * (r * h_mix[t, i])
+                            dab_c[3 + i] += dp
+                            hq = np.float64(h_post[t, i])
+                            dq = dh_post[t, i] * hq * (1.0 - hq / 2.0)
+                            e[n + i] = a_post * dq
+                            dab_c[1] += dq * (r * h_mix[t, n + i])
+                            dab_c[3 + n + i] += dq
+                        for q in range(n * n):
+                            dR = np.float64(dh_res[t, q])
+                            e[2 * n + q] = a_res * dR
+                            dab_c[2] += dR * (r * h_mix[t, 2 * n + q])
+                            dab_c[3 + 2 * n + q] += dR
+                        dr = 0.0
+                        for f in range(F):
+                            dr += e[f] * h_mix[t, f]
+                            dm[j, f] = r * e[f]
+                        coef[j] = dr * r * r * r / nD
+                    else:
+                        for k in range(nD):
+                            vb[j, k] = zero
+                        for f in range(F):
+                            dm[j, f] = zero
+                # second phase, column tile by column tile (tiles never straddle streams)
+                for i in range(n):
+                    for d0 in range(0, D, KT):
+                        d1 = min(D, d0 + KT)
+                        k0 = i * D + d0
+                        k1 = i * D + d1
+                        # dphi[f, k] += sum_j dm[j, f] * v[j, k] * g[k]
+                        for f in range(F):
+                            c0 = dm[0, f]
+                            c1 = dm[1, f]
+                            c2 = dm[2, f]
+                            c3 = dm[3, f]
+                            c4 = dm[4, f]
+                            c5 = dm[5, f]
+                            c6 = dm[6, f]
+                            c7 = dm[7, f]
+                            for k in range(k0, k1):
+                                dphi_c[f, k] += g[k] * (
+                                    c0 * vb[0, k] + c1 * vb[1, k] + c2 * vb[2, k]
+                                    + c3 * vb[3, k] + c4 * vb[4, k] + c5 * vb[5, k]
+                                    + c6 * vb[6, k] + c7 * vb[7, k])
+                        for j in range(nt):
+                            t = b0 + j
+                            # w = dm @ phi on this tile
+                            for k in range(k0, k1):
+                                wb[k - k0] = zero
+                            for f in range(0, F4, 4):
+                                c0 = dm[j, f]
+                                c1 = dm[j, f + 1]
+                                c2 = dm[j, f + 2]
+                                c3 = dm[j, f + 3]
+                                for k in range(k0, k1):
+                                    wb[k - k0] += (c0 * phi[f, k] + c1 * phi[f + 1, k]
+                                                   + c2 * phi[f + 2, k] + c3 * phi[f + 3, k])
+                            for f in range(F4, F):
+                                c0 = dm[j, f]
+                                for k in range(k0, k1):
+                                    wb[k - k0] += c0 * phi[f, k]
+                            cj = coef[j]
+                            hj = hpc[j, i]
+                            for k in range(k0, k1):
+                                val = wb[k - k0] * g[k] - cj * vb[j, k] + hj * dh[j, k - i * D]
+                                _st(dx, t, k, val)
+                            if has_gamma:
+                                for k in range(k0, k1):
+                                    dg_c[k] += vb[j, k] * wb[k - k0]
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _reduce_kernel(parts, out):
+        """out[r, k] = sum over chunks c, in order, of parts[c, r, k] (float64 sums)."""
+        C = parts.shape[0]
+        R = parts.shape[1]
+        K = parts.shape[2]
+        for rr in prange(R):
+            for k in range(K):
+                s = 0.0
+                for c in range(C):
+                    s += np.float64(parts[c, rr, k])
+                out[rr, k] = s
+
+
+# ---------------------------------------------------------------------------------------------
+# Python wrappers
+
+def _storage(a: np.ndarray) -> np.ndarray:
+    """The array as the kernels read it: fp16 travels as int16 bits, bf16 already as uint16."""
+    if a.dtype == np.float16:
+        return a.view(np.int16)
+    return a
+
+
+def _compute_dtype(x_dtype, p_dtype):
+    return np.float64 if (x_dtype == np.float64 or p_dtype == np.float64) else np.float32
+
+
+def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
+    if sinkhorn_iters:
+        raise NotImplementedError("the numba backend does not implement Sinkhorn (sinkhorn_iters>0)")
+    T, n, D = x.shape
+    nD = n * D
+    F = phi.shape[0]
+    pd = phi.dtype
+    cd = _compute_dtype(x.dtype, pd)
+    h_in = np.empty((T, D), x.dtype)
+    h_post = np.empty((T, n), pd)
+    h_res = np.empty((T, n, n), pd)
+    inv_rms = np.empty((T,), pd)
+    h_mix = np.empty((T, F), pd)
+    h_pre = np.empty((T, n), pd)
+    if T == 0:
+        return h_in, h_post, h_res, inv_rms, h_mix, h_pre
+    phig = np.ascontiguousarray(phi, dtype=cd)
+    if gamma is not None:
+        phig = phig * np.asarray(gamma, dtype=cd).reshape(1, nD)  # (v*g).phi == v.(phi*g)
+    csize, _ = _chunking(T)
+    with _LOCK:
+        _fwd_kernel(_storage(x).reshape(T, nD), phig, np.asarray(alpha, np.float64),
+                    np.asarray(bias, np.float64), float(norm_eps), float(hc_eps), n, D, csize,
+                    cd(0), _storage(h_in), h_post, h_res.reshape(T, n * n), inv_rms, h_mix, h_pre)
+    return h_in, h_post, h_res, inv_rms, h_mix, h_pre
+
+
+def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
+             *, norm_eps, hc_eps, sinkhorn_iters=0):
+    if sinkhorn_iters:
+        raise NotImplementedError("the numba backend does not implement Sinkhorn (sinkhorn_iters>0)")
+    T, n, D = x.shape
+    nD = n * D
+    F = phi.shape[0]
+    pd = phi.dtype
+    cd = _compute_dtype(x.dtype, pd)
+    dx = np.empty((T, n, D), x.dtype)
+    if T == 0:
+        return (dx, np.zeros((F, nD), pd), np.zeros(3, pd), np.zeros(F, pd),
+                None if gamma is None else np.zeros((n, D), pd))
+    phic = np.ascontiguousarray(phi, dtype=cd)
+    g = np.ones(nD, cd) if gamma is None else np.ascontiguousarray(gamma, dtype=cd).reshape(nD)
+    csize, nchunks = _chunking(T)
+    dphi_p = np.empty((nchunks, F, nD), cd)
+    dg_p = np.empty((nchunks, 1, nD), cd)
+    dab_p = np.empty((nchunks, 1, 3 + F), np.float64)
+    with _LOCK:
+        _bwd_kernel(_storage(x).reshape(T, nD), phic, g, np.asarray(alpha, np.float64),
+                    inv_rms, h_mix, h_pre, h_post, _storage(dh_in), dh_post,
+                    dh_res.reshape(T, n * n), float(hc_eps), n, D, csize, gamma is not None,
+                    cd(0), _storage(dx).reshape(T, nD), dphi_p, dg_p[:, 0], dab_p[:, 0])
+        dphi = np.empty((F, nD), pd)
+        _reduce_kernel(dphi_p, dphi)
+        dab = np.empty((1, 3 + F), pd)
+        _reduce_kernel(dab_p, dab)
+        dgamma = None
+        if gamma is not None:
+            dg = np.empty((1, nD), pd)
+            _reduce_kernel(dg_p, dg)
+            dgamma = dg.reshape(n, D)
+    return dx, dphi, dab[0, :3].copy(), dab[0, 3:].copy(), dgamma
