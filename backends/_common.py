@@ -1,0 +1,31 @@
+"""What every backend shares and no backend owns: output allocation.
+
+Backends allocate their outputs here. With ``POISON`` set (the test suite sets it; so does
+``MHC_MULTI_POISON=1``) outputs start as NaN (bf16 words: a NaN pattern) instead of whatever
+the allocator returns, so an element a kernel never writes cannot pass a comparison.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+POISON = os.environ.get("MHC_MULTI_POISON") == "1"
+_BF16_NAN = 0x7FC0
+
+
+def empty(shape, dtype) -> np.ndarray:
+    """An output numpy array (``np.uint16`` holds bfloat16 words)."""
+    a = np.empty(shape, dtype)
+    if POISON:
+        a.fill(_BF16_NAN if a.dtype == np.uint16 else np.nan)
+    return a
+
+
+def empty_torch(shape, dtype, device):
+    """An output torch tensor."""
+    import torch
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if POISON:
+        t.fill_(float("nan"))
+    return t

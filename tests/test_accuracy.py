@@ -1,0 +1,83 @@
+"""Every available backend against the float64 reference, through the front end.
+
+Outputs are poisoned (``backends/_common.POISON``): backends allocate them as NaN, so an
+element a kernel never writes cannot pass.
+"""
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+torch = pytest.importorskip("torch")
+
+from mhc_multi import available_backends, crosscheck, random_inputs
+from mhc_multi.backends import _common
+
+AVAILABLE = {b.name: b for b in available_backends()}
+FAST = [b for b in ("numba",) if AVAILABLE[b].available]
+# the Triton kernels run here only on a GPU or on the (slow) CPU interpreter
+TRITON = AVAILABLE["triton"].available and (torch.cuda.is_available()
+                                            or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _backend_param(name):
+    reason = AVAILABLE[name].reason or "needs a GPU or TRITON_INTERPRET=1"
+    ok = AVAILABLE[name].available and (name != "triton" or TRITON)
+    return pytest.param(name, marks=pytest.mark.skipif(not ok, reason=f"{name}: {reason}"))
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    monkeypatch.setattr(_common, "POISON", True)
+
+
+def _check(backend, shape, x_dtype, gamma, seed, sinkhorn_iters=0, post=False):
+    param_dtype = "fp64" if x_dtype == "fp64" else "fp32"
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    inputs = random_inputs(shape, x_dtype, param_dtype=param_dtype, gamma=gamma, seed=seed,
+                           device=device)
+    report = crosscheck(*inputs, backends=[backend], seed=seed, sinkhorn_iters=sinkhorn_iters,
+                        post=post)
+    print(report)
+    assert report.ok, f"seed={seed}\n{report}"
+
+
+SHAPES = [(1, 1, 1, 1), (2, 3, 1, 7), (1, 37, 2, 130), (3, 1, 3, 1000), (2, 65, 4, 96),
+          (1, 9, 5, 33), (2, 5, 6, 17), (1, 3, 7, 250), (1, 70, 8, 61)]
+DTYPES = ["bf16", "fp16", "fp32", "fp64"]
+
+
+@pytest.mark.parametrize("gamma", [True, False], ids=["gamma", "nogamma"])
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}S{}n{}D{}".format(*s))
+@pytest.mark.parametrize("backend", [_backend_param("numba"), _backend_param("numpy")])
+def test_cpu_backend_accuracy(backend, shape, x_dtype, gamma, poison, seed):
+    _check(backend, shape, x_dtype, gamma, seed)
+
+
+# the interpreter is slow: fewer, smaller shapes, but every n class and odd D
+TRITON_SHAPES = [(1, 1, 1, 1), (2, 3, 1, 7), (1, 19, 3, 130), (1, 5, 4, 96), (1, 3, 8, 33)]
+
+
+@pytest.mark.parametrize("gamma", [True, False], ids=["gamma", "nogamma"])
+@pytest.mark.parametrize("x_dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "B{}S{}n{}D{}".format(*s))
+@pytest.mark.parametrize("backend", [_backend_param("triton")])
+def test_triton_accuracy(backend, shape, x_dtype, gamma, poison, seed):
+    _check(backend, shape, x_dtype, gamma, seed)
+
+
+@pytest.mark.parametrize("backend", [_backend_param("numba")])
+def test_realistic_shape(backend, poison, seed):
+    """A realistic shape on the CPU backend: (2, 2048, 4, 4096), bf16 x, fp32 parameters."""
+    _check(backend, (2, 2048, 4, 4096), "bf16", True, seed)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(B=st.integers(1, 3), S=st.integers(1, 9), n=st.integers(1, 8), D=st.integers(1, 300),
+       x_dtype=st.sampled_from(DTYPES), gamma=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_property_every_backend(B, S, n, D, x_dtype, gamma, seed):
+    backends = ["numpy"] + FAST
+    for backend in backends:
+        _check(backend, (B, S, n, D), x_dtype, gamma, seed)

@@ -1,0 +1,234 @@
+"""The front end: argument checks, containers, dtypes, backend choice, edge cases."""
+import types
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import mhc_multi
+from mhc_multi import BackendUnavailableError, backward, forward, random_inputs, registry
+from mhc_multi.backends import numpy_ref
+from conftest import assert_close
+
+SHAPE = (2, 3, 4, 40)
+
+
+@pytest.fixture
+def spy():
+    """A backend that records whether it ran: every bad input must be refused before it."""
+    calls = []
+    mod = types.SimpleNamespace(
+        __name__="spy", ARRAY_KIND="numpy", SUPPORTS_SINKHORN=True, availability=lambda: None,
+        forward=lambda *a, **k: calls.append("forward") or numpy_ref.forward(*a, **k),
+        backward=lambda *a, **k: calls.append("backward") or numpy_ref.backward(*a, **k))
+    registry.register("spy", mod)
+    yield calls
+    registry.unregister("spy")
+
+
+def _inputs(seed, dtype="fp32", **kw):
+    return random_inputs(SHAPE, dtype, seed=seed, **kw)
+
+
+def _bwd_args(x, phi, alpha, bias, g):
+    out = forward(x, phi, alpha, bias, g, backend="numpy")
+    B, S, n, D = x.shape
+    return dict(inv_rms=out.inv_rms, h_mix=out.h_mix, h_pre=out.h_pre, h_post=out.h_post,
+                dh_in=torch.randn(B, S, D, dtype=x.dtype), dh_post=torch.randn(B, S, n),
+                dh_res=torch.randn(B, S, n, n))
+
+
+# (what to change, expected exception, the argument the message must name)
+def _bad_forward_cases():
+    B, S, n, D = SHAPE
+    F = n * n + 2 * n
+    return {
+        "x-3d": (lambda a: a.update(x=a["x"][0]), ValueError, "x"),
+        "x-n9": (lambda a: a.update(x=torch.zeros(1, 1, 9, 4)), ValueError, "x"),
+        "x-int": (lambda a: a.update(x=a["x"].to(torch.int32)), TypeError, "x"),
+        "x-list": (lambda a: a.update(x=[[1.0]]), TypeError, "x"),
+        "phi-shape": (lambda a: a.update(phi=torch.zeros(F, n * D + 1)), ValueError, "phi"),
+        "phi-int": (lambda a: a.update(phi=a["phi"].to(torch.int64)), TypeError, "phi"),
+        "phi-bf16": (lambda a: a.update(phi=a["phi"].bfloat16()), TypeError, "phi"),
+        "phi-numpy": (lambda a: a.update(phi=a["phi"].numpy()), TypeError, "phi"),
+        "alpha-shape": (lambda a: a.update(alpha=torch.zeros(4)), ValueError, "alpha"),
+        "alpha-dtype": (lambda a: a.update(alpha=a["alpha"].double()), TypeError, "alpha"),
+        "bias-shape": (lambda a: a.update(bias=torch.zeros(F - 1)), ValueError, "bias"),
+        "gamma-shape": (lambda a: a.update(gamma=torch.ones(n, D - 1)), ValueError, "gamma"),
+        "gamma-dtype": (lambda a: a.update(gamma=a["gamma"].half()), TypeError, "gamma"),
+        "device": (lambda a: a.update(bias=a["bias"].to("meta")), ValueError, "bias"),
+        "norm_eps": (lambda a: a.update(norm_eps=0.0), ValueError, "norm_eps"),
+        "hc_eps": (lambda a: a.update(hc_eps=float("nan")), ValueError, "hc_eps"),
+        "sinkhorn": (lambda a: a.update(sinkhorn_iters=-1), ValueError, "sinkhorn_iters"),
+        "backend": (lambda a: a.update(backend="cuda"), ValueError, "backend"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_forward_cases()))
+def test_forward_rejects_bad_input(case, spy, seed):
+    x, phi, alpha, bias, g = _inputs(seed)
+    kwargs = dict(x=x, phi=phi, alpha=alpha, bias=bias, gamma=g, backend="spy")
+    mutate, exc, name = _bad_forward_cases()[case]
+    mutate(kwargs)
+    with pytest.raises(exc) as info:
+        forward(**kwargs)
+    msg = str(info.value)
+    assert msg.startswith(name) and "expected" in msg and "got" in msg, msg
+    if case == "backend":
+        assert all(b in msg for b in ("'triton'", "'numba'", "'numpy'")), msg
+    assert spy == [], "a backend ran on bad input"
+
+
+@pytest.mark.parametrize("arg,bad,exc", [
+    ("inv_rms", lambda t: t[:, :1], ValueError), ("h_mix", lambda t: t[..., 1:], ValueError),
+    ("h_pre", lambda t: t.int(), TypeError), ("h_post", lambda t: t[None], ValueError),
+    ("dh_in", lambda t: t[..., :-1], ValueError), ("dh_in", lambda t: t.long(), TypeError),
+    ("dh_post", lambda t: t.transpose(1, 2), ValueError), ("dh_res", lambda t: t[..., 0], ValueError),
+])
+def test_backward_rejects_bad_input(arg, bad, exc, spy, seed):
+    x, phi, alpha, bias, g = _inputs(seed)
+    kw = _bwd_args(x, phi, alpha, bias, g)
+    kw[arg] = bad(kw[arg])
+    with pytest.raises(exc) as info:
+        backward(x, phi, alpha, bias, gamma=g, backend="spy", **kw)
+    assert str(info.value).startswith(arg), str(info.value)
+    assert spy == []
+
+
+def test_triton_on_cpu_without_interpreter_is_unavailable(monkeypatch, seed):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, phi, alpha, bias, g = _inputs(seed)
+    with pytest.raises(BackendUnavailableError, match="triton"):
+        forward(x, phi, alpha, bias, g, backend="triton")
+
+
+def test_unavailable_backend_raises_with_reason(spy, seed):
+    registry._loaded["spy"].availability = lambda: "spy is not installed"
+    x, phi, alpha, bias, g = _inputs(seed)
+    with pytest.raises(BackendUnavailableError, match="spy is not installed"):
+        forward(x, phi, alpha, bias, g, backend="spy")
+    assert issubclass(BackendUnavailableError, RuntimeError)
+
+
+def test_available_backends_reports_each_with_reason():
+    infos = mhc_multi.available_backends()
+    assert [b.name for b in infos] == ["triton", "numba", "numpy"]
+    for b in infos:
+        assert b.available == (b.reason is None)
+    assert next(b for b in infos if b.name == "numpy").available
+
+
+def test_auto_choice_and_env_override(monkeypatch, spy, seed):
+    x, phi, alpha, bias, g = _inputs(seed)
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    want = "numba" if registry._reason("numba") is None else "numpy"
+    assert registry.resolve("auto", on_cuda=False)[0] == want
+    assert registry.resolve("auto", on_cuda=True)[0] == "triton" or registry._reason("triton")
+    monkeypatch.setenv(registry.ENV_VAR, "spy")
+    forward(x, phi, alpha, bias, g)                      # "auto" follows the variable
+    assert spy == ["forward"]
+    forward(x, phi, alpha, bias, g, backend="numpy")     # an explicit name does not
+    assert spy == ["forward"]
+    monkeypatch.setenv(registry.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="MHC_MULTI_BACKEND"):
+        forward(x, phi, alpha, bias, g)
+
+
+@pytest.mark.parametrize("x_dtype", ["bf16", "fp16", "fp32", "fp64"])
+@pytest.mark.parametrize("param_dtype", ["fp32", "fp64"])
+def test_output_dtypes_and_containers_torch(x_dtype, param_dtype, seed):
+    x, phi, alpha, bias, g = _inputs(seed, x_dtype, param_dtype=param_dtype)
+    out = forward(x, phi, alpha, bias, g, backend="numpy")
+    assert out.h_in.dtype == x.dtype and isinstance(out.h_in, torch.Tensor)
+    for a in out[1:]:
+        assert isinstance(a, torch.Tensor) and a.dtype == phi.dtype
+    gr = backward(x, phi, alpha, bias, gamma=g, backend="numpy", **_bwd_args(x, phi, alpha, bias, g))
+    assert gr.dx.dtype == x.dtype and gr.dx.shape == x.shape
+    assert all(a.dtype == phi.dtype for a in gr[1:])
+    assert gr.dgamma.shape == g.shape
+
+
+def test_numpy_in_numpy_out(seed):
+    x, phi, alpha, bias, g = random_inputs(SHAPE, "fp16", seed=seed, container="numpy")
+    out = forward(x, phi, alpha, bias, g, backend="numpy")
+    assert isinstance(out.h_in, np.ndarray) and out.h_in.dtype == np.float16
+    assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in out[1:])
+    B, S, n, D = SHAPE
+    gr = backward(x, phi, alpha, bias, out.inv_rms, out.h_mix, out.h_pre, out.h_post,
+                  np.ones((B, S, D), np.float16), np.ones((B, S, n), np.float32),
+                  np.ones((B, S, n, n), np.float32), None, backend="numpy")
+    assert isinstance(gr.dx, np.ndarray) and gr.dx.dtype == np.float16 and gr.dgamma is None
+
+
+def test_inputs_not_modified_and_noncontiguous_ok(seed):
+    x, phi, alpha, bias, g = _inputs(seed, "bf16")
+    # a non-contiguous x: the streams axis is strided
+    xs = x.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not xs.is_contiguous()
+    kept = [t.clone() for t in (xs, phi, alpha, bias, g)]
+    got = forward(xs, phi, alpha, bias, g, backend="numpy")
+    want = forward(x, phi, alpha, bias, g, backend="numpy")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    kw = _bwd_args(x, phi, alpha, bias, g)
+    kw_kept = {k: v.clone() for k, v in kw.items()}
+    backward(xs, phi, alpha, bias, gamma=g, backend="numpy", **kw)
+    for a, b in zip((xs, phi, alpha, bias, g), kept):
+        assert torch.equal(a, b)
+    for k in kw:
+        assert torch.equal(kw[k], kw_kept[k])
+
+
+def test_empty_batch(seed):
+    x, phi, alpha, bias, g = random_inputs((2, 0, 3, 10), "bf16", seed=seed)
+    out = forward(x, phi, alpha, bias, g, backend="numpy")
+    assert out.h_in.shape == (2, 0, 10) and out.h_res.shape == (2, 0, 3, 3)
+    gr = backward(x, phi, alpha, bias, out.inv_rms, out.h_mix, out.h_pre, out.h_post,
+                  torch.zeros(2, 0, 10, dtype=torch.bfloat16), torch.zeros(2, 0, 3),
+                  torch.zeros(2, 0, 3, 3), g, backend="numpy")
+    assert gr.dx.shape == x.shape
+    for a in gr[1:]:
+        assert not a.any()
+
+
+def test_zero_token_gives_finite_outputs(seed):
+    x, phi, alpha, bias, g = _inputs(seed)
+    x[0, 1] = 0.0
+    out = forward(x, phi, alpha, bias, g, backend="numpy")
+    assert all(torch.isfinite(a).all() for a in out)
+    gr = backward(x, phi, alpha, bias, gamma=g, backend="numpy", **_bwd_args(x, phi, alpha, bias, g))
+    assert all(torch.isfinite(a).all() for a in gr)
+
+
+def test_mhc_pre_autograd_matches_backward(seed):
+    x, phi, alpha, bias, g = _inputs(seed)
+    leaves = [t.clone().requires_grad_(True) for t in (x, phi, alpha, bias, g)]
+    h_in, h_post, h_res = mhc_multi.mhc_pre(*leaves, backend="numpy")
+    dh_in, dh_post, dh_res = torch.randn_like(h_in), torch.randn_like(h_post), torch.randn_like(h_res)
+    torch.autograd.backward((h_in, h_post, h_res), (dh_in, dh_post, dh_res))
+    out = forward(x, phi, alpha, bias, g, backend="numpy")
+    want = backward(x, phi, alpha, bias, out.inv_rms, out.h_mix, out.h_pre, out.h_post, dh_in,
+                    dh_post, dh_res, g, backend="numpy")
+    for leaf, w in zip(leaves, want):
+        assert torch.equal(leaf.grad, w)
+
+
+def test_mhc_pre_module_initialisation():
+    n, D = 4, 32
+    m = mhc_multi.MHCPre(n, D, backend="numpy")
+    assert {k for k, _ in m.named_parameters()} == {"phi", "alpha", "bias", "gamma"}
+    assert torch.equal(m.alpha.detach(), torch.full((3,), 0.01))
+    x = torch.randn(2, 3, n, D)
+    h_in, h_post, h_res = m(x)
+    h_in.sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    # the bias alone (alpha = 0): h_in = mean of the streams, h_post = 1, h_res = identity
+    with torch.no_grad():
+        m.alpha.zero_()
+    h_in, h_post, h_res = m(x)
+    mean = x.double().mean(2).numpy() * (1 + n * m.hc_eps)
+    assert_close(h_in.detach().numpy(), mean, "h_in", "fp32", where="init")
+    assert_close(h_post.detach().numpy(), np.ones((2, 3, n)), "h_post", "fp32", where="init")
+    assert_close(h_res.detach().numpy(), np.broadcast_to(np.eye(n), (2, 3, n, n)), "h_res",
+                 "fp32", where="init")
