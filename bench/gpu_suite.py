@@ -1,0 +1,422 @@
+"""GPU suite for the Triton backend, in one device call (issue 4).
+
+    python3 bench/gpu_suite.py [--quick] [--no-compile] [--no-sanitize] [--no-sweep]
+
+1. accuracy vs a float64 torch transcription of CONTRACT.md at the realistic shapes
+   (1,4096,4,2560), (4,4096,4,4096), (2,4096,4,7168) and odd shapes (n=3, D=1000, S=1) for
+   bf16/fp16/fp32, outputs allocated after poisoning the allocator with NaNs;
+2. bitwise repeatability (two runs, torch.equal);
+3. compute-sanitizer --tool memcheck on a small forward+backward (a subprocess, caching off);
+4. timings (triton.testing.do_bench, median): ours vs PyTorch eager vs torch.compile vs the floor
+   (bytes that must move / copy bandwidth measured in this run), with each kernel's own
+   bandwidth from torch.profiler; a small sweep of launch configurations first.
+Prints a table and writes JSON to $OUT (or bench/results/ when $OUT is unset).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+try:
+    from mhc_multi.backends import triton_gpu as tg
+except Exception:  # not installed: import the module from the checkout
+    sys.path.insert(0, ROOT)
+    from backends import triton_gpu as tg
+import triton  # noqa: E402
+
+NORM_EPS = 1e-6
+HC_EPS = 1e-6
+TOL_ACT = {"bf16": 6e-3, "fp16": 1e-3, "fp32": 1e-5}
+TOL_PARAM = 2e-5
+DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------
+# CONTRACT.md in torch (float64 for the reference, fp32 for the eager / compiled baselines)
+
+def ref_forward(x, phi, alpha, bias, gamma, cd):
+    T, n, D = x.shape
+    v = x.to(cd).reshape(T, n * D)
+    phi, alpha, bias = phi.to(cd), alpha.to(cd), bias.to(cd)
+    r = torch.rsqrt((v * v).mean(1) + NORM_EPS)
+    m = (v if gamma is None else v * gamma.to(cd).reshape(-1)) @ phi.T
+    u = r[:, None] * m
+    h_pre = torch.sigmoid(alpha[0] * u[:, :n] + bias[:n]) + HC_EPS
+    h_post = 2 * torch.sigmoid(alpha[1] * u[:, n:2 * n] + bias[n:2 * n])
+    h_res = (alpha[2] * u[:, 2 * n:] + bias[2 * n:]).reshape(T, n, n)
+    h_in = torch.einsum("ti,tid->td", h_pre, v.reshape(T, n, D))
+    return h_in, h_post, h_res, r, m, h_pre
+
+
+def ref_backward(x, phi, alpha, bias, r, m, h_pre, h_post, dh_in, dh_post, dh_res, gamma, cd):
+    T, n, D = x.shape
+    v = x.to(cd).reshape(T, n * D)
+    phi, alpha = phi.to(cd), alpha.to(cd)
+    r, m, h_pre, h_post = r.to(cd), m.to(cd), h_pre.to(cd), h_post.to(cd)
+    dh_in, dh_post, dh_res = dh_in.to(cd), dh_post.to(cd), dh_res.to(cd)
+    g = None if gamma is None else gamma.to(cd).reshape(-1)
+    u = r[:, None] * m
+    dh_pre = torch.einsum("td,tid->ti", dh_in, v.reshape(T, n, D))
+    s = h_pre - HC_EPS
+    dp = dh_pre * s * (1 - s)
+    dq = dh_post * h_post * (1 - h_post / 2)
+    dR = dh_res.reshape(T, n * n)
+    e = torch.cat([alpha[0] * dp, alpha[1] * dq, alpha[2] * dR], 1)
+    dm = r[:, None] * e
+    w = dm @ phi
+    dr = (e * m).sum(1)
+    dv = (w if g is None else w * g) - (dr * r ** 3 / (n * D))[:, None] * v \
+        + (h_pre[:, :, None] * dh_in[:, None, :]).reshape(T, n * D)
+    dalpha = torch.stack([(dp * u[:, :n]).sum(), (dq * u[:, n:2 * n]).sum(), (dR * u[:, 2 * n:]).sum()])
+    dbias = torch.cat([dp.sum(0), dq.sum(0), dR.sum(0)])
+    dphi = dm.T @ (v if g is None else v * g)
+    dgamma = None if g is None else (v * w).sum(0).reshape(n, D)
+    return dv.reshape(T, n, D), dphi, dalpha, dbias, dgamma
+
+
+def torch_forward(x, phi, alpha, bias, gamma):
+    """The PyTorch baseline (eager or compiled): fp32 math, outputs in the contract's dtypes."""
+    out = ref_forward(x, phi, alpha, bias, gamma, torch.float32)
+    return (out[0].to(x.dtype),) + out[1:]
+
+
+def torch_backward(x, phi, alpha, bias, r, m, h_pre, h_post, dh_in, dh_post, dh_res, gamma):
+    out = ref_backward(x, phi, alpha, bias, r, m, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
+                       torch.float32)
+    return (out[0].to(x.dtype),) + out[1:]
+
+
+# ---------------------------------------------------------------------------------------------
+
+def make_inputs(B, S, n, D, dtype, gamma=True, seed=None):
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    T, F = B * S, n * n + 2 * n
+    kw = dict(device="cuda", generator=gen)
+    x = torch.randn(T, n, D, **kw).to(dtype)
+    phi = torch.randn(F, n * D, **kw) / (n * D) ** 0.5
+    alpha = torch.randn(3, **kw)
+    bias = 0.1 * torch.randn(F, **kw)
+    g = (1 + 0.1 * torch.randn(n, D, **kw)) if gamma else None
+    dh_in = torch.randn(T, D, **kw).to(dtype)
+    dh_post = torch.randn(T, n, **kw)
+    dh_res = torch.randn(T, n, n, **kw)
+    return x, phi, alpha, bias, g, dh_in, dh_post, dh_res
+
+
+def poison():
+    """Fill the caching allocator's free memory with NaN so unwritten outputs show."""
+    free = torch.cuda.mem_get_info()[0]
+    try:
+        junk = torch.empty(int(free * 0.5) // 4, dtype=torch.float32, device="cuda")
+        junk.fill_(float("nan"))
+        del junk
+    except RuntimeError:
+        pass
+
+
+def rel(got, ref):
+    if got is None and ref is None:
+        return 0.0
+    got = got.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+FWD_NAMES = ("h_in", "h_post", "h_res", "inv_rms", "h_mix", "h_pre")
+BWD_NAMES = ("dx", "dphi", "dalpha", "dbias", "dgamma")
+
+
+def accuracy(shape, dname, gamma=True):
+    B, S, n, D = shape
+    x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(B, S, n, D, DT[dname], gamma)
+    poison()
+    out = tg.forward(x, phi, alpha, bias, g, norm_eps=NORM_EPS, hc_eps=HC_EPS)
+    ref = ref_forward(x, phi, alpha, bias, g, torch.float64)
+    errs = {k: rel(o, r) for k, o, r in zip(FWD_NAMES, out, ref)}
+    del ref
+    h_in, h_post, h_res, inv_rms, h_mix, h_pre = out
+    poison()
+    bout = tg.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res,
+                       g, norm_eps=NORM_EPS, hc_eps=HC_EPS)
+    bref = ref_backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
+                        dh_res, g, torch.float64)
+    errs.update({k: rel(o, r) for k, o, r in zip(BWD_NAMES, bout, bref) if r is not None})
+    ok = all(v <= (TOL_ACT[dname] if k in ("h_in", "dx") else TOL_PARAM) for k, v in errs.items())
+    # bitwise repeatability
+    out2 = tg.forward(x, phi, alpha, bias, g, norm_eps=NORM_EPS, hc_eps=HC_EPS)
+    bout2 = tg.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
+                        dh_res, g, norm_eps=NORM_EPS, hc_eps=HC_EPS)
+    same = all(torch.equal(a, b) for a, b in zip(out, out2)) and \
+        all((a is None and b is None) or torch.equal(a, b) for a, b in zip(bout, bout2))
+    del x, dh_in, out, out2, bout, bout2, bref
+    torch.cuda.empty_cache()
+    return errs, ok, same
+
+
+# ---------------------------------------------------------------------------------------------
+
+def bench(fn, ms=200):
+    return triton.testing.do_bench(fn, warmup=50, rep=ms, return_mode="median")
+
+
+def copy_bandwidth():
+    a = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    t = bench(lambda: b.copy_(a))
+    return 2 * a.numel() / (t * 1e-3)
+
+
+def nbytes(*ts):
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def kernel_times(fn, iters=20):
+    """Median-ish per-kernel device time (ms per call) by kernel name, from torch.profiler."""
+    from torch.profiler import profile, ProfilerActivity
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        if ev.device_type.name == "CUDA" or getattr(ev, "device_time_total", 0) > 0:
+            t = getattr(ev, "device_time_total", None)
+            if t is None:
+                t = ev.cuda_time_total
+            if t > 0:
+                out[ev.key] = t / iters / 1e3
+    return out
+
+
+FWD_CANDIDATES = [
+    dict(fwd_bt=32, fwd_bd=64, fwd_warps=4, fwd_stages=2),
+    dict(fwd_bt=32, fwd_bd=128, fwd_warps=4, fwd_stages=3),
+    dict(fwd_bt=32, fwd_bd=64, fwd_warps=8, fwd_stages=3),
+    dict(fwd_bt=64, fwd_bd=64, fwd_warps=4, fwd_stages=3),
+    dict(fwd_bt=16, fwd_bd=128, fwd_warps=4, fwd_stages=3),
+    dict(fwd_bt=16, fwd_bd=64, fwd_warps=2, fwd_stages=3),
+]
+ROW_CANDIDATES = [
+    dict(row_bt=8, row_bd=256, row_warps=4, row_stages=2),
+    dict(row_bt=4, row_bd=512, row_warps=4, row_stages=2),
+    dict(row_bt=16, row_bd=256, row_warps=8, row_stages=2),
+    dict(row_bt=8, row_bd=512, row_warps=8, row_stages=3),
+]
+COL_CANDIDATES = [
+    dict(col_bt=32, col_bd=64, col_warps=4, col_stages=2, col_waves=2),
+    dict(col_bt=32, col_bd=64, col_warps=4, col_stages=3, col_waves=4),
+    dict(col_bt=64, col_bd=64, col_warps=4, col_stages=3, col_waves=2),
+    dict(col_bt=32, col_bd=128, col_warps=8, col_stages=3, col_waves=2),
+    dict(col_bt=64, col_bd=128, col_warps=8, col_stages=3, col_waves=2),
+    dict(col_bt=16, col_bd=128, col_warps=4, col_stages=3, col_waves=2),
+]
+
+
+def try_time(fn):
+    try:
+        return bench(fn, 100)
+    except Exception as exc:  # a config that does not compile (e.g. shared memory)
+        print("   config failed:", type(exc).__name__, str(exc)[:200])
+        return float("inf")
+
+
+def timing(shape, bw, do_compile, sweep):
+    B, S, n, D = shape
+    T = B * S
+    x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(B, S, n, D, torch.bfloat16)
+    kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS)
+    fout = tg.forward(x, phi, alpha, bias, g, **kw)
+    h_in, h_post, h_res, inv_rms, h_mix, h_pre = fout
+    bargs = (x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, g)
+    fwd = lambda: tg.forward(x, phi, alpha, bias, g, **kw)  # noqa: E731
+    bwd = lambda: tg.backward(*bargs, **kw)  # noqa: E731
+    res = {"shape": list(shape)}
+    best = {}
+    if sweep:
+        tg.set_config()
+        ft = [(try_time(fwd) if not tg.set_config(**c) else 0, c) for c in FWD_CANDIDATES]
+        ft.sort(key=lambda p: p[0])
+        best.update(ft[0][1])
+        res["fwd_sweep"] = [(t, c) for t, c in ft]
+        rt = [(try_time(bwd) if not tg.set_config(**best, **c) else 0, c) for c in ROW_CANDIDATES]
+        rt.sort(key=lambda p: p[0])
+        best.update(rt[0][1])
+        ct = [(try_time(bwd) if not tg.set_config(**best, **c) else 0, c) for c in COL_CANDIDATES]
+        ct.sort(key=lambda p: p[0])
+        best.update(ct[0][1])
+        res["bwd_sweep"] = [(t, c) for t, c in rt + ct]
+        tg.set_config(**best)
+    res["config"] = best
+    res["fwd_ms"] = bench(fwd)
+    res["bwd_ms"] = bench(bwd)
+    res["fwd_ms_2"] = bench(fwd)   # the same version twice: the spread is the noise
+    res["bwd_ms_2"] = bench(bwd)
+    fo = tg.forward(x, phi, alpha, bias, g, **kw)
+    bo = tg.backward(*bargs, **kw)
+    fwd_floor_b = nbytes(x, phi, alpha, bias, g) + nbytes(*fo)
+    bwd_floor_b = nbytes(*bargs) + nbytes(*bo)
+    res["fwd_floor_ms"] = fwd_floor_b / bw * 1e3
+    res["bwd_floor_ms"] = bwd_floor_b / bw * 1e3
+    # per-kernel bandwidth: bytes each kernel's design moves / its own time
+    xb, hb = nbytes(x), nbytes(dh_in)
+    F = n * n + 2 * n
+    small = T * 4 * (F + 2 * n + n * n + 1)
+    kb = {
+        "_pre_fwd_kernel": 2 * xb + hb + small,
+        "_pre_bwd_row_kernel": xb + hb + small + T * 4 * 33,
+        "_pre_bwd_col_kernel": 2 * xb + hb + T * 4 * 34,
+    }
+    kt = {}
+    for name, fn in (("fwd", fwd), ("bwd", bwd)):
+        for k, t in kernel_times(fn).items():
+            kt[k] = {"ms": t}
+            for kk, b in kb.items():
+                if k.startswith(kk):
+                    kt[k]["bytes"] = b
+                    kt[k]["TBps"] = b / (t * 1e-3) / 1e12
+                    kt[k]["of_copy"] = b / (t * 1e-3) / bw
+    res["kernels"] = kt
+    res["eager_fwd_ms"] = bench(lambda: torch_forward(x, phi, alpha, bias, g))
+    res["eager_bwd_ms"] = bench(lambda: torch_backward(*bargs))
+    if do_compile:
+        cf = torch.compile(torch_forward, dynamic=False)
+        cb = torch.compile(torch_backward, dynamic=False)
+        cf(x, phi, alpha, bias, g)
+        cb(*bargs)
+        res["compile_fwd_ms"] = bench(lambda: cf(x, phi, alpha, bias, g))
+        res["compile_bwd_ms"] = bench(lambda: cb(*bargs))
+    tg.set_config()
+    del x, dh_in, fout, fo, bo
+    torch.cuda.empty_cache()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+
+def sanitize_child():
+    for (T, n, D, dt, gam) in [(5, 3, 1000, torch.bfloat16, True), (37, 4, 130, torch.float32, False),
+                               (3, 1, 7, torch.float16, True)]:
+        x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(1, T, n, D, dt, gam, seed=1)
+        o = tg.forward(x, phi, alpha, bias, g, norm_eps=NORM_EPS, hc_eps=HC_EPS)
+        tg.backward(x, phi, alpha, bias, o[3], o[4], o[5], o[1], dh_in, dh_post, dh_res, g,
+                    norm_eps=NORM_EPS, hc_eps=HC_EPS)
+    torch.cuda.synchronize()
+    print("sanitize child done")
+
+
+def run_sanitizer():
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3",
+           sys.executable, os.path.abspath(__file__), "--sanitize-child"]
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    except FileNotFoundError:
+        return {"ran": False, "why": "compute-sanitizer not found"}
+    except subprocess.TimeoutExpired:
+        return {"ran": False, "why": "timeout"}
+    tail = (p.stdout + p.stderr)[-1500:]
+    return {"ran": True, "rc": p.returncode, "clean": p.returncode == 0 and "ERROR SUMMARY: 0" in tail,
+            "s": time.time() - t0, "tail": tail}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sanitize-child", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="one realistic shape only")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-sanitize", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--no-accuracy", action="store_true")
+    args = ap.parse_args()
+    if args.sanitize_child:
+        return sanitize_child()
+    out_dir = os.environ.get("OUT") or os.path.join(ROOT, "bench", "results")
+    os.makedirs(out_dir, exist_ok=True)
+    t_start = time.time()
+    report = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+              "command": " ".join(["python3"] + sys.argv), "torch": torch.__version__,
+              "triton": triton.__version__}
+    print(report)
+    realistic = [(1, 4096, 4, 2560), (4, 4096, 4, 4096), (2, 4096, 4, 7168)]
+    if args.quick:
+        realistic = [(4, 4096, 4, 4096)]
+
+    def save():
+        with open(os.path.join(out_dir, "gpu_suite.json"), "w") as f:
+            json.dump(report, f, indent=1, default=str)
+
+    if not args.no_accuracy:
+        acc = []
+        odd = [(1, 1, 3, 1000), (3, 1, 3, 1000), (1, 333, 3, 1000), (2, 77, 8, 130), (1, 5, 1, 1)]
+        for shape in realistic + odd:
+            for dname in ("bf16", "fp16", "fp32"):
+                for gam in ((True, False) if shape in odd and dname != "fp16" else (True,)):
+                    errs, ok, same = accuracy(shape, dname, gam)
+                    worst = max(errs, key=lambda k: errs[k] / (TOL_ACT[dname] if k in ("h_in", "dx") else TOL_PARAM))
+                    acc.append(dict(shape=shape, dtype=dname, gamma=gam, ok=ok, bitwise=same, errs=errs))
+                    print(f"acc {str(shape):22s} {dname} gamma={gam!s:5s} ok={ok} bitwise={same} "
+                          f"h_in={errs['h_in']:.1e} dx={errs['dx']:.1e} h_mix={errs['h_mix']:.1e} "
+                          f"dphi={errs['dphi']:.1e} dgamma={errs.get('dgamma', 0):.1e} "
+                          f"dalpha={errs['dalpha']:.1e} worst={worst}", flush=True)
+        report["accuracy"] = acc
+        report["accuracy_all_ok"] = all(a["ok"] for a in acc)
+        report["bitwise_all"] = all(a["bitwise"] for a in acc)
+        save()
+        print(f"accuracy all ok: {report['accuracy_all_ok']}, bitwise: {report['bitwise_all']}, "
+              f"{time.time() - t_start:.0f}s", flush=True)
+    if not args.no_sanitize:
+        report["memcheck"] = run_sanitizer()
+        print("memcheck:", {k: v for k, v in report["memcheck"].items() if k != "tail"})
+        print(report["memcheck"].get("tail", "")[-600:], flush=True)
+        save()
+    bw = copy_bandwidth()
+    report["copy_TBps"] = bw / 1e12
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    for shape in realistic:
+        r = timing(shape, bw, not args.no_compile, not args.no_sweep)
+        rows.append(r)
+        report["timing"] = rows
+        save()
+        print(json.dumps({k: v for k, v in r.items() if not k.endswith("sweep")}, default=str),
+              flush=True)
+    # the table
+    lines = ["| shape (B,S,n,D) bf16 | pass | ours ms | floor ms | x floor | eager ms | compile ms | "
+             "x faster than compile |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for p in ("fwd", "bwd"):
+            ours, fl = r[f"{p}_ms"], r[f"{p}_floor_ms"]
+            comp = r.get(f"compile_{p}_ms")
+            lines.append(f"| {tuple(r['shape'])} | {p} | {ours:.3f} | {fl:.3f} | {ours / fl:.2f} | "
+                         f"{r[f'eager_{p}_ms']:.3f} | {comp if comp is None else f'{comp:.3f}'} | "
+                         f"{'' if comp is None else f'{comp / ours:.1f}'} |")
+    lines.append("")
+    lines.append("| shape | kernel | ms | TB/s (design bytes) | of copy |")
+    lines.append("|---|---|---|---|---|")
+    for r in rows:
+        for k, v in r["kernels"].items():
+            lines.append(f"| {tuple(r['shape'])} | {k[:40]} | {v['ms']:.4f} | "
+                         f"{v.get('TBps', float('nan')):.2f} | {v.get('of_copy', float('nan')):.2f} |")
+    table = "\n".join(lines)
+    report["table"] = table
+    report["wall_s"] = time.time() - t_start
+    save()
+    print(table)
+    print(f"total {time.time() - t_start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
