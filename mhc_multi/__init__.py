@@ -20,13 +20,15 @@ __version__ = "0.1.0"
 
 __all__ = ["forward", "backward", "post_forward", "post_backward", "ForwardOutput", "Gradients",
            "PostGradients", "available_backends", "BackendInfo", "BackendUnavailableError",
-           "crosscheck", "Report", "random_inputs", "tolerance", "mhc_pre", "mhc_post", "MHCPre"]
+           "crosscheck", "Report", "random_inputs", "tolerance", "mhc_pre", "mhc_post", "MHCPre",
+           "MHCLayer", "expand_streams", "merge_streams"]
 
-_TORCH_NAMES = ("mhc_pre", "mhc_post", "MHCPre")
+_TORCH_NAMES = {"mhc_pre": "autograd", "mhc_post": "autograd", "MHCPre": "autograd",
+                "MHCLayer": "layer", "expand_streams": "layer", "merge_streams": "layer"}
 
 
 def __getattr__(name):  # the torch API is imported on first use, so numpy-only users skip torch
     if name in _TORCH_NAMES:
-        from . import autograd
-        return getattr(autograd, name)
+        import importlib
+        return getattr(importlib.import_module(f".{_TORCH_NAMES[name]}", __name__), name)
     raise AttributeError(f"module 'mhc_multi' has no attribute {name!r}")

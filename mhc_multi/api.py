@@ -158,11 +158,7 @@ def _cast_like(a, ref):
 def _select(args: _Args, total_tokens: int, *, needs: str | None = None):
     """(name, module) of the backend to run; the numpy reference when there are no tokens."""
     on_cuda = args.kind == "torch" and args.device.type == "cuda"
-    name, mod = registry.resolve(args.backend, on_cuda=on_cuda)
-    if needs is not None and not getattr(mod, needs, None):
-        what = {"SUPPORTS_SINKHORN": "sinkhorn_iters > 0",
-                "post_forward": "the post operator"}[needs]
-        raise BackendUnavailableError(f"backend {name!r} does not implement {what} yet")
+    name, mod = registry.resolve(args.backend, on_cuda=on_cuda, needs=needs)
     if mod.ARRAY_KIND == "torch" and not on_cuda:
         if _torch() is None:
             raise BackendUnavailableError(f"backend {name!r} needs torch, which is not imported")
@@ -245,7 +241,7 @@ def forward(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps:
     _check_eps(norm_eps, hc_eps)
     _check_iters(sinkhorn_iters)
     args.x_dtype, args.param_dtype = dtype_name(x), dtype_name(phi)
-    _, mod = _select(args, B * S, needs="SUPPORTS_SINKHORN" if sinkhorn_iters else None)
+    _, mod = _select(args, B * S, needs="sinkhorn" if sinkhorn_iters else None)
     T, F = B * S, n * n + 2 * n
     out = _run(args, mod, "forward",
                dict(x=x.reshape(T, n, D), phi=phi, alpha=alpha, bias=bias, gamma=gamma),
@@ -282,7 +278,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
     for name, a, shape in per_token:
         args.check(name, a, shape, _FLOATS)
     args.x_dtype, args.param_dtype = dtype_name(x), dtype_name(phi)
-    _, mod = _select(args, B * S, needs="SUPPORTS_SINKHORN" if sinkhorn_iters else None)
+    _, mod = _select(args, B * S, needs="sinkhorn" if sinkhorn_iters else None)
     T = B * S
     small = {name: _cast_like(a, phi).reshape((T,) + shape[2:])
              for name, a, shape in per_token if name != "dh_in"}
@@ -317,7 +313,7 @@ def post_forward(x, f_out, h_post, h_res, *, backend: str = "auto"):
     """
     args = _Args(x, backend)
     B, S, n, D = _check_post(args, x, f_out, h_post, h_res)
-    _, mod = _select(args, B * S, needs="post_forward")
+    _, mod = _select(args, B * S, needs="post")
     T = B * S
     out = _run(args, mod, "post_forward",
                dict(x=x.reshape(T, n, D), f_out=_cast_like(f_out, x).reshape(T, D),
@@ -333,7 +329,7 @@ def post_backward(x, f_out, h_post, h_res, dx_next, *, backend: str = "auto") ->
     args = _Args(x, backend)
     B, S, n, D = _check_post(args, x, f_out, h_post, h_res)
     args.check("dx_next", dx_next, (B, S, n, D), _FLOATS)
-    _, mod = _select(args, B * S, needs="post_forward")
+    _, mod = _select(args, B * S, needs="post")
     T = B * S
     out = _run(args, mod, "post_backward",
                dict(x=x.reshape(T, n, D), f_out=_cast_like(f_out, x).reshape(T, D),

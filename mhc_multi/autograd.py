@@ -1,43 +1,83 @@
 """Differentiable torch entry points: ``mhc_pre``, ``mhc_post`` and the ``MHCPre`` module.
 
-Each is a ``torch.autograd.Function`` over the front end: the forward saves what the backward
-needs (the inputs and the forward's intermediates, not the gates' pre-activations) and the
-backward calls the selected backend's backward.
+The operators are ``torch.library`` custom ops over the front end, with fake (meta)
+implementations and registered autograd: the forward saves what the backward needs (the
+inputs and the forward's intermediates ``inv_rms, h_mix, h_pre, h_post``) and the backward
+calls the selected backend's backward. Being custom ops, they compile under
+``torch.compile(fullgraph=True)`` without graph breaks.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from . import api
 
 
-def _zeros_if_none(g, like):
-    return torch.zeros_like(like) if g is None else g
+# ---------------------------------------------------------------------------------------------
+# custom ops: opaque to torch.compile (no graph breaks), with fake implementations for tracing
+
+@torch.library.custom_op("mhc_multi::pre_forward", mutates_args=())
+def _pre_forward_op(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, gamma: Optional[Tensor],
+                    backend: str, norm_eps: float, hc_eps: float, sinkhorn_iters: int
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(api.forward(x, phi, alpha, bias, gamma, backend=backend, norm_eps=norm_eps,
+                             hc_eps=hc_eps, sinkhorn_iters=sinkhorn_iters))
 
 
-class _MHCPreFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters):
-        out = api.forward(x, phi, alpha, bias, gamma, backend=backend, norm_eps=norm_eps,
-                          hc_eps=hc_eps, sinkhorn_iters=sinkhorn_iters)
-        ctx.save_for_backward(x, phi, alpha, bias, gamma, out.inv_rms, out.h_mix, out.h_pre,
-                              out.h_post)
-        ctx.opts = dict(backend=backend, norm_eps=norm_eps, hc_eps=hc_eps,
-                        sinkhorn_iters=sinkhorn_iters)
-        return out.h_in, out.h_post, out.h_res
+@_pre_forward_op.register_fake
+def _(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters):
+    B, S, n, D = x.shape
+    p = phi.new_empty
+    return (x.new_empty(B, S, D), p(B, S, n), p(B, S, n, n), p(B, S), p(B, S, n * n + 2 * n),
+            p(B, S, n))
 
-    @staticmethod
-    def backward(ctx, dh_in, dh_post, dh_res):
-        x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post = ctx.saved_tensors
-        B, S, n, D = x.shape
-        dh_in = dh_in if dh_in is not None else x.new_zeros((B, S, D))
-        dh_post = _zeros_if_none(dh_post, h_post)
-        dh_res = dh_res if dh_res is not None else h_post.new_zeros((B, S, n, n))
-        g = api.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
-                         dh_res, gamma, **ctx.opts)
-        return g.dx, g.dphi, g.dalpha, g.dbias, g.dgamma, None, None, None, None
+
+@torch.library.custom_op("mhc_multi::pre_backward", mutates_args=())
+def _pre_backward_op(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, inv_rms: Tensor,
+                     h_mix: Tensor, h_pre: Tensor, h_post: Tensor, dh_in: Tensor,
+                     dh_post: Tensor, dh_res: Tensor, gamma: Optional[Tensor], backend: str,
+                     norm_eps: float, hc_eps: float, sinkhorn_iters: int
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    g = api.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res,
+                     gamma, backend=backend, norm_eps=norm_eps, hc_eps=hc_eps,
+                     sinkhorn_iters=sinkhorn_iters)
+    # a custom op returns tensors only: no gamma -> an empty dgamma, turned back into None
+    return g.dx, g.dphi, g.dalpha, g.dbias, g.dgamma if gamma is not None else phi.new_empty(0)
+
+
+@_pre_backward_op.register_fake
+def _(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma, *_):
+    dgamma = torch.empty_like(gamma) if gamma is not None else phi.new_empty(0)
+    return (torch.empty_like(x), torch.empty_like(phi), torch.empty_like(alpha),
+            torch.empty_like(bias), dgamma)
+
+
+def _pre_setup_context(ctx, inputs, output):
+    x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters = inputs
+    _, h_post, _, inv_rms, h_mix, h_pre = output
+    ctx.save_for_backward(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post)
+    ctx.opts = (backend, norm_eps, hc_eps, sinkhorn_iters)
+
+
+def _pre_backward(ctx, dh_in, dh_post, dh_res, *_intermediates):
+    # inv_rms, h_mix and h_pre are saved for the backward, not differentiable outputs:
+    # mhc_pre does not hand them out
+    x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post = ctx.saved_tensors
+    B, S, n, D = x.shape
+    dh_in = x.new_zeros(B, S, D) if dh_in is None else dh_in
+    dh_post = torch.zeros_like(h_post) if dh_post is None else dh_post
+    dh_res = h_post.new_zeros(B, S, n, n) if dh_res is None else dh_res
+    dx, dphi, dalpha, dbias, dgamma = _pre_backward_op(
+        x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
+        *ctx.opts)
+    return dx, dphi, dalpha, dbias, dgamma if gamma is not None else None, None, None, None, None
+
+
+_pre_forward_op.register_autograd(_pre_backward, setup_context=_pre_setup_context)
 
 
 def mhc_pre(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps: float = 1e-6,
@@ -45,28 +85,56 @@ def mhc_pre(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps:
     """Differentiable pre operator: ``(h_in, h_post, h_res)`` (see :func:`mhc_multi.forward`).
 
     Gradients flow to ``x, phi, alpha, bias`` and ``gamma`` through the backend's backward.
+    Works under ``torch.compile(fullgraph=True)``: the operator is a ``torch.library`` custom
+    op (``mhc_multi::pre_forward``) with a fake implementation and registered autograd.
     """
-    return _MHCPreFunction.apply(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps,
-                                 sinkhorn_iters)
+    h_in, h_post, h_res, *_ = _pre_forward_op(x, phi, alpha, bias, gamma, backend,
+                                              float(norm_eps), float(hc_eps), int(sinkhorn_iters))
+    return h_in, h_post, h_res
 
 
-class _MHCPostFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, f_out, h_post, h_res, backend):
-        ctx.save_for_backward(x, f_out, h_post, h_res)
-        ctx.backend = backend
-        return api.post_forward(x, f_out, h_post, h_res, backend=backend)
+@torch.library.custom_op("mhc_multi::post_forward", mutates_args=())
+def _post_forward_op(x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor,
+                     backend: str) -> Tensor:
+    return api.post_forward(x, f_out, h_post, h_res, backend=backend)
 
-    @staticmethod
-    def backward(ctx, dx_next):
-        x, f_out, h_post, h_res = ctx.saved_tensors
-        g = api.post_backward(x, f_out, h_post, h_res, dx_next, backend=ctx.backend)
-        return g.dx, g.df_out.to(f_out.dtype), g.dh_post, g.dh_res.to(h_res.dtype), None
+
+@_post_forward_op.register_fake
+def _(x, f_out, h_post, h_res, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mhc_multi::post_backward", mutates_args=())
+def _post_backward_op(x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor, dx_next: Tensor,
+                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    g = api.post_backward(x, f_out, h_post, h_res, dx_next, backend=backend)
+    return g.dx, g.df_out.to(f_out.dtype), g.dh_post, g.dh_res.to(h_res.dtype)
+
+
+@_post_backward_op.register_fake
+def _(x, f_out, h_post, h_res, dx_next, backend):
+    return (torch.empty_like(x), torch.empty_like(f_out), torch.empty_like(h_post),
+            torch.empty_like(h_res))
+
+
+def _post_setup_context(ctx, inputs, output):
+    x, f_out, h_post, h_res, backend = inputs
+    ctx.save_for_backward(x, f_out, h_post, h_res)
+    ctx.backend = backend
+
+
+def _post_backward(ctx, dx_next):
+    x, f_out, h_post, h_res = ctx.saved_tensors
+    return (*_post_backward_op(x, f_out, h_post, h_res, dx_next, ctx.backend), None)
+
+
+_post_forward_op.register_autograd(_post_backward, setup_context=_post_setup_context)
 
 
 def mhc_post(x, f_out, h_post, h_res, *, backend: str = "auto"):
-    """Differentiable post operator: ``x_next = h_res @ x + h_post * f_out`` per token."""
-    return _MHCPostFunction.apply(x, f_out, h_post, h_res, backend)
+    """Differentiable post operator: ``x_next = h_res @ x + h_post * f_out`` per token
+    (custom op ``mhc_multi::post_forward``, see :func:`mhc_multi.post_forward`)."""
+    return _post_forward_op(x, f_out, h_post, h_res, backend)
 
 
 def default_bias(n: int, sinkhorn_iters: int = 0) -> torch.Tensor:

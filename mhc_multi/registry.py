@@ -75,11 +75,23 @@ def check_name(backend: str) -> str:
     return backend
 
 
-def resolve(backend: str, *, on_cuda: bool) -> tuple[str, ModuleType]:
+_CAPABILITY = {"sinkhorn": ("SUPPORTS_SINKHORN", "sinkhorn_iters > 0"),
+               "post": ("post_forward", "the post operator")}
+
+
+def _lacks(mod: ModuleType, needs: str | None) -> str | None:
+    if needs is None:
+        return None
+    attr, what = _CAPABILITY[needs]
+    return None if getattr(mod, attr, None) else what
+
+
+def resolve(backend: str, *, on_cuda: bool, needs: str | None = None) -> tuple[str, ModuleType]:
     """Turn a requested name (or ``"auto"``) into a runnable backend module.
 
     ``"auto"`` (overridden by $MHC_MULTI_BACKEND): CUDA tensors -> triton; anything on the
-    CPU -> numba when it can run, else numpy.
+    CPU -> numba when it can run (and has the capability ``needs``: "sinkhorn" or "post"),
+    else numpy.
     """
     check_name(backend)
     if backend == "auto":
@@ -91,8 +103,13 @@ def resolve(backend: str, *, on_cuda: bool) -> tuple[str, ModuleType]:
         elif on_cuda:
             backend = "triton"
         else:
-            backend = "numba" if _reason("numba") is None else "numpy"
+            numba_ok = _reason("numba") is None and not _lacks(_load("numba"), needs)
+            backend = "numba" if numba_ok else "numpy"
     reason = _reason(backend)
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend!r} cannot run here: {reason}")
-    return backend, _load(backend)
+    mod = _load(backend)
+    missing = _lacks(mod, needs)
+    if missing:
+        raise BackendUnavailableError(f"backend {backend!r} does not implement {missing} yet")
+    return backend, mod
