@@ -41,8 +41,9 @@ def availability() -> str | None:
     return _IMPORT_ERROR
 
 
-TB = 8          # tokens per block (register blocking: one phi row load serves TB tokens)
-KT = 512        # column tile of the backward's second phase (keeps w / dphi tiles in L1)
+TB = 8           # tokens per group (register blocking: one phi row load serves TB tokens)
+SB = 64          # tokens per super-block (SB % TB == 0): phi / dphi tiles stay cached across it
+KT = 512         # column tile: TB x KT activations in L1, F x KT of phi / dphi in L2
 MAX_CHUNKS = 16  # fixed chunking of the tokens: chunk count depends on T only
 
 # Numba calls from several Python threads are serialised: the parallel region already uses
@@ -99,10 +100,9 @@ if numba is not None:
     @njit(inline="always", cache=True)
     def _f32_to_bf16(f):
         w = _f32_as_u32(np.float32(f))
-        if (w & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-            return np.uint16(0x7FC0)
-        w = w + np.uint32(0x7FFF) + ((w >> np.uint32(16)) & np.uint32(1))
-        return np.uint16(w >> np.uint32(16))
+        rnd = (w + np.uint32(0x7FFF) + ((w >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+        isnan = (w & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+        return np.uint16(np.uint32(0x7FC0) if isnan else rnd)  # a select: vectorises
 
     @njit(inline="always", cache=True)
     def _f32_to_f16(f):
@@ -130,36 +130,40 @@ if numba is not None:
         return np.int16(np.uint16(h | sign))
 
     # -----------------------------------------------------------------------------------------
-    # element load / store by storage kind: uint16 = bf16 bits, int16 = fp16 bits, else native
+    # element load / store on 1-D views, by storage kind:
+    # uint16 = bf16 bits, int16 = fp16 bits, anything else = native float
 
-    def _ld(a, i, j):
+    def _ld(a, k):
         pass
 
     @overload(_ld, inline="always")
-    def _ld_ol(a, i, j):
+    def _ld_ol(a, k):
         if a.dtype == types.uint16:
-            return lambda a, i, j: _bf16_to_f32(a[i, j])
+            return lambda a, k: _bf16_to_f32(a[k])
         if a.dtype == types.int16:
-            return lambda a, i, j: _f16_to_f32(a[i, j])
-        return lambda a, i, j: a[i, j]
+            return lambda a, k: _f16_to_f32(a[k])
+        return lambda a, k: a[k]
 
-    def _st(a, i, j, v):
+    def _st(a, k, v):
         pass
 
     @overload(_st, inline="always")
-    def _st_ol(a, i, j, v):
+    def _st_ol(a, k, v):
         if a.dtype == types.uint16:
-            def impl(a, i, j, v):
-                a[i, j] = _f32_to_bf16(v)
+            def impl(a, k, v):
+                a[k] = _f32_to_bf16(v)
             return impl
         if a.dtype == types.int16:
-            def impl(a, i, j, v):
-                a[i, j] = _f32_to_f16(v)
+            def impl(a, k, v):
+                a[k] = _f32_to_f16(v)
             return impl
 
-        def impl(a, i, j, v):
-            a[i, j] = v
+        def impl(a, k, v):
+            a[k] = v
         return impl
+
+    # Inner loops index 1-D views from 0 (never ``a[f, k0 + k]``): numba then knows the index is
+    # non-negative, drops its wrap-around select, and LLVM vectorises the loop.
 
     # -----------------------------------------------------------------------------------------
     # forward
@@ -177,54 +181,73 @@ if numba is not None:
         for c in prange(nchunks):
             t0 = c * csize
             t1 = min(T, t0 + csize)
-            vb = np.empty((TB, nD), phig.dtype)
+            vt = np.empty((TB, KT), phig.dtype)
             hb = np.empty(D, phig.dtype)
             hp = np.empty(n, phig.dtype)
-            m = np.empty((TB, F), np.float64)
-            ss = np.empty(TB, np.float64)
-            for b0 in range(t0, t1, TB):
-                nt = min(TB, t1 - b0)
-                # decode the block once; sum of squares on the way
-                for j in range(TB):
-                    if j < nt:
-                        s = zero
-                        for k in range(nD):
-                            vb[j, k] = _ld(x, b0 + j, k)
-                            s += vb[j, k] * vb[j, k]
-                        ss[j] = s
-                    else:
-                        for k in range(nD):
-                            vb[j, k] = zero
-                # the F projections: each phi row is loaded once for TB tokens
-                for f in range(F):
-                    a0 = zero
-                    a1 = zero
-                    a2 = zero
-                    a3 = zero
-                    a4 = zero
-                    a5 = zero
-                    a6 = zero
-                    a7 = zero
-                    for k in range(nD):
-                        p = phig[f, k]
-                        a0 += vb[0, k] * p
-                        a1 += vb[1, k] * p
-                        a2 += vb[2, k] * p
-                        a3 += vb[3, k] * p
-                        a4 += vb[4, k] * p
-                        a5 += vb[5, k] * p
-                        a6 += vb[6, k] * p
-                        a7 += vb[7, k] * p
-                    m[0, f] = a0
-                    m[1, f] = a1
-                    m[2, f] = a2
-                    m[3, f] = a3
-                    m[4, f] = a4
-                    m[5, f] = a5
-                    m[6, f] = a6
-                    m[7, f] = a7
-                for j in range(nt):
-                    t = b0 + j
+            m = np.empty((SB, F), np.float64)
+            ss = np.empty(SB, np.float64)
+            for s0 in range(t0, t1, SB):
+                ns = min(SB, t1 - s0)
+                m[:, :] = 0.0
+                ss[:] = 0.0
+                # pass 1, tile by tile: sum of squares and the F projections; a phig tile stays
+                # in L2 for the whole super-block and each row load serves TB tokens
+                for k0 in range(0, nD, KT):
+                    L = min(KT, nD - k0)
+                    for g0 in range(0, ns, TB):
+                        ng = min(TB, ns - g0)
+                        for jj in range(TB):
+                            vr = vt[jj]
+                            if jj < ng:
+                                xr = x[s0 + g0 + jj, k0:k0 + L]
+                                s = zero
+                                for k in range(L):
+                                    vr[k] = _ld(xr, k)
+                                    s += vr[k] * vr[k]
+                                ss[g0 + jj] += s
+                            else:
+                                for k in range(L):
+                                    vr[k] = zero
+                        v0 = vt[0]
+                        v1 = vt[1]
+                        v2 = vt[2]
+                        v3 = vt[3]
+                        v4 = vt[4]
+                        v5 = vt[5]
+                        v6 = vt[6]
+                        v7 = vt[7]
+                        for f in range(F):
+                            p = phig[f, k0:k0 + L]
+                            a0 = zero
+                            a1 = zero
+                            a2 = zero
+                            a3 = zero
+                            a4 = zero
+                            a5 = zero
+                            a6 = zero
+                            a7 = zero
+                            for k in range(L):
+                                pk = p[k]
+                                a0 += v0[k] * pk
+                                a1 += v1[k] * pk
+                                a2 += v2[k] * pk
+                                a3 += v3[k] * pk
+                                a4 += v4[k] * pk
+                                a5 += v5[k] * pk
+                                a6 += v6[k] * pk
+                                a7 += v7[k] * pk
+                            mg = m[g0:g0 + TB]
+                            mg[0, f] += a0
+                            mg[1, f] += a1
+                            mg[2, f] += a2
+                            mg[3, f] += a3
+                            mg[4, f] += a4
+                            mg[5, f] += a5
+                            mg[6, f] += a6
+                            mg[7, f] += a7
+                # gates, then pass 2 (x re-read from cache): h_in = sum_i h_pre[i] * x[i, :]
+                for j in range(ns):
+                    t = s0 + j
                     r = 1.0 / np.sqrt(ss[j] / nD + norm_eps)
                     inv_rms[t] = r
                     for f in range(F):
@@ -238,17 +261,18 @@ if numba is not None:
                         h_post[t, i] = 2.0 / (1.0 + np.exp(-z))
                     for q in range(n * n):
                         h_res[t, q] = a_res * (r * m[j, 2 * n + q]) + bias[2 * n + q]
-                    # h_in = sum_i h_pre[i] * x[i, :]
+                    xr = x[t, 0:D]
                     h0 = hp[0]
                     for d in range(D):
-                        hb[d] = h0 * vb[j, d]
+                        hb[d] = h0 * _ld(xr, d)
                     for i in range(1, n):
                         hi = hp[i]
-                        off = i * D
+                        xr = x[t, i * D:(i + 1) * D]
                         for d in range(D):
-                            hb[d] += hi * vb[j, off + d]
+                            hb[d] += hi * _ld(xr, d)
+                    hr = h_in[t]
                     for d in range(D):
-                        _st(h_in, t, d, hb[d])
+                        _st(hr, d, hb[d])
 
     # -----------------------------------------------------------------------------------------
     # backward
@@ -273,104 +297,126 @@ if numba is not None:
             dphi_c[:, :] = zero
             dg_c[:] = zero
             dab_c[:] = 0.0
-            vb = np.empty((TB, nD), phi.dtype)
-            dh = np.empty((TB, D), phi.dtype)
-            wb = np.empty(KT, phi.dtype)
-            dm = np.zeros((TB, F), phi.dtype)
-            hpc = np.empty((TB, n), phi.dtype)
-            coef = np.empty(TB, phi.dtype)
+            vt = np.empty((TB, KT), phi.dtype)
+            wt = np.empty(KT, phi.dtype)
+            dm = np.zeros((SB, F), phi.dtype)
+            hpc = np.empty((SB, n), phi.dtype)
+            coef = np.empty(SB, phi.dtype)
             dhp = np.empty(n, np.float64)
             e = np.empty(F, np.float64)
-            for b0 in range(t0, t1, TB):
-                nt = min(TB, t1 - b0)
-                for j in range(TB):
-                    if j < nt:
-                        t = b0 + j
+            for s0 in range(t0, t1, SB):
+                ns = min(SB, t1 - s0)
+                # pass 1, per token: dh_pre, gate derivatives, dm, dalpha / dbias
+                for j in range(ns):
+                    t = s0 + j
+                    dhr = dh_in[t]
+                    for i in range(n):
+                        xr = x[t, i * D:(i + 1) * D]
+                        s = zero
                         for d in range(D):
-                            dh[j, d] = _ld(dh_in, t, d)
-                        for i in range(n):
-                            off = i * D
-                            s = zero
-                            for d in range(D):
-                                vb[j, off + d] = _ld(x, t, off + d)
-                                s += dh[j, d] * vb[j, off + d]
-                            dhp[i] = s
-                        # gate derivatives (fp64 scalars)
-                        r = np.float64(inv_rms[t])
-                        for i in range(n):
-                            hpv = np.float64(h_pre[t, i])
-                            hpc[j, i] = hpv
-                            sg = hpv - hc_eps
-                            dp = dhp[i] * sg * (1.0 - sg)
-                            e[i] = a_pre * dp
-                            dab_c[0] += dp * (r * h_mix[t, i])
-                            dab_c[3 + i] += dp
-                            hq = np.float64(h_post[t, i])
-                            dq = dh_post[t, i] * hq * (1.0 - hq / 2.0)
-                            e[n + i] = a_post * dq
-                            dab_c[1] += dq * (r * h_mix[t, n + i])
-                            dab_c[3 + n + i] += dq
-                        for q in range(n * n):
-                            dR = np.float64(dh_res[t, q])
-                            e[2 * n + q] = a_res * dR
-                            dab_c[2] += dR * (r * h_mix[t, 2 * n + q])
-                            dab_c[3 + 2 * n + q] += dR
-                        dr = 0.0
-                        for f in range(F):
-                            dr += e[f] * h_mix[t, f]
-                            dm[j, f] = r * e[f]
-                        coef[j] = dr * r * r * r / nD
-                    else:
-                        for k in range(nD):
-                            vb[j, k] = zero
-                        for f in range(F):
-                            dm[j, f] = zero
-                # second phase, column tile by column tile (tiles never straddle streams)
+                            s += _ld(dhr, d) * _ld(xr, d)
+                        dhp[i] = s
+                    r = np.float64(inv_rms[t])
+                    for i in range(n):
+                        hpv = np.float64(h_pre[t, i])
+                        hpc[j, i] = hpv
+                        sg = hpv - hc_eps
+                        dp = dhp[i] * sg * (1.0 - sg)
+                        e[i] = a_pre * dp
+                        dab_c[0] += dp * (r * h_mix[t, i])
+                        dab_c[3 + i] += dp
+                        hq = np.float64(h_post[t, i])
+                        dq = dh_post[t, i] * hq * (1.0 - hq / 2.0)
+                        e[n + i] = a_post * dq
+                        dab_c[1] += dq * (r * h_mix[t, n + i])
+                        dab_c[3 + n + i] += dq
+                    for q in range(n * n):
+                        dR = np.float64(dh_res[t, q])
+                        e[2 * n + q] = a_res * dR
+                        dab_c[2] += dR * (r * h_mix[t, 2 * n + q])
+                        dab_c[3 + 2 * n + q] += dR
+                    dr = 0.0
+                    for f in range(F):
+                        dr += e[f] * h_mix[t, f]
+                        dm[j, f] = r * e[f]
+                    coef[j] = dr * r * r * r / nD
+                for j in range(ns, SB):
+                    for f in range(F):
+                        dm[j, f] = zero
+                # pass 2, column tile by column tile (x re-read from cache); tiles never
+                # straddle streams; the dphi tile stays in L2 for the whole super-block
                 for i in range(n):
                     for d0 in range(0, D, KT):
-                        d1 = min(D, d0 + KT)
+                        L = min(KT, D - d0)
                         k0 = i * D + d0
-                        k1 = i * D + d1
-                        # dphi[f, k] += sum_j dm[j, f] * v[j, k] * g[k]
-                        for f in range(F):
-                            c0 = dm[0, f]
-                            c1 = dm[1, f]
-                            c2 = dm[2, f]
-                            c3 = dm[3, f]
-                            c4 = dm[4, f]
-                            c5 = dm[5, f]
-                            c6 = dm[6, f]
-                            c7 = dm[7, f]
-                            for k in range(k0, k1):
-                                dphi_c[f, k] += g[k] * (
-                                    c0 * vb[0, k] + c1 * vb[1, k] + c2 * vb[2, k]
-                                    + c3 * vb[3, k] + c4 * vb[4, k] + c5 * vb[5, k]
-                                    + c6 * vb[6, k] + c7 * vb[7, k])
-                        for j in range(nt):
-                            t = b0 + j
-                            # w = dm @ phi on this tile
-                            for k in range(k0, k1):
-                                wb[k - k0] = zero
-                            for f in range(0, F4, 4):
-                                c0 = dm[j, f]
-                                c1 = dm[j, f + 1]
-                                c2 = dm[j, f + 2]
-                                c3 = dm[j, f + 3]
-                                for k in range(k0, k1):
-                                    wb[k - k0] += (c0 * phi[f, k] + c1 * phi[f + 1, k]
-                                                   + c2 * phi[f + 2, k] + c3 * phi[f + 3, k])
-                            for f in range(F4, F):
-                                c0 = dm[j, f]
-                                for k in range(k0, k1):
-                                    wb[k - k0] += c0 * phi[f, k]
-                            cj = coef[j]
-                            hj = hpc[j, i]
-                            for k in range(k0, k1):
-                                val = wb[k - k0] * g[k] - cj * vb[j, k] + hj * dh[j, k - i * D]
-                                _st(dx, t, k, val)
-                            if has_gamma:
-                                for k in range(k0, k1):
-                                    dg_c[k] += vb[j, k] * wb[k - k0]
+                        gg = g[k0:k0 + L]
+                        dgr = dg_c[k0:k0 + L]
+                        for g0 in range(0, ns, TB):
+                            ng = min(TB, ns - g0)
+                            for jj in range(TB):
+                                vr = vt[jj]
+                                if jj < ng:
+                                    xr = x[s0 + g0 + jj, k0:k0 + L]
+                                    for k in range(L):
+                                        vr[k] = _ld(xr, k)
+                                else:
+                                    for k in range(L):
+                                        vr[k] = zero
+                            for jj in range(ng):
+                                j = g0 + jj
+                                t = s0 + j
+                                # w = dm @ phi on this tile
+                                for k in range(L):
+                                    wt[k] = zero
+                                for f in range(0, F4, 4):
+                                    c0 = dm[j, f]
+                                    c1 = dm[j, f + 1]
+                                    c2 = dm[j, f + 2]
+                                    c3 = dm[j, f + 3]
+                                    p0 = phi[f, k0:k0 + L]
+                                    p1 = phi[f + 1, k0:k0 + L]
+                                    p2 = phi[f + 2, k0:k0 + L]
+                                    p3 = phi[f + 3, k0:k0 + L]
+                                    for k in range(L):
+                                        wt[k] += c0 * p0[k] + c1 * p1[k] + c2 * p2[k] + c3 * p3[k]
+                                for f in range(F4, F):
+                                    c0 = dm[j, f]
+                                    p0 = phi[f, k0:k0 + L]
+                                    for k in range(L):
+                                        wt[k] += c0 * p0[k]
+                                cj = coef[j]
+                                hj = hpc[j, i]
+                                vr = vt[jj]
+                                dxr = dx[t, k0:k0 + L]
+                                dhr = dh_in[t, d0:d0 + L]
+                                for k in range(L):
+                                    _st(dxr, k, wt[k] * gg[k] - cj * vr[k] + hj * _ld(dhr, k))
+                                if has_gamma:
+                                    for k in range(L):
+                                        dgr[k] += vr[k] * wt[k]
+                            # dphi[f, tile] += g * sum_j dm[j, f] * v[j, tile]
+                            v0 = vt[0]
+                            v1 = vt[1]
+                            v2 = vt[2]
+                            v3 = vt[3]
+                            v4 = vt[4]
+                            v5 = vt[5]
+                            v6 = vt[6]
+                            v7 = vt[7]
+                            for f in range(F):
+                                c0 = dm[g0, f]
+                                c1 = dm[g0 + 1, f]
+                                c2 = dm[g0 + 2, f]
+                                c3 = dm[g0 + 3, f]
+                                c4 = dm[g0 + 4, f]
+                                c5 = dm[g0 + 5, f]
+                                c6 = dm[g0 + 6, f]
+                                c7 = dm[g0 + 7, f]
+                                row = dphi_c[f, k0:k0 + L]
+                                for k in range(L):
+                                    row[k] += gg[k] * (
+                                        c0 * v0[k] + c1 * v1[k] + c2 * v2[k] + c3 * v3[k]
+                                        + c4 * v4[k] + c5 * v5[k] + c6 * v6[k] + c7 * v7[k])
 
     @njit(parallel=True, cache=True, nogil=True)
     def _reduce_kernel(parts, out):
@@ -379,11 +425,12 @@ if numba is not None:
         R = parts.shape[1]
         K = parts.shape[2]
         for rr in prange(R):
+            orow = out[rr]
             for k in range(K):
                 s = 0.0
                 for c in range(C):
                     s += np.float64(parts[c, rr, k])
-                out[rr, k] = s
+                orow[k] = s
 
 
 # ---------------------------------------------------------------------------------------------
