@@ -110,55 +110,52 @@ if triton is not None:
         return r
 
     @triton.jit
-    def _mm_pieces(a, b0, b1, b2, acc, NA: tl.constexpr, NB: tl.constexpr,
-                   INTERP: tl.constexpr):
-        """acc + a @ b on bf16 tensor cores, b given as its bf16 pieces b0 + b1 + b2 and a split
-        here into NA pieces: a0 = bf16(a), a1 = bf16(a - a0), a2 = bf16(a - a0 - a1).
-
-        The products a_i @ b_j with i + j < max(NA, NB) are summed, smallest first.  One piece
-        means the operand is exact in bf16 (bf16 x) or bf16 accuracy is enough.
+    def _mm_core(a0, a1, a2, b0, b1, b2, acc, NA: tl.constexpr, NB: tl.constexpr,
+                 INTERP: tl.constexpr):
+        """acc + a @ b from bf16 pieces a = a0 + a1 + a2, b = b0 + b1 + b2 (unused pieces are
+        ignored).  The products a_i @ b_j with i + j < max(NA, NB) are summed, smallest first.
 
         The dots start from zero and their sum is added to ``acc`` with an ordinary fp32 add:
         the tensor cores truncate when they add the running accumulator, and over a long K loop
         (n*D/16 or T/16 steps) that bias reached 1e-4 relative on the H200 (docs/triton.md).
         """
         NMAX: tl.constexpr = NA if NA > NB else NB
-        acc_in = acc
-        acc = tl.zeros(acc_in.shape, dtype=tl.float32)
-        af = a.to(tl.float32)
-        a0 = _bf16(af, INTERP)
-        if NA > 1:
-            ar = af - a0.to(tl.float32)
-            a1 = _bf16(ar, INTERP)
+        part = tl.zeros(acc.shape, dtype=tl.float32)
         if NMAX > 2:
             if NA > 2:
-                a2 = _bf16(ar - a1.to(tl.float32), INTERP)
-                acc = _dot(a2, b0, acc, INTERP)
+                part = _dot(a2, b0, part, INTERP)
             if NB > 2:
-                acc = _dot(a0, b2, acc, INTERP)
+                part = _dot(a0, b2, part, INTERP)
             if NA > 1:
                 if NB > 1:
-                    acc = _dot(a1, b1, acc, INTERP)
+                    part = _dot(a1, b1, part, INTERP)
         if NA > 1:
-            acc = _dot(a1, b0, acc, INTERP)
+            part = _dot(a1, b0, part, INTERP)
         if NB > 1:
-            acc = _dot(a0, b1, acc, INTERP)
-        acc = _dot(a0, b0, acc, INTERP)
-        return acc_in + acc
+            part = _dot(a0, b1, part, INTERP)
+        part = _dot(a0, b0, part, INTERP)
+        return acc + part
 
     @triton.jit
-    def _mm_split(a, b, acc, NA: tl.constexpr, NB: tl.constexpr, INTERP: tl.constexpr):
-        """acc + a @ b with both operands split here (see _mm_pieces)."""
-        bf = b.to(tl.float32)
-        b0 = _bf16(bf, INTERP)
-        b1 = b0
-        b2 = b0
-        if NB > 1:
-            br = bf - b0.to(tl.float32)
-            b1 = _bf16(br, INTERP)
-            if NB > 2:
-                b2 = _bf16(br - b1.to(tl.float32), INTERP)
-        return _mm_pieces(a, b0, b1, b2, acc, NA, NB, INTERP)
+    def _split3(a, N: tl.constexpr, INTERP: tl.constexpr):
+        """a -> (a0, a1, a2) bf16 pieces, a_k = bf16(a - a0 - ... - a_{k-1}); N pieces kept."""
+        af = a.to(tl.float32)
+        a0 = _bf16(af, INTERP)
+        a1 = a0
+        a2 = a0
+        if N > 1:
+            ar = af - a0.to(tl.float32)
+            a1 = _bf16(ar, INTERP)
+            if N > 2:
+                a2 = _bf16(ar - a1.to(tl.float32), INTERP)
+        return a0, a1, a2
+
+    @triton.jit
+    def _mm_pieces(a, b0, b1, b2, acc, NA: tl.constexpr, NB: tl.constexpr,
+                   INTERP: tl.constexpr):
+        """acc + a @ b, b given as bf16 pieces, a split here into NA pieces."""
+        a0, a1, a2 = _split3(a, NA, INTERP)
+        return _mm_core(a0, a1, a2, b0, b1, b2, acc, NA, NB, INTERP)
 
     @triton.jit
     def _round_out(v, dtype: tl.constexpr, INTERP: tl.constexpr):
@@ -228,7 +225,7 @@ if triton is not None:
         ff = tl.arange(0, F_PAD)
 
         acc = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)
-        ss = tl.zeros([BLOCK_T], dtype=tl.float32)
+        ss2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)   # sum of squares, reduced once
         # pass 1: D chunks outer, streams inner (so pass 2 can walk back over the freshest x);
         # one flat loop so that one x tile and its B tiles are in flight per stage
         for j in range(NCH * N):
@@ -239,7 +236,7 @@ if triton is not None:
             m2 = rmask[:, None] & dmask[None, :]
             xv = tl.load(x_ptr + rows64[:, None] * ND + i * D + d[None, :], mask=m2, other=0.0)
             xf = xv.to(tl.float32)
-            ss += tl.sum(xf * xf, axis=1)
+            ss2 += xf * xf
             # B tile [BLOCK_D, F_PAD] of the pieces (zero past D)
             boff = ff[None, :] * ND + i * D + d[:, None]
             bm = dmask[:, None]
@@ -252,6 +249,7 @@ if triton is not None:
                 b2 = tl.load(pg_ptr + 2 * F_PAD * ND + boff, mask=bm, other=0.0)
             acc = _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP)
 
+        ss = tl.sum(ss2, axis=1)
         r = 1.0 / tl.sqrt_rn(ss / ND + norm_eps)
         a_pre = tl.load(alpha_ptr)
         a_post = tl.load(alpha_ptr + 1)
@@ -308,12 +306,12 @@ if triton is not None:
         dhpost_ptr,  # [T, n] fp32
         dhres_ptr,   # [T, n*n] fp32
         alpha_ptr,   # [3] fp32
-        dm_ptr,      # [T, F_PAD] fp32 scratch (out): r * e, zero past F
+        dm_ptr,      # [NDM, T, F_PAD] bf16 scratch (out): pieces of dm = r * e, zero past F
         coef_ptr,    # [T] fp32 scratch (out)
         wsrow_ptr,   # [P, 2, F_PAD] fp32 (out): per-program sum raw, sum raw*u
         T, NBLK, hc_eps,
         N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NDM: tl.constexpr, INTERP: tl.constexpr,
     ):
         ND: tl.constexpr = N * D
         NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
@@ -366,7 +364,13 @@ if triton is not None:
             dm = r[:, None] * e
             dr = tl.sum(e * m, axis=1)
             coef = dr * (r * r * r) / ND
-            tl.store(dm_ptr + rows64[:, None] * F_PAD + ff[None, :], dm, mask=rm2)
+            dm0, dm1, dm2 = _split3(dm, NDM, INTERP)
+            doff = rows64[:, None] * F_PAD + ff[None, :]
+            tl.store(dm_ptr + doff, dm0, mask=rm2)
+            if NDM > 1:
+                tl.store(dm_ptr + T * F_PAD + doff, dm1, mask=rm2)
+            if NDM > 2:
+                tl.store(dm_ptr + 2 * T * F_PAD + doff, dm2, mask=rm2)
             tl.store(coef_ptr + rows, coef, mask=rmask)
             sum_raw += tl.sum(raw, axis=0)
             sum_ru += tl.sum(raw * (r[:, None] * m), axis=0)
@@ -382,7 +386,7 @@ if triton is not None:
         x_ptr,       # [T, n, D] x dtype
         dhin_ptr,    # [T, D] x dtype
         hpre_ptr,    # [T, n] fp32
-        dm_ptr,      # [T, F_PAD] fp32 scratch
+        dm_ptr,      # [NDM, T, F_PAD] bf16 scratch: pieces of dm
         coef_ptr,    # [T] fp32 scratch
         pp_ptr,      # [NPW, F_PAD, ND] bf16 pieces of phi
         g_ptr,       # [ND] fp32 (unused unless HAS_G)
@@ -392,7 +396,7 @@ if triton is not None:
         N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
         NWA: tl.constexpr, NWB: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr,
-        INTERP: tl.constexpr,
+        NDM: tl.constexpr, INTERP: tl.constexpr,
     ):
         ND: tl.constexpr = N * D
         i = tl.program_id(0)
@@ -422,20 +426,38 @@ if triton is not None:
             rows64 = rows.to(tl.int64)
             rm2 = rmask[:, None]
             m2 = rm2 & dmask[None, :]
-            dm = tl.load(dm_ptr + rows64[:, None] * F_PAD + ff[None, :], mask=rm2, other=0.0)
+            doff = rows64[:, None] * F_PAD + ff[None, :]
+            a0 = tl.load(dm_ptr + doff, mask=rm2, other=0.0)
+            a1 = a0
+            a2 = a0
+            if NDM > 1:
+                a1 = tl.load(dm_ptr + T * F_PAD + doff, mask=rm2, other=0.0)
+            if NDM > 2:
+                a2 = tl.load(dm_ptr + 2 * T * F_PAD + doff, mask=rm2, other=0.0)
             coef = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
             hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
             xv = tl.load(x_ptr + rows64[:, None] * ND + col[None, :], mask=m2, other=0.0)
             dh = tl.load(dhin_ptr + rows64[:, None] * D + d[None, :], mask=m2, other=0.0)
             w = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-            w = _mm_pieces(dm, p0, p1, p2, w, NWA, NWB, INTERP)
+            w = _mm_core(a0, a1, a2, p0, p1, p2, w, NWA, NWB, INTERP)
             if HAS_G:
                 w = w * g[None, :]
             xf = xv.to(tl.float32)
             dx = w - coef[:, None] * xf + hp[:, None] * dh.to(tl.float32)
             tl.store(dx_ptr + rows64[:, None] * ND + col[None, :],
                      _round_out(dx, dx_ptr.dtype.element_ty, INTERP), mask=m2)
-            P = _mm_split(tl.trans(dm), xv, P, NPA, NPB, INTERP)
+            # P += dm^T @ x: the transposed dm pieces are loaded as [F_PAD, BLOCK_T] tiles
+            toff = rows64[None, :] * F_PAD + ff[:, None]
+            rmt = rmask[None, :]
+            t0_ = tl.load(dm_ptr + toff, mask=rmt, other=0.0)
+            t1_ = t0_
+            t2_ = t0_
+            if NPA > 1:
+                t1_ = tl.load(dm_ptr + T * F_PAD + toff, mask=rmt, other=0.0)
+            if NPA > 2:
+                t2_ = tl.load(dm_ptr + 2 * T * F_PAD + toff, mask=rmt, other=0.0)
+            x0, x1, x2 = _split3(xv, NPB, INTERP)
+            P = _mm_core(t0_, t1_, t2_, x0, x1, x2, P, NPA, NPB, INTERP)
         tl.store(wscol_ptr + s * (F * ND) + ff[:, None] * ND + col[None, :], P,
                  mask=(ff < F)[:, None] & dmask[None, :])
 
@@ -460,22 +482,20 @@ if triton is not None:
         pid = tl.program_id(0)
         k = pid * BLOCK + tl.arange(0, BLOCK)
         km = k < ND
+        ff = tl.arange(0, F_PAD)
+        m2 = (ff < F)[:, None] & km[None, :]
+        off = ff[:, None] * ND + k[None, :]
+        q = tl.zeros([F_PAD, BLOCK], dtype=tl.float32)
+        for s in range(SPLITS):
+            q += tl.load(wscol_ptr + s * (F * ND) + off, mask=m2, other=0.0)
         if HAS_G:
             g = tl.load(g_ptr + k, mask=km, other=0.0)
-            dg = tl.zeros([BLOCK], dtype=tl.float32)
-        for f in range(F):
-            q = tl.zeros([BLOCK], dtype=tl.float32)
-            for s in range(SPLITS):
-                q += tl.load(wscol_ptr + s * (F * ND) + f * ND + k, mask=km, other=0.0)
-            if HAS_G:
-                tl.store(dphi_ptr + f * ND + k, q * g, mask=km)
-                dg += q * tl.load(phi_ptr + f * ND + k, mask=km, other=0.0)
-            else:
-                tl.store(dphi_ptr + f * ND + k, q, mask=km)
-        if HAS_G:
-            tl.store(dgamma_ptr + k, dg, mask=km)
+            tl.store(dphi_ptr + off, q * g[None, :], mask=m2)
+            ph = tl.load(phi_ptr + off, mask=m2, other=0.0)
+            tl.store(dgamma_ptr + k, tl.sum(q * ph, axis=0), mask=km)
+        else:
+            tl.store(dphi_ptr + off, q, mask=m2)
         if pid == 0:
-            ff = tl.arange(0, F_PAD)
             sb = tl.zeros([F_PAD], dtype=tl.float32)
             su = tl.zeros([F_PAD], dtype=tl.float32)
             for p in range(PROW):
@@ -621,15 +641,16 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         bt = cfg["row_bt"]
         nblk = triton.cdiv(T, bt)
         prow = max(1, min(nblk, sms * cfg["row_waves"]))
-        dm = torch.empty((T, F_pad), dtype=torch.float32, device=dev)
+        ndm = max(nwa, npa)
+        dm = torch.empty((ndm, T, F_pad), dtype=torch.bfloat16, device=dev)
         coef = torch.empty((T,), dtype=torch.float32, device=dev)
         wsrow = torch.empty((prow, 2, F_pad), dtype=torch.float32, device=dev)
         _pre_bwd_row_kernel[(prow,)](
             x, dh_in, _f32(inv_rms), _f32(h_mix), hp32, _f32(h_post), _f32(dh_post),
             _f32(dh_res).reshape(T, n * n), _f32(alpha), dm, coef, wsrow,
             T, nblk, float(hc_eps),
-            N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=cfg["row_bd"],
-            **_launch_kw(cfg, "row"))
+            N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=cfg["row_bd"], NDM=ndm,
+            INTERP=_interpret(), **_launch_kw(cfg, "row"))
         # column kernel: grid (n, D chunks, token splits); splits fixed by (n, D, T-blocks)
         bt = cfg["col_bt"]
         bd = cfg["col_bd"]
@@ -645,9 +666,9 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
             x, dh_in, hp32, dm, coef, pp, g if g is not None else phi32, dx, wscol,
             T, tok_per_split,
             N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd, HAS_G=g is not None,
-            NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, INTERP=_interpret(),
+            NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(),
             **_launch_kw(cfg, "col"))
-        BLOCK = 512 if dev.type == "cuda" else 128
+        BLOCK = max(16, min(64, 2048 // F_pad)) if dev.type == "cuda" else 64
         _reduce_partials_kernel[(triton.cdiv(ND, BLOCK),)](
             wscol, wsrow, phi32, g if g is not None else phi32, dphi,
             dgamma if dgamma is not None else dphi, dalpha, dbias, splits, prow,

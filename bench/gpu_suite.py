@@ -221,6 +221,11 @@ COL_CANDIDATES = [
     dict(col_bt=32, col_bd=128, col_warps=8, col_stages=3, col_waves=2),
     dict(col_bt=64, col_bd=128, col_warps=8, col_stages=3, col_waves=2),
     dict(col_bt=16, col_bd=128, col_warps=4, col_stages=3, col_waves=2),
+    dict(col_bt=64, col_bd=64, col_warps=4, col_stages=3, col_waves=4),
+    dict(col_bt=32, col_bd=128, col_warps=4, col_stages=3, col_waves=2),
+    dict(col_bt=16, col_bd=64, col_warps=4, col_stages=3, col_waves=2),
+    dict(col_bt=64, col_bd=128, col_warps=4, col_stages=3, col_waves=2),
+    dict(col_bt=64, col_bd=64, col_warps=8, col_stages=4, col_waves=2),
 ]
 
 
