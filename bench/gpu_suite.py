@@ -209,13 +209,13 @@ FWD_CANDIDATES = [
     dict(fwd_bt=16, fwd_bd=64, fwd_warps=2, fwd_stages=3),
 ]
 ROW_CANDIDATES = [
+    dict(row_bt=16, row_bd=256, row_warps=8, row_stages=2, row_waves=2),
     dict(row_bt=8, row_bd=256, row_warps=4, row_stages=2),
     dict(row_bt=4, row_bd=512, row_warps=4, row_stages=2),
     dict(row_bt=16, row_bd=256, row_warps=8, row_stages=2),
     dict(row_bt=8, row_bd=512, row_warps=8, row_stages=3),
 ]
 COL_CANDIDATES = [
-    dict(col_bt=32, col_bd=64, col_warps=4, col_stages=2, col_waves=2),
     dict(col_bt=32, col_bd=64, col_warps=4, col_stages=3, col_waves=4),
     dict(col_bt=64, col_bd=64, col_warps=4, col_stages=3, col_waves=2),
     dict(col_bt=32, col_bd=128, col_warps=8, col_stages=3, col_waves=2),
@@ -225,7 +225,8 @@ COL_CANDIDATES = [
     dict(col_bt=32, col_bd=128, col_warps=4, col_stages=3, col_waves=2),
     dict(col_bt=16, col_bd=64, col_warps=4, col_stages=3, col_waves=2),
     dict(col_bt=64, col_bd=128, col_warps=4, col_stages=3, col_waves=2),
-    dict(col_bt=64, col_bd=64, col_warps=8, col_stages=4, col_waves=2),
+    dict(col_bt=32, col_bd=64, col_warps=4, col_stages=3, col_waves=8),
+    dict(col_bt=32, col_bd=64, col_warps=4, col_stages=4, col_waves=4),
 ]
 
 
