@@ -539,8 +539,8 @@ def _sm_count(device) -> int:
 def _config(n: int, D: int, dtype_name: str, device, T: int = 0) -> dict:
     """Launch parameters by rule, from the sweeps of bench/gpu_suite.py on an H200 (2026-11-29).
 
-    Keyed on (n, D, dtype); the only T dependence is the forward's token block, 64 once there
-    are at least two waves of such blocks, else 32 (two compiled variants at most).
+    Keyed on (n, D, dtype); the only T dependence is the forward's token block: 64 once T fills
+    32 tokens per multiprocessor, else 32 (two compiled variants at most, never one per T).
     """
     cpu = device.type != "cuda"
     if cpu:   # the interpreter: small blocks keep it quick
@@ -548,10 +548,10 @@ def _config(n: int, D: int, dtype_name: str, device, T: int = 0) -> dict:
                    col_bt=16, col_bd=16, col_warps=4, col_waves=2, row_waves=2)
     else:
         sms = _sm_count(device)
-        big = T >= 2 * 64 * sms
+        big = T >= 32 * sms
         cfg = dict(
             fwd_bt=64 if big else 32, fwd_bd=64 if big else 128, fwd_warps=4, fwd_stages=3,
-            row_bt=16, row_bd=256, row_warps=8, row_stages=2, row_waves=2,
+            row_bt=16, row_bd=256, row_warps=8, row_stages=2, row_waves=4,
             col_bt=32, col_bd=64, col_warps=4, col_stages=3, col_waves=4,
         )
         if dtype_name == "fp32":

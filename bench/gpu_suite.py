@@ -209,7 +209,7 @@ FWD_CANDIDATES = [
     dict(fwd_bt=16, fwd_bd=64, fwd_warps=2, fwd_stages=3),
 ]
 ROW_CANDIDATES = [
-    dict(row_bt=16, row_bd=256, row_warps=8, row_stages=2, row_waves=2),
+    dict(row_bt=16, row_bd=256, row_warps=8, row_stages=2, row_waves=4),
     dict(row_bt=8, row_bd=256, row_warps=4, row_stages=2),
     dict(row_bt=4, row_bd=512, row_warps=4, row_stages=2),
     dict(row_bt=16, row_bd=256, row_warps=8, row_stages=2),
