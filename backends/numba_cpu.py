@@ -130,40 +130,41 @@ if numba is not None:
         return np.int16(np.uint16(h | sign))
 
     # -----------------------------------------------------------------------------------------
-    # element load / store on 1-D views, by storage kind:
+    # element load / store a[i, k] by storage kind:
     # uint16 = bf16 bits, int16 = fp16 bits, anything else = native float
 
-    def _ld(a, k):
+    def _ld(a, i, k):
         pass
 
     @overload(_ld, inline="always")
-    def _ld_ol(a, k):
+    def _ld_ol(a, i, k):
         if a.dtype == types.uint16:
-            return lambda a, k: _bf16_to_f32(a[k])
+            return lambda a, i, k: _bf16_to_f32(a[i, k])
         if a.dtype == types.int16:
-            return lambda a, k: _f16_to_f32(a[k])
-        return lambda a, k: a[k]
+            return lambda a, i, k: _f16_to_f32(a[i, k])
+        return lambda a, i, k: a[i, k]
 
-    def _st(a, k, v):
+    def _st(a, i, k, v):
         pass
 
     @overload(_st, inline="always")
-    def _st_ol(a, k, v):
+    def _st_ol(a, i, k, v):
         if a.dtype == types.uint16:
-            def impl(a, k, v):
-                a[k] = _f32_to_bf16(v)
+            def impl(a, i, k, v):
+                a[i, k] = _f32_to_bf16(v)
             return impl
         if a.dtype == types.int16:
-            def impl(a, k, v):
-                a[k] = _f32_to_f16(v)
+            def impl(a, i, k, v):
+                a[i, k] = _f32_to_f16(v)
             return impl
 
-        def impl(a, k, v):
-            a[k] = v
+        def impl(a, i, k, v):
+            a[i, k] = v
         return impl
 
-    # Inner loops index 1-D views from 0 (never ``a[f, k0 + k]``): numba then knows the index is
-    # non-negative, drops its wrap-around select, and LLVM vectorises the loop.
+    # Inner loops run over unsigned column indices (``ku0 + k`` with both uint64): numba then
+    # emits no negative-index wrap-around select, and LLVM vectorises the loop. (1-D views would
+    # do the same but cost a reference-count update each, which adds up in these tiled loops.)
 
     # -----------------------------------------------------------------------------------------
     # forward
@@ -178,6 +179,7 @@ if numba is not None:
         a_pre = np.float64(alpha[0])
         a_post = np.float64(alpha[1])
         a_res = np.float64(alpha[2])
+        Du = np.uint64(D)
         for c in prange(nchunks):
             t0 = c * csize
             t1 = min(T, t0 + csize)
@@ -193,31 +195,23 @@ if numba is not None:
                 # pass 1, tile by tile: sum of squares and the F projections; a phig tile stays
                 # in L2 for the whole super-block and each row load serves TB tokens
                 for k0 in range(0, nD, KT):
-                    L = min(KT, nD - k0)
+                    Lu = np.uint64(min(KT, nD - k0))
+                    ku0 = np.uint64(k0)
                     for g0 in range(0, ns, TB):
                         ng = min(TB, ns - g0)
                         for jj in range(TB):
-                            vr = vt[jj]
                             if jj < ng:
-                                xr = x[s0 + g0 + jj, k0:k0 + L]
+                                t = s0 + g0 + jj
                                 s = zero
-                                for k in range(L):
-                                    vr[k] = _ld(xr, k)
-                                    s += vr[k] * vr[k]
+                                for k in range(Lu):
+                                    val = _ld(x, t, ku0 + k)
+                                    vt[jj, k] = val
+                                    s += val * val
                                 ss[g0 + jj] += s
                             else:
-                                for k in range(L):
-                                    vr[k] = zero
-                        v0 = vt[0]
-                        v1 = vt[1]
-                        v2 = vt[2]
-                        v3 = vt[3]
-                        v4 = vt[4]
-                        v5 = vt[5]
-                        v6 = vt[6]
-                        v7 = vt[7]
+                                for k in range(Lu):
+                                    vt[jj, k] = zero
                         for f in range(F):
-                            p = phig[f, k0:k0 + L]
                             a0 = zero
                             a1 = zero
                             a2 = zero
@@ -226,25 +220,24 @@ if numba is not None:
                             a5 = zero
                             a6 = zero
                             a7 = zero
-                            for k in range(L):
-                                pk = p[k]
-                                a0 += v0[k] * pk
-                                a1 += v1[k] * pk
-                                a2 += v2[k] * pk
-                                a3 += v3[k] * pk
-                                a4 += v4[k] * pk
-                                a5 += v5[k] * pk
-                                a6 += v6[k] * pk
-                                a7 += v7[k] * pk
-                            mg = m[g0:g0 + TB]
-                            mg[0, f] += a0
-                            mg[1, f] += a1
-                            mg[2, f] += a2
-                            mg[3, f] += a3
-                            mg[4, f] += a4
-                            mg[5, f] += a5
-                            mg[6, f] += a6
-                            mg[7, f] += a7
+                            for k in range(Lu):
+                                pk = phig[f, ku0 + k]
+                                a0 += vt[0, k] * pk
+                                a1 += vt[1, k] * pk
+                                a2 += vt[2, k] * pk
+                                a3 += vt[3, k] * pk
+                                a4 += vt[4, k] * pk
+                                a5 += vt[5, k] * pk
+                                a6 += vt[6, k] * pk
+                                a7 += vt[7, k] * pk
+                            m[g0, f] += a0
+                            m[g0 + 1, f] += a1
+                            m[g0 + 2, f] += a2
+                            m[g0 + 3, f] += a3
+                            m[g0 + 4, f] += a4
+                            m[g0 + 5, f] += a5
+                            m[g0 + 6, f] += a6
+                            m[g0 + 7, f] += a7
                 # gates, then pass 2 (x re-read from cache): h_in = sum_i h_pre[i] * x[i, :]
                 for j in range(ns):
                     t = s0 + j
@@ -261,18 +254,16 @@ if numba is not None:
                         h_post[t, i] = 2.0 / (1.0 + np.exp(-z))
                     for q in range(n * n):
                         h_res[t, q] = a_res * (r * m[j, 2 * n + q]) + bias[2 * n + q]
-                    xr = x[t, 0:D]
                     h0 = hp[0]
-                    for d in range(D):
-                        hb[d] = h0 * _ld(xr, d)
+                    for d in range(Du):
+                        hb[d] = h0 * _ld(x, t, d)
                     for i in range(1, n):
                         hi = hp[i]
-                        xr = x[t, i * D:(i + 1) * D]
-                        for d in range(D):
-                            hb[d] += hi * _ld(xr, d)
-                    hr = h_in[t]
-                    for d in range(D):
-                        _st(hr, d, hb[d])
+                        off = np.uint64(i) * Du
+                        for d in range(Du):
+                            hb[d] += hi * _ld(x, t, off + d)
+                    for d in range(Du):
+                        _st(h_in, t, d, hb[d])
 
     # -----------------------------------------------------------------------------------------
     # backward
@@ -288,6 +279,7 @@ if numba is not None:
         a_pre = np.float64(alpha[0])
         a_post = np.float64(alpha[1])
         a_res = np.float64(alpha[2])
+        Du = np.uint64(D)
         for c in prange(nchunks):
             t0 = c * csize
             t1 = min(T, t0 + csize)
@@ -298,7 +290,7 @@ if numba is not None:
             dg_c[:] = zero
             dab_c[:] = 0.0
             vt = np.empty((TB, KT), phi.dtype)
-            wt = np.empty(KT, phi.dtype)
+            wt = np.empty((4, KT), phi.dtype)
             dm = np.zeros((SB, F), phi.dtype)
             hpc = np.empty((SB, n), phi.dtype)
             coef = np.empty(SB, phi.dtype)
@@ -309,12 +301,11 @@ if numba is not None:
                 # pass 1, per token: dh_pre, gate derivatives, dm, dalpha / dbias
                 for j in range(ns):
                     t = s0 + j
-                    dhr = dh_in[t]
                     for i in range(n):
-                        xr = x[t, i * D:(i + 1) * D]
+                        off = np.uint64(i) * Du
                         s = zero
-                        for d in range(D):
-                            s += _ld(dhr, d) * _ld(xr, d)
+                        for d in range(Du):
+                            s += _ld(dh_in, t, d) * _ld(x, t, off + d)
                         dhp[i] = s
                     r = np.float64(inv_rms[t])
                     for i in range(n):
@@ -344,65 +335,82 @@ if numba is not None:
                     for f in range(F):
                         dm[j, f] = zero
                 # pass 2, column tile by column tile (x re-read from cache); tiles never
-                # straddle streams; the dphi tile stays in L2 for the whole super-block
+                # straddle streams; the phi / dphi tiles stay in L2 for the whole super-block
                 for i in range(n):
                     for d0 in range(0, D, KT):
-                        L = min(KT, D - d0)
-                        k0 = i * D + d0
-                        gg = g[k0:k0 + L]
-                        dgr = dg_c[k0:k0 + L]
+                        Lu = np.uint64(min(KT, D - d0))
+                        du0 = np.uint64(d0)
+                        ku0 = np.uint64(i * D + d0)
                         for g0 in range(0, ns, TB):
                             ng = min(TB, ns - g0)
                             for jj in range(TB):
-                                vr = vt[jj]
                                 if jj < ng:
-                                    xr = x[s0 + g0 + jj, k0:k0 + L]
-                                    for k in range(L):
-                                        vr[k] = _ld(xr, k)
+                                    t = s0 + g0 + jj
+                                    for k in range(Lu):
+                                        vt[jj, k] = _ld(x, t, ku0 + k)
                                 else:
-                                    for k in range(L):
-                                        vr[k] = zero
-                            for jj in range(ng):
-                                j = g0 + jj
-                                t = s0 + j
-                                # w = dm @ phi on this tile
-                                for k in range(L):
-                                    wt[k] = zero
+                                    for k in range(Lu):
+                                        vt[jj, k] = zero
+                            # w = dm @ phi on this tile, four tokens at a time (each phi load
+                            # serves four tokens; padding tokens have dm = 0)
+                            for q0 in range(0, ng, 4):
+                                for k in range(Lu):
+                                    wt[0, k] = zero
+                                    wt[1, k] = zero
+                                    wt[2, k] = zero
+                                    wt[3, k] = zero
+                                j = g0 + q0
                                 for f in range(0, F4, 4):
-                                    c0 = dm[j, f]
-                                    c1 = dm[j, f + 1]
-                                    c2 = dm[j, f + 2]
-                                    c3 = dm[j, f + 3]
-                                    p0 = phi[f, k0:k0 + L]
-                                    p1 = phi[f + 1, k0:k0 + L]
-                                    p2 = phi[f + 2, k0:k0 + L]
-                                    p3 = phi[f + 3, k0:k0 + L]
-                                    for k in range(L):
-                                        wt[k] += c0 * p0[k] + c1 * p1[k] + c2 * p2[k] + c3 * p3[k]
+                                    c00 = dm[j, f]
+                                    c01 = dm[j, f + 1]
+                                    c02 = dm[j, f + 2]
+                                    c03 = dm[j, f + 3]
+                                    c10 = dm[j + 1, f]
+                                    c11 = dm[j + 1, f + 1]
+                                    c12 = dm[j + 1, f + 2]
+                                    c13 = dm[j + 1, f + 3]
+                                    c20 = dm[j + 2, f]
+                                    c21 = dm[j + 2, f + 1]
+                                    c22 = dm[j + 2, f + 2]
+                                    c23 = dm[j + 2, f + 3]
+                                    c30 = dm[j + 3, f]
+                                    c31 = dm[j + 3, f + 1]
+                                    c32 = dm[j + 3, f + 2]
+                                    c33 = dm[j + 3, f + 3]
+                                    for k in range(Lu):
+                                        kk = ku0 + k
+                                        p0 = phi[f, kk]
+                                        p1 = phi[f + 1, kk]
+                                        p2 = phi[f + 2, kk]
+                                        p3 = phi[f + 3, kk]
+                                        wt[0, k] += c00 * p0 + c01 * p1 + c02 * p2 + c03 * p3
+                                        wt[1, k] += c10 * p0 + c11 * p1 + c12 * p2 + c13 * p3
+                                        wt[2, k] += c20 * p0 + c21 * p1 + c22 * p2 + c23 * p3
+                                        wt[3, k] += c30 * p0 + c31 * p1 + c32 * p2 + c33 * p3
                                 for f in range(F4, F):
-                                    c0 = dm[j, f]
-                                    p0 = phi[f, k0:k0 + L]
-                                    for k in range(L):
-                                        wt[k] += c0 * p0[k]
-                                cj = coef[j]
-                                hj = hpc[j, i]
-                                vr = vt[jj]
-                                dxr = dx[t, k0:k0 + L]
-                                dhr = dh_in[t, d0:d0 + L]
-                                for k in range(L):
-                                    _st(dxr, k, wt[k] * gg[k] - cj * vr[k] + hj * _ld(dhr, k))
-                                if has_gamma:
-                                    for k in range(L):
-                                        dgr[k] += vr[k] * wt[k]
+                                    c00 = dm[j, f]
+                                    c10 = dm[j + 1, f]
+                                    c20 = dm[j + 2, f]
+                                    c30 = dm[j + 3, f]
+                                    for k in range(Lu):
+                                        p0 = phi[f, ku0 + k]
+                                        wt[0, k] += c00 * p0
+                                        wt[1, k] += c10 * p0
+                                        wt[2, k] += c20 * p0
+                                        wt[3, k] += c30 * p0
+                                for jq in range(min(4, ng - q0)):
+                                    jj = q0 + jq
+                                    t = s0 + g0 + jj
+                                    cj = coef[g0 + jj]
+                                    hj = hpc[g0 + jj, i]
+                                    for k in range(Lu):
+                                        kk = ku0 + k
+                                        _st(dx, t, kk, wt[jq, k] * g[kk] - cj * vt[jj, k]
+                                            + hj * _ld(dh_in, t, du0 + k))
+                                    if has_gamma:
+                                        for k in range(Lu):
+                                            dg_c[ku0 + k] += vt[jj, k] * wt[jq, k]
                             # dphi[f, tile] += g * sum_j dm[j, f] * v[j, tile]
-                            v0 = vt[0]
-                            v1 = vt[1]
-                            v2 = vt[2]
-                            v3 = vt[3]
-                            v4 = vt[4]
-                            v5 = vt[5]
-                            v6 = vt[6]
-                            v7 = vt[7]
                             for f in range(F):
                                 c0 = dm[g0, f]
                                 c1 = dm[g0 + 1, f]
@@ -412,11 +420,12 @@ if numba is not None:
                                 c5 = dm[g0 + 5, f]
                                 c6 = dm[g0 + 6, f]
                                 c7 = dm[g0 + 7, f]
-                                row = dphi_c[f, k0:k0 + L]
-                                for k in range(L):
-                                    row[k] += gg[k] * (
-                                        c0 * v0[k] + c1 * v1[k] + c2 * v2[k] + c3 * v3[k]
-                                        + c4 * v4[k] + c5 * v5[k] + c6 * v6[k] + c7 * v7[k])
+                                for k in range(Lu):
+                                    kk = ku0 + k
+                                    dphi_c[f, kk] += g[kk] * (
+                                        c0 * vt[0, k] + c1 * vt[1, k] + c2 * vt[2, k]
+                                        + c3 * vt[3, k] + c4 * vt[4, k] + c5 * vt[5, k]
+                                        + c6 * vt[6, k] + c7 * vt[7, k])
 
     @njit(parallel=True, cache=True, nogil=True)
     def _reduce_kernel(parts, out):
