@@ -1,0 +1,316 @@
+"""Direct tests of the Numba CPU backend (issue 3) against the float64 NumPy reference.
+
+Small shapes only (the all-backend accuracy sweep lives in tests/test_accuracy.py). Every test
+draws a fresh seed and prints it in its failure message. Kernels are compiled once per dtype
+combination and cached on disk (``cache=True``), so only a first run pays the compile time.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba")
+
+from mhc_multi.backends import numba_cpu as nb  # noqa: E402
+from mhc_multi.backends import numpy_ref as ref  # noqa: E402
+from mhc_multi.tolerances import tolerance  # noqa: E402
+
+KW = dict(norm_eps=1e-6, hc_eps=1e-6)
+FWD_NAMES = ("h_in", "h_post", "h_res", "inv_rms", "h_mix", "h_pre")
+BWD_NAMES = ("dx", "dphi", "dalpha", "dbias", "dgamma")
+DTYPES = {"bf16": np.uint16, "fp16": np.float16, "fp32": np.float32, "fp64": np.float64}
+
+pytestmark = pytest.mark.skipif(nb.availability() is not None, reason=str(nb.availability()))
+
+
+def fresh_seed() -> int:
+    return int(np.random.SeedSequence().entropy % (2**32))
+
+
+def to_x(a64, x_dtype):
+    return ref._cast(a64, np.uint16) if x_dtype == "bf16" else a64.astype(DTYPES[x_dtype])
+
+
+def make(T, n, D, x_dtype="bf16", p_dtype=np.float32, gamma=True, seed=0):
+    rng = np.random.default_rng(seed)
+    F = n * n + 2 * n
+    return dict(
+        x=to_x(rng.standard_normal((T, n, D)), x_dtype),
+        phi=(rng.standard_normal((F, n * D)) / np.sqrt(n * D)).astype(p_dtype),
+        alpha=(rng.choice([-1.0, 1.0], 3) * rng.uniform(0.5, 1.5, 3)).astype(p_dtype),
+        bias=(0.1 * rng.standard_normal(F)).astype(p_dtype),
+        gamma=(1 + 0.1 * rng.standard_normal((n, D))).astype(p_dtype) if gamma else None,
+        dh_in=to_x(rng.standard_normal((T, D)), x_dtype),
+        dh_post=rng.standard_normal((T, n)).astype(p_dtype),
+        dh_res=rng.standard_normal((T, n, n)).astype(p_dtype),
+    )
+
+
+def run_fwd(a, mod=nb):
+    return mod.forward(a["x"], a["phi"], a["alpha"], a["bias"], a["gamma"], **KW)
+
+
+def run_bwd(a, fwd, mod=nb):
+    h_in, h_post, h_res, r, m, h_pre = fwd
+    return mod.backward(a["x"], a["phi"], a["alpha"], a["bias"], r, m, h_pre, h_post, a["dh_in"],
+                        a["dh_post"], a["dh_res"], a["gamma"], **KW)
+
+
+def rel_err(got, want):
+    got, want = ref._to64(got), ref._to64(want)
+    den = np.linalg.norm(want)
+    return np.linalg.norm(got - want) / (den if den > 0 else 1.0)
+
+
+def assert_same(xs, ys, msg):
+    for name, a, b in zip(FWD_NAMES + BWD_NAMES, xs, ys):
+        if a is None or b is None:
+            assert a is None and b is None, f"{name}: {msg}"
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{name}: {msg}"
+        assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), f"{name} differs bitwise: {msg}"
+
+
+def both(a):
+    f = run_fwd(a)
+    return tuple(f) + tuple(run_bwd(a, f))
+
+
+# ---------------------------------------------------------------------------------------------
+# accuracy against forward64 / backward64, dtypes and contract dtypes of the outputs
+
+@pytest.mark.parametrize("x_dtype,p_dtype", [("bf16", np.float32), ("fp16", np.float32),
+                                              ("fp32", np.float32), ("fp64", np.float64)])
+@pytest.mark.parametrize("T,n,D,gamma", [(1, 1, 1, True), (7, 3, 33, False), (70, 4, 129, True),
+                                         (9, 8, 5, True)])
+def test_matches_reference(x_dtype, p_dtype, T, n, D, gamma):
+    seed = fresh_seed()
+    a = make(T, n, D, x_dtype, p_dtype, gamma, seed)
+    fwd = run_fwd(a)
+    fwd_ref = run_fwd(a, ref)
+    want = ref.forward64(a["x"], a["phi"], a["alpha"], a["bias"], a["gamma"], **KW)
+    pname = "fp64" if p_dtype == np.float64 else "fp32"
+    for name, got, exp, w in zip(FWD_NAMES, fwd, fwd_ref, want):
+        assert got.dtype == exp.dtype and got.shape == exp.shape, (name, seed)
+        err = rel_err(got, w)
+        assert err <= tolerance(name, x_dtype, pname), f"{name}: {err:.3e} (seed {seed})"
+    # the backward is fed the reference's intermediates, as the front end would feed ours
+    bwd = run_bwd(a, fwd_ref)
+    bwd_ref = run_bwd(a, fwd_ref, ref)
+    h_in, h_post, h_res, r, m, h_pre = fwd_ref
+    want = ref.backward64(a["x"], a["phi"], a["alpha"], a["bias"], r, m, h_pre, h_post,
+                          a["dh_in"], a["dh_post"], a["dh_res"], a["gamma"], **KW)
+    for name, got, exp, w in zip(BWD_NAMES, bwd, bwd_ref, want):
+        if exp is None:
+            assert got is None, (name, seed)
+            continue
+        assert got.dtype == exp.dtype and got.shape == exp.shape, (name, seed)
+        err = rel_err(got, w)
+        assert err <= tolerance(name, x_dtype, pname), f"{name}: {err:.3e} (seed {seed})"
+
+
+def test_zero_tokens():
+    a = make(0, 4, 16)
+    f = run_fwd(a)
+    assert [o.shape for o in f] == [(0, 16), (0, 4), (0, 4, 4), (0,), (0, 24), (0, 4)]
+    dx, dphi, dalpha, dbias, dgamma = run_bwd(a, f)
+    assert dx.shape == (0, 4, 16) and dx.dtype == np.uint16
+    for g in (dphi, dalpha, dbias, dgamma):
+        assert g.dtype == np.float32 and not g.any()
+
+
+def test_inputs_not_modified():
+    seed = fresh_seed()
+    a = make(21, 3, 40, seed=seed)
+    before = {k: None if v is None else v.copy() for k, v in a.items()}
+    both(a)
+    for k, v in a.items():
+        assert v is None or np.array_equal(v.view(np.uint8), before[k].view(np.uint8)), (k, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism: repeated runs, thread counts, alignment, concurrent Python threads
+
+def test_repeated_runs_bitwise_identical():
+    seed = fresh_seed()
+    a = make(300, 4, 96, seed=seed)
+    first = both(a)
+    for _ in range(2):
+        assert_same(both(a), first, f"seed {seed}")
+
+
+def test_thread_count_in_process_bitwise_identical():
+    seed = fresh_seed()
+    a = make(333, 4, 72, seed=seed)
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = both(a)
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = both(a)
+    finally:
+        numba.set_num_threads(old)
+    assert_same(one, two, f"seed {seed}")
+
+
+def test_numba_num_threads_env_bitwise_identical(tmp_path):
+    """NUMBA_NUM_THREADS=1 in a fresh process gives the bits of this (multi-threaded) one."""
+    seed = fresh_seed()
+    a = make(260, 4, 50, seed=seed)
+    mine = both(a)
+    np.savez(tmp_path / "in.npz", **{k: v for k, v in a.items() if v is not None})
+    child = textwrap.dedent(f"""
+        import numpy as np
+        from mhc_multi.backends import numba_cpu as nb
+        a = dict(np.load({str(tmp_path / 'in.npz')!r}))
+        kw = dict(norm_eps=1e-6, hc_eps=1e-6)
+        f = nb.forward(a['x'], a['phi'], a['alpha'], a['bias'], a['gamma'], **kw)
+        b = nb.backward(a['x'], a['phi'], a['alpha'], a['bias'], f[3], f[4], f[5], f[1],
+                        a['dh_in'], a['dh_post'], a['dh_res'], a['gamma'], **kw)
+        np.savez({str(tmp_path / 'out.npz')!r}, *(list(f) + list(b)))
+        import numba; print(numba.get_num_threads())
+    """)
+    env = dict(os.environ, NUMBA_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "1"
+    out = np.load(tmp_path / "out.npz")
+    theirs = [out[f"arr_{i}"] for i in range(len(out.files))]
+    assert_same(tuple(theirs), mine, f"seed {seed}")
+
+
+def test_alignment_does_not_change_bits():
+    seed = fresh_seed()
+    a = make(65, 2, 37, seed=seed)
+    ref_out = both(a)
+    b = dict(a)
+    buf = np.empty(a["x"].size + 3, a["x"].dtype)   # the same values at an odd address offset
+    b["x"] = buf[3:].reshape(a["x"].shape)
+    b["x"][...] = a["x"]
+    assert_same(both(b), ref_out, f"seed {seed}")
+
+
+def test_two_python_threads_match_serial():
+    seeds = [fresh_seed(), fresh_seed()]
+    inputs = [make(200, 4, 64, seed=s) for s in seeds]
+    serial = [both(a) for a in inputs]
+    results = [None, None]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                results[i] = both(inputs[i])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(2):
+        assert_same(results[i], serial[i], f"seed {seeds[i]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit rounding: the in-kernel codecs against exact references
+
+@numba.njit(cache=False)
+def _encode_all(f32, out_bf16, out_f16):
+    for i in range(f32.shape[0]):
+        out_bf16[i] = nb._f32_to_bf16(f32[i])
+        out_f16[i] = nb._f32_to_f16(f32[i])
+
+
+@numba.njit(cache=False)
+def _decode_all(bits, out_bf, out_h):
+    for i in range(bits.shape[0]):
+        out_bf[i] = nb._bf16_to_f32(bits[i])
+        out_h[i] = nb._f16_to_f32(np.int16(bits[i]))
+
+
+def _interesting_f32(rng, k):
+    """Random fp32 bit patterns, plus exact bf16 / fp16 ties, edges, subnormals, inf and nan."""
+    rand = rng.integers(0, 2**32, k, dtype=np.uint64).astype(np.uint32)
+    ties_bf = (rng.integers(0, 2**16, k, dtype=np.uint64).astype(np.uint32) << 16) | 0x8000
+    near_h = rng.uniform(-7e4, 7e4, k).astype(np.float32).view(np.uint32)
+    sub_h = (rng.uniform(-1, 1, k) * 2.0 ** -14).astype(np.float32).view(np.uint32)
+    ties_h = ((rng.integers(-2**10, 2**10, k) * 2 + 1) * 2.0 ** -25).astype(np.float32).view(np.uint32)
+    special = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0xFFFFFFFF,
+                        0x477FE000, 0x477FEFFF, 0x477FF000, 0x477FF001, 0x33000000, 0x33000001,
+                        0x387FC000, 0x38800000, 0x7F7FFFFF, 0x7F7F8000, 0x00000001],
+                       dtype=np.uint32)
+    return np.concatenate([rand, ties_bf, near_h, sub_h, ties_h, special])
+
+
+def test_bf16_and_fp16_encoders_round_to_nearest_even():
+    seed = fresh_seed()
+    bits = _interesting_f32(np.random.default_rng(seed), 20000)
+    f32 = bits.view(np.float32)
+    got_bf = np.empty(f32.size, np.uint16)
+    got_h = np.empty(f32.size, np.int16)
+    _encode_all(f32, got_bf, got_h)
+    with np.errstate(all="ignore"):
+        want_bf = ref._cast(f32.astype(np.float64), np.uint16)
+        want_h = f32.astype(np.float16)
+    nan = np.isnan(f32)
+    assert np.array_equal(got_bf[~nan], want_bf[~nan]), f"seed {seed}"
+    assert np.all(got_bf[nan] == 0x7FC0), f"seed {seed}"
+    got_hf = got_h.view(np.float16)
+    assert np.array_equal(got_h[~nan], want_h[~nan].view(np.int16)), f"seed {seed}"
+    assert np.all(np.isnan(got_hf[nan])), f"seed {seed}"
+
+
+def test_decoders_exact():
+    bits = np.arange(2**16, dtype=np.uint16)
+    out_bf = np.empty(bits.size, np.float32)
+    out_h = np.empty(bits.size, np.float32)
+    _decode_all(bits, out_bf, out_h)
+    want_bf = (bits.astype(np.uint32) << 16).view(np.float32)
+    want_h = bits.view(np.float16).astype(np.float32)
+    for got, want in ((out_bf, want_bf), (out_h, want_h)):
+        nan = np.isnan(want)
+        assert np.array_equal(np.isnan(got), nan)
+        assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+def test_bf16_h_in_rounding_against_reference():
+    """h_in is computed in fp32 and rounded once: it equals the exact rounding of the float64
+    value except where the fp32 value sits within fp32 rounding of a bf16 tie (then 1 ulp)."""
+    seed = fresh_seed()
+    a = make(64, 4, 256, "bf16", np.float32, True, seed)
+    got = run_fwd(a)[0]
+    want = run_fwd(a, ref)[0]
+    diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
+    assert diff.max() <= 1, f"seed {seed}"
+    assert np.mean(diff == 0) >= 0.999, f"{np.mean(diff == 0)} (seed {seed})"
+
+
+def test_module_imports_without_numba():
+    """availability() reports a missing numba instead of the import failing."""
+    code = textwrap.dedent("""
+        import sys, builtins
+        real = builtins.__import__
+        def fake(name, *a, **k):
+            if name == 'numba' or name.startswith('numba.') or name.startswith('llvmlite'):
+                raise ImportError('no numba here')
+            return real(name, *a, **k)
+        builtins.__import__ = fake
+        import importlib.util
+        spec = importlib.util.spec_from_file_location('nbc', sys.argv[1])
+        m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+        print(m.availability())
+    """)
+    res = subprocess.run([sys.executable, "-c", code, str(Path(nb.__file__))],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "numba is not installed" in res.stdout
