@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import os
 
+from ._common import empty_torch
+
 try:  # importing this module must never fail where triton is missing
     import triton
     import triton.language as tl
@@ -44,6 +46,8 @@ except Exception:  # pragma: no cover
 
 ARRAY_KIND = "torch"
 SUPPORTS_SINKHORN = False
+X_DTYPES = ("bf16", "fp16", "fp32")  # the front end refuses others before we run
+PARAM_DTYPES = ("fp32",)
 
 
 def _interpret() -> bool:
@@ -601,12 +605,12 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
     dev = x.device
     pdt = phi.dtype
     x = x.contiguous()
-    h_in = torch.empty((T, D), dtype=x.dtype, device=dev)
-    h_post = torch.empty((T, n), dtype=torch.float32, device=dev)
-    h_res = torch.empty((T, n, n), dtype=torch.float32, device=dev)
-    inv_rms = torch.empty((T,), dtype=torch.float32, device=dev)
-    h_mix = torch.empty((T, F), dtype=torch.float32, device=dev)
-    h_pre = torch.empty((T, n), dtype=torch.float32, device=dev)
+    h_in = empty_torch((T, D), x.dtype, dev)
+    h_post = empty_torch((T, n), torch.float32, dev)
+    h_res = empty_torch((T, n, n), torch.float32, dev)
+    inv_rms = empty_torch((T,), torch.float32, dev)
+    h_mix = empty_torch((T, F), torch.float32, dev)
+    h_pre = empty_torch((T, n), torch.float32, dev)
     if T > 0:
         dname = _dtype_name(x.dtype)
         npa, npb = _PIECES[dname][0]
@@ -635,11 +639,11 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
     dev = x.device
     pdt = phi.dtype
     x = x.contiguous()
-    dx = torch.empty((T, n, D), dtype=x.dtype, device=dev)
-    dphi = torch.empty((F, ND), dtype=torch.float32, device=dev)
-    dalpha = torch.empty((3,), dtype=torch.float32, device=dev)
-    dbias = torch.empty((F,), dtype=torch.float32, device=dev)
-    dgamma = None if gamma is None else torch.empty((n, D), dtype=torch.float32, device=dev)
+    dx = empty_torch((T, n, D), x.dtype, dev)
+    dphi = empty_torch((F, ND), torch.float32, dev)
+    dalpha = empty_torch((3,), torch.float32, dev)
+    dbias = empty_torch((F,), torch.float32, dev)
+    dgamma = None if gamma is None else empty_torch((n, D), torch.float32, dev)
     if T == 0:
         dphi.zero_(); dalpha.zero_(); dbias.zero_()
         if dgamma is not None:
