@@ -515,6 +515,100 @@ if triton is not None:
             tl.store(dalpha_ptr + 1, tl.sum(tl.where((ff >= N) & (ff < 2 * N), su, 0.0)))
             tl.store(dalpha_ptr + 2, tl.sum(tl.where((ff >= 2 * N) & (ff < F), su, 0.0)))
 
+    # -----------------------------------------------------------------------------------------
+    # The post operator (CONTRACT.md, "The post operator"), per token t:
+    #   x_next[i, :] = sum_j h_res[i, j] x[j, :] + h_post[i] f_out[:]
+    # Forward: grid (token blocks, D chunks); each program reads its x tile of all n streams
+    # once ([BLOCK_T, NP, BLOCK_D], NP = pow2(n) padded), f_out once, writes x_next once.
+    @triton.jit(do_not_specialize=["T"])
+    def _post_fwd_kernel(
+        x_ptr,       # [T, n, D] x dtype
+        f_ptr,       # [T, D] x dtype
+        hpost_ptr,   # [T, n] fp32
+        hres_ptr,    # [T, n, n] fp32
+        out_ptr,     # [T, n, D] x dtype (out)
+        T,
+        N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
+    ):
+        ND: tl.constexpr = N * D
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        jj = tl.arange(0, NP)
+        rmask = rows < T
+        dmask = d < D
+        rows64 = rows.to(tl.int64)
+        m2 = rmask[:, None] & dmask[None, :]
+        m3 = m2[:, None, :] & (jj < N)[None, :, None]
+        x3 = tl.load(x_ptr + rows64[:, None, None] * ND + jj[None, :, None] * D + d[None, None, :],
+                     mask=m3, other=0.0).to(tl.float32)
+        f = tl.load(f_ptr + rows64[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        hm = rmask[:, None] & (jj < N)[None, :]
+        for i in tl.static_range(N):
+            hr = tl.load(hres_ptr + rows64[:, None] * (N * N) + i * N + jj[None, :], mask=hm,
+                         other=0.0)
+            hp = tl.load(hpost_ptr + rows64 * N + i, mask=rmask, other=0.0)
+            o = tl.sum(hr[:, :, None] * x3, axis=1) + hp[:, None] * f
+            tl.store(out_ptr + rows64[:, None] * ND + i * D + d[None, :],
+                     _round_out(o, out_ptr.dtype.element_ty, INTERP), mask=m2)
+
+    # Backward, per token t, given g = dx_next:
+    #   dx[j] = sum_i h_res[i, j] g[i];  df_out = sum_i h_post[i] g[i]
+    #   dh_post[i] = <g[i], f_out>;      dh_res[i, j] = <g[i], x[j]>
+    # One program owns BLOCK_T whole rows (loop over D chunks), so the reductions over D finish
+    # in registers in a fixed order: no partials, no atomics, one read of x, f_out and g.
+    @triton.jit(do_not_specialize=["T"])
+    def _post_bwd_kernel(
+        x_ptr,       # [T, n, D] x dtype
+        f_ptr,       # [T, D] x dtype
+        hpost_ptr,   # [T, n] fp32
+        hres_ptr,    # [T, n, n] fp32
+        g_ptr,       # [T, n, D] x dtype: dx_next
+        dx_ptr,      # [T, n, D] x dtype (out)
+        df_ptr,      # [T, D] x dtype (out)
+        dhpost_ptr,  # [T, n] fp32 (out)
+        dhres_ptr,   # [T, n, n] fp32 (out)
+        T,
+        N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
+    ):
+        ND: tl.constexpr = N * D
+        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        dd = tl.arange(0, BLOCK_D)
+        jj = tl.arange(0, NP)
+        rmask = rows < T
+        rows64 = rows.to(tl.int64)
+        nmask = jj < N
+        hm = rmask[:, None] & nmask[None, :]
+        hp = tl.load(hpost_ptr + rows64[:, None] * N + jj[None, :], mask=hm, other=0.0)
+        acc_p = tl.zeros([BLOCK_T, NP], dtype=tl.float32)          # dh_post[t, i]
+        acc_r = tl.zeros([BLOCK_T, NP, NP], dtype=tl.float32)      # dh_res[t, i, j]
+        for c in range(NCH):
+            d = c * BLOCK_D + dd
+            m2 = rmask[:, None] & (d < D)[None, :]
+            m3 = m2[:, None, :] & nmask[None, :, None]
+            g3 = tl.load(g_ptr + rows64[:, None, None] * ND + jj[None, :, None] * D
+                         + d[None, None, :], mask=m3, other=0.0).to(tl.float32)
+            f = tl.load(f_ptr + rows64[:, None] * D + d[None, :], mask=m2,
+                        other=0.0).to(tl.float32)
+            df = tl.sum(hp[:, :, None] * g3, axis=1)
+            tl.store(df_ptr + rows64[:, None] * D + d[None, :],
+                     _round_out(df, df_ptr.dtype.element_ty, INTERP), mask=m2)
+            acc_p += tl.sum(g3 * f[:, None, :], axis=2)
+            for j in tl.static_range(N):
+                hc = tl.load(hres_ptr + rows64[:, None] * (N * N) + jj[None, :] * N + j, mask=hm,
+                             other=0.0)                             # h_res[t, :, j]
+                dxj = tl.sum(hc[:, :, None] * g3, axis=1)
+                tl.store(dx_ptr + rows64[:, None] * ND + j * D + d[None, :],
+                         _round_out(dxj, dx_ptr.dtype.element_ty, INTERP), mask=m2)
+                xj = tl.load(x_ptr + rows64[:, None] * ND + j * D + d[None, :], mask=m2,
+                             other=0.0).to(tl.float32)
+                rj = tl.sum(g3 * xj[:, None, :], axis=2)           # [BLOCK_T, NP(i)]
+                acc_r += tl.where(jj[None, None, :] == j, rj[:, :, None], 0.0)
+        tl.store(dhpost_ptr + rows64[:, None] * N + jj[None, :], acc_p, mask=hm)
+        tl.store(dhres_ptr + rows64[:, None, None] * (N * N) + jj[None, :, None] * N
+                 + jj[None, None, :], acc_r, mask=hm[:, :, None] & nmask[None, None, :])
 
 # ---------------------------------------------------------------------------------------------
 # Launch configuration: a rule keyed on (n, D, dtype, device), cached.  Override for tuning via
@@ -696,3 +790,59 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
     outs = (dphi, dalpha, dbias, dgamma)
     return (dx,) + tuple(None if o is None else (o if o.dtype == pdt else o.to(pdt))
                          for o in outs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The post operator
+
+def _post_config(n: int, D: int, device) -> dict:
+    """Post kernels' blocks: a [BLOCK_T, pow2(n), BLOCK_D] tile of ~4096 elements per program."""
+    npad = _next_pow2(n)
+    if device.type != "cuda":
+        return dict(pf_bt=4, pf_bd=32, pb_bt=4, pb_bd=32, warps=4)
+    cfg = dict(pf_bt=max(1, 8 // npad), pf_bd=512, pb_bt=max(1, 8 // npad), pb_bd=256,
+               warps=4, pf_stages=2, pb_stages=3)
+    p2 = max(16, _next_pow2(D))
+    cfg.update(pf_bd=min(cfg["pf_bd"], p2), pb_bd=min(cfg["pb_bd"], p2))
+    cfg.update({k[5:]: v for k, v in _CONFIG_OVERRIDES.items() if k.startswith("post_")})
+    return cfg
+
+
+def post_forward(x, f_out, h_post, h_res):
+    """x_next [T,n,D] (x's dtype) = h_res @ x + h_post * f_out, per token."""
+    T, n, D = x.shape
+    dev = x.device
+    out = empty_torch((T, n, D), x.dtype, dev)
+    if T > 0:
+        cfg = _post_config(n, D, dev)
+        kw = {"num_warps": cfg["warps"]}
+        if not _interpret():
+            kw["num_stages"] = cfg["pf_stages"]
+        grid = (triton.cdiv(T, cfg["pf_bt"]), triton.cdiv(D, cfg["pf_bd"]))
+        _post_fwd_kernel[grid](
+            x.contiguous(), f_out.to(x.dtype).contiguous(), _f32(h_post), _f32(h_res), out, T,
+            N=n, NP=_next_pow2(n), D=D, BLOCK_T=cfg["pf_bt"], BLOCK_D=cfg["pf_bd"],
+            INTERP=_interpret(), **kw)
+    return out
+
+
+def post_backward(x, f_out, h_post, h_res, dx_next):
+    """(dx [T,n,D], df_out [T,D] in x's dtype; dh_post [T,n], dh_res [T,n,n] in h_post's)"""
+    T, n, D = x.shape
+    dev = x.device
+    dx = empty_torch((T, n, D), x.dtype, dev)
+    df = empty_torch((T, D), x.dtype, dev)
+    dhp = empty_torch((T, n), torch.float32, dev)
+    dhr = empty_torch((T, n, n), torch.float32, dev)
+    if T > 0:
+        cfg = _post_config(n, D, dev)
+        kw = {"num_warps": cfg["warps"]}
+        if not _interpret():
+            kw["num_stages"] = cfg["pb_stages"]
+        _post_bwd_kernel[(triton.cdiv(T, cfg["pb_bt"]),)](
+            x.contiguous(), f_out.to(x.dtype).contiguous(), _f32(h_post), _f32(h_res),
+            dx_next.to(x.dtype).contiguous(), dx, df, dhp, dhr, T,
+            N=n, NP=_next_pow2(n), D=D, BLOCK_T=cfg["pb_bt"], BLOCK_D=cfg["pb_bd"],
+            INTERP=_interpret(), **kw)
+    pdt = h_post.dtype
+    return dx, df, (dhp if pdt == dhp.dtype else dhp.to(pdt)), (dhr if pdt == dhr.dtype else dhr.to(pdt))

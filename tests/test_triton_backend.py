@@ -157,3 +157,47 @@ def test_sinkhorn_not_claimed():
     with pytest.raises(NotImplementedError):
         triton_gpu.forward(x, phi, alpha, bias, gamma, norm_eps=NORM_EPS, hc_eps=HC_EPS,
                            sinkhorn_iters=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The post operator: x_next = h_res @ x + h_post * f_out (CONTRACT.md, "The post operator")
+
+POST_CASES = [(5, 3, 7, "bf16"), (7, 4, 130, "fp16"), (9, 1, 130, "fp32"), (6, 4, 7, "bf16"),
+              (3, 3, 130, "fp32")]
+
+
+@pytest.mark.parametrize("T,n,D,dname", POST_CASES,
+                         ids=[f"post-{c[3]}-n{c[1]}-D{c[2]}-T{c[0]}" for c in POST_CASES])
+def test_post_vs_float64(T, n, D, dname, monkeypatch):
+    from mhc_multi.backends import _common
+    monkeypatch.setattr(_common, "POISON", True)
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+    dt = TORCH_DT[dname]
+    x = torch.randn(T, n, D, generator=g).to(dt)
+    f = torch.randn(T, D, generator=g).to(dt)
+    hp = 2 * torch.rand(T, n, generator=g)
+    hr = torch.randn(T, n, n, generator=g)
+    gn = torch.randn(T, n, D, generator=g).to(dt)
+    x, f, hp, hr, gn = (a.to(DEVICE) for a in (x, f, hp, hr, gn))
+    out = triton_gpu.post_forward(x, f, hp, hr)
+    ref = numpy_ref.post_forward64(_np(x), _np(f), _np(hp), _np(hr))
+    assert out.dtype == dt
+    _check("x_next", out, ref, dname, seed)
+    got = triton_gpu.post_backward(x, f, hp, hr, gn)
+    refs = numpy_ref.post_backward64(_np(x), _np(f), _np(hp), _np(hr), _np(gn))
+    assert got[0].dtype == dt and got[1].dtype == dt
+    assert got[2].dtype == torch.float32 and got[3].dtype == torch.float32
+    for name, o, r in zip(("dx", "df_out", "dh_post", "dh_res"), got, refs):
+        _check(name, o, r, dname, seed)
+    out2 = triton_gpu.post_forward(x, f, hp, hr)
+    got2 = triton_gpu.post_backward(x, f, hp, hr, gn)
+    assert torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(got, got2))
+
+
+def test_post_through_front_end():
+    import mhc_multi
+    inputs = mhc_multi.random_inputs((1, 5, 3, 7), "bf16", seed=3, device=DEVICE)
+    report = mhc_multi.crosscheck(*inputs, backends=["triton"], seed=3, post=True)
+    assert report.ok, str(report)
+    assert any(r.output == "x_next" for r in report.rows)
