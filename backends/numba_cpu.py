@@ -95,7 +95,8 @@ if numba is not None:
         # normal or subnormal: exact rescale by 2**112; inf / nan: force the exponent
         fin = _f32_as_u32(_u32_as_f32(a << np.uint32(13)) * np.float32(5.192296858534828e33))
         nonfin = (a << np.uint32(13)) | np.uint32(0x7F800000)
-        return _u32_as_f32((nonfin if a >= np.uint32(0x7C00) else fin) | sign)
+        mask = np.uint32(0) - np.uint32(a >= np.uint32(0x7C00))  # all ones for inf / nan
+        return _u32_as_f32((nonfin & mask) | (fin & ~mask) | sign)
 
     @njit(inline="always", cache=True)
     def _f32_to_bf16(f):
