@@ -45,7 +45,7 @@ except Exception:  # pragma: no cover
     torch = None
 
 ARRAY_KIND = "torch"
-SUPPORTS_SINKHORN = False
+SUPPORTS_SINKHORN = True
 X_DTYPES = ("bf16", "fp16", "fp32")  # the front end refuses others before we run
 PARAM_DTYPES = ("fp32",)
 
@@ -170,6 +170,46 @@ if triton is not None:
             r = v.to(dtype)
         return r
 
+
+    # -----------------------------------------------------------------------------------------
+    # Sinkhorn-Knopp on per-token [BLOCK_T, NP, NP] tiles (NP = pow2(n); entries outside the
+    # n x n block are zero in P and ignored).  K is a constexpr: K = 0 compiles none of this.
+    @triton.jit
+    def _sk_p0(L, valid):
+        """P0 = exp(L - max(L)) per token (the max over the n x n entries), zero outside."""
+        Lm = tl.where(valid[None, :, :], L, float("-inf"))
+        mx = tl.max(tl.max(Lm, axis=2), axis=1)
+        return tl.where(valid[None, :, :], tl.exp(Lm - mx[:, None, None]), 0.0)
+
+    @triton.jit
+    def _sk_iterate(P, steps):
+        """``steps`` Sinkhorn iterations: divide each row by its sum, then each column."""
+        for _ in range(steps):
+            r = tl.sum(P, axis=2)
+            P = P / tl.where(r > 0, r, 1.0)[:, :, None]
+            c = tl.sum(P, axis=1)
+            P = P / tl.where(c > 0, c, 1.0)[:, None, :]
+        return P
+
+    @triton.jit
+    def _sk_vjp(L, dH, valid, K: tl.constexpr):
+        """d(logits) from d(SK_K(logits)): the K iterations backward, each reverse step
+        recomputing its forward state from the logits (O(K^2) n x n work, nothing stored)."""
+        P0 = _sk_p0(L, valid)
+        dP = tl.where(valid[None, :, :], dH, 0.0)
+        for rs in range(K):
+            P = _sk_iterate(P0, K - 1 - rs)          # state before row step s = K-1-rs
+            r = tl.sum(P, axis=2)
+            r = tl.where(r > 0, r, 1.0)
+            Q = P / r[:, :, None]                     # state before column step s
+            c = tl.sum(Q, axis=1)
+            c = tl.where(c > 0, c, 1.0)
+            Qc = Q / c[:, None, :]
+            dP = (dP - tl.sum(dP * Qc, axis=1)[:, None, :]) / c[:, None, :]
+            dP = (dP - tl.sum(dP * Q, axis=2)[:, :, None]) / r[:, :, None]
+            dP = tl.where(valid[None, :, :], dP, 0.0)
+        return dP * P0
+
     # -----------------------------------------------------------------------------------------
     @triton.jit
     def _prep_phi_kernel(
@@ -218,6 +258,7 @@ if triton is not None:
         N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
         NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr,
+        K: tl.constexpr = 0, NP: tl.constexpr = 1,
     ):
         ND: tl.constexpr = N * D
         NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
@@ -276,6 +317,19 @@ if triton is not None:
         is_res = (ff >= 2 * N) & fmask
         tl.store(hres_ptr + rows64[:, None] * (N * N) + (ff[None, :] - 2 * N), gate,
                  mask=rm2 & is_res[None, :])
+        if K > 0:
+            # Sinkhorn: the logits just written are re-read per token as an [NP, NP] tile (the
+            # barrier makes this program's stores visible to all its threads), projected in
+            # registers and written over (h_res = SK_K(logits), CONTRACT.md).
+            tl.debug_barrier()
+            kk = tl.arange(0, NP)
+            valid = (kk < N)[:, None] & (kk < N)[None, :]
+            off3 = rows64[:, None, None] * (N * N) + kk[None, :, None] * N + kk[None, None, :]
+            m3 = rmask[:, None, None] & valid[None, :, :]
+            L = tl.load(hres_ptr + off3, mask=m3, other=0.0)
+            P = _sk_iterate(_sk_p0(L, valid), K)
+            tl.debug_barrier()
+            tl.store(hres_ptr + off3, P, mask=m3)
 
         # pass 2: h_in = sum_i h_pre[i] * x[i, :], D chunks in reverse order
         for cc in range(NCH):
@@ -316,6 +370,9 @@ if triton is not None:
         T, NBLK, hc_eps,
         N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NDM: tl.constexpr, INTERP: tl.constexpr,
+        K: tl.constexpr = 0, NP: tl.constexpr = 1,
+        bias_ptr=None,   # [F] fp32 (K > 0): to rebuild the logits
+        dlog_ptr=None,   # [T, n*n] fp32 scratch (K > 0): d(logits) of the block's tokens
     ):
         ND: tl.constexpr = N * D
         NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
@@ -358,8 +415,30 @@ if triton is not None:
                          mask=rm2 & is_post[None, :], other=0.0)
             dq = tl.load(dhpost_ptr + rows64[:, None] * N + (ff[None, :] - N),
                          mask=rm2 & is_post[None, :], other=0.0)
-            dR = tl.load(dhres_ptr + rows64[:, None] * (N * N) + (ff[None, :] - 2 * N),
-                         mask=rm2 & is_res[None, :], other=0.0)
+            if K > 0:
+                # dh_res is w.r.t. SK_K(logits): rebuild the logits a_res*(r*m) + b per token
+                # as an [NP, NP] tile, pull dh_res back through the K iterations, and hand the
+                # result to the 2-D code below through a [T, n*n] scratch (barrier: visible to
+                # all threads of this program).
+                kk = tl.arange(0, NP)
+                valid = (kk < N)[:, None] & (kk < N)[None, :]
+                q3 = kk[None, :, None] * N + kk[None, None, :]
+                m3 = rmask[:, None, None] & valid[None, :, :]
+                mres = tl.load(hmix_ptr + rows64[:, None, None] * F + 2 * N + q3, mask=m3,
+                               other=0.0)
+                b3 = tl.load(bias_ptr + 2 * N + q3, mask=valid[None, :, :], other=0.0)
+                r3 = tl.load(rms_ptr + rows, mask=rmask, other=0.0)
+                L = a_res * (r3[:, None, None] * mres) + b3
+                dH = tl.load(dhres_ptr + rows64[:, None, None] * (N * N) + q3, mask=m3,
+                             other=0.0)
+                dL = _sk_vjp(L, dH, valid, K)
+                tl.store(dlog_ptr + rows64[:, None, None] * (N * N) + q3, dL, mask=m3)
+                tl.debug_barrier()
+                dR = tl.load(dlog_ptr + rows64[:, None] * (N * N) + (ff[None, :] - 2 * N),
+                             mask=rm2 & is_res[None, :], other=0.0)
+            else:
+                dR = tl.load(dhres_ptr + rows64[:, None] * (N * N) + (ff[None, :] - 2 * N),
+                             mask=rm2 & is_res[None, :], other=0.0)
             s = hp - hc_eps
             raw = tl.where(is_pre[None, :], dhp * s * (1.0 - s),
                            tl.where(is_post[None, :], dq * hq * (1.0 - 0.5 * hq), dR))
@@ -686,12 +765,18 @@ def _f32(a):
     return a.to(torch.float32).contiguous()
 
 
+def _sk_kw(k: int, n: int) -> dict:
+    """Sinkhorn constexprs; none at k = 0, so that path compiles exactly the k = 0 kernels."""
+    if k < 0:
+        raise ValueError(f"sinkhorn_iters: expected >= 0, got {k}")
+    return {} if k == 0 else {"K": k, "NP": _next_pow2(n)}
+
+
 # ---------------------------------------------------------------------------------------------
 
 def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
     """(h_in [T,D] x dtype, h_post [T,n], h_res [T,n,n], inv_rms [T], h_mix [T,F], h_pre [T,n])"""
-    if sinkhorn_iters:
-        raise NotImplementedError("triton backend: sinkhorn_iters > 0 is not implemented")
+    k = int(sinkhorn_iters)
     T, n, D = x.shape
     F = n * n + 2 * n
     F_pad = max(16, _next_pow2(F))
@@ -716,7 +801,7 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
             x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre,
             T, float(norm_eps), float(hc_eps),
             N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=cfg["fwd_bt"], BLOCK_D=cfg["fwd_bd"],
-            NPA=npa, NPB=npb, INTERP=_interpret(), **_launch_kw(cfg, "fwd"))
+            NPA=npa, NPB=npb, INTERP=_interpret(), **_sk_kw(k, n), **_launch_kw(cfg, "fwd"))
     outs = (h_post, h_res, inv_rms, h_mix, h_pre)
     return (h_in,) + tuple(o if o.dtype == pdt else o.to(pdt) for o in outs)
 
@@ -724,8 +809,7 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
 def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
              *, norm_eps, hc_eps, sinkhorn_iters=0):
     """(dx [T,n,D] x dtype, dphi [F,nD], dalpha [3], dbias [F], dgamma [n,D] or None)"""
-    if sinkhorn_iters:
-        raise NotImplementedError("triton backend: sinkhorn_iters > 0 is not implemented")
+    k = int(sinkhorn_iters)
     T, n, D = x.shape
     F = n * n + 2 * n
     F_pad = max(16, _next_pow2(F))
@@ -759,12 +843,16 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         dm = torch.empty((ndm, T, F_pad), dtype=torch.bfloat16, device=dev)
         coef = torch.empty((T,), dtype=torch.float32, device=dev)
         wsrow = torch.empty((prow, 2, F_pad), dtype=torch.float32, device=dev)
+        sk = _sk_kw(k, n)
+        if k > 0:   # d(logits) scratch, [T, n*n] (the size class of dh_res)
+            sk.update(bias_ptr=_f32(bias),
+                      dlog_ptr=torch.empty((T, n * n), dtype=torch.float32, device=dev))
         _pre_bwd_row_kernel[(prow,)](
             x, dh_in, _f32(inv_rms), _f32(h_mix), hp32, _f32(h_post), _f32(dh_post),
             _f32(dh_res).reshape(T, n * n), _f32(alpha), dm, coef, wsrow,
             T, nblk, float(hc_eps),
             N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=cfg["row_bd"], NDM=ndm,
-            INTERP=_interpret(), **_launch_kw(cfg, "row"))
+            INTERP=_interpret(), **sk, **_launch_kw(cfg, "row"))
         # column kernel: grid (n, D chunks, token splits); splits fixed by (n, D, T-blocks)
         bt = cfg["col_bt"]
         bd = cfg["col_bd"]
