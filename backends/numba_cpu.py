@@ -22,6 +22,8 @@ import threading
 
 import numpy as np
 
+from ._common import empty
+
 ARRAY_KIND = "numpy"
 SUPPORTS_SINKHORN = False
 
@@ -465,12 +467,12 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
     F = phi.shape[0]
     pd = phi.dtype
     cd = _compute_dtype(x.dtype, pd)
-    h_in = np.empty((T, D), x.dtype)
-    h_post = np.empty((T, n), pd)
-    h_res = np.empty((T, n, n), pd)
-    inv_rms = np.empty((T,), pd)
-    h_mix = np.empty((T, F), pd)
-    h_pre = np.empty((T, n), pd)
+    h_in = empty((T, D), x.dtype)
+    h_post = empty((T, n), pd)
+    h_res = empty((T, n, n), pd)
+    inv_rms = empty((T,), pd)
+    h_mix = empty((T, F), pd)
+    h_pre = empty((T, n), pd)
     if T == 0:
         return h_in, h_post, h_res, inv_rms, h_mix, h_pre
     phig = np.ascontiguousarray(phi, dtype=cd)
@@ -493,7 +495,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
     F = phi.shape[0]
     pd = phi.dtype
     cd = _compute_dtype(x.dtype, pd)
-    dx = np.empty((T, n, D), x.dtype)
+    dx = empty((T, n, D), x.dtype)
     if T == 0:
         return (dx, np.zeros((F, nD), pd), np.zeros(3, pd), np.zeros(F, pd),
                 None if gamma is None else np.zeros((n, D), pd))
@@ -508,13 +510,13 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
                     inv_rms, h_mix, h_pre, h_post, _storage(dh_in), dh_post,
                     dh_res.reshape(T, n * n), float(hc_eps), n, D, csize, gamma is not None,
                     cd(0), _storage(dx).reshape(T, nD), dphi_p, dg_p[:, 0], dab_p[:, 0])
-        dphi = np.empty((F, nD), pd)
+        dphi = empty((F, nD), pd)
         _reduce_kernel(dphi_p, dphi)
-        dab = np.empty((1, 3 + F), pd)
+        dab = empty((1, 3 + F), pd)
         _reduce_kernel(dab_p, dab)
         dgamma = None
         if gamma is not None:
-            dg = np.empty((1, nD), pd)
+            dg = empty((1, nD), pd)
             _reduce_kernel(dg_p, dg)
             dgamma = dg.reshape(n, D)
     return dx, dphi, dab[0, :3].copy(), dab[0, 3:].copy(), dgamma
