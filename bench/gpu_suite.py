@@ -11,6 +11,13 @@
    (bytes that must move / copy bandwidth measured in this run), with each kernel's own
    bandwidth from torch.profiler; a small sweep of launch configurations first.
 Prints a table and writes JSON to $OUT (or bench/results/ when $OUT is unset).
+
+    python3 bench/gpu_suite.py --issue5 [--deadline S]
+
+Issue 5 rows instead: accuracy + bitwise repeatability of the post operator and of pre with
+sinkhorn_iters = k (k in 1, 3, 20) against float64 torch, the k = 20 row/column margins, and
+timings of pre k = 0 / k = 20 and post forward / backward against eager, torch.compile and the
+floor.  ``--deadline`` stops starting new work after S seconds (the JSON is saved as it goes).
 """
 from __future__ import annotations
 
@@ -338,6 +345,277 @@ def run_sanitizer():
             "s": time.time() - t0, "tail": tail}
 
 
+# ---------------------------------------------------------------------------------------------
+# Issue 5: Sinkhorn (sinkhorn_iters = k) and the post operator
+
+def sk_torch(L, k):
+    P = torch.exp(L - L.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(k):
+        P = P / P.sum(-1, keepdim=True)
+        P = P / P.sum(-2, keepdim=True)
+    return P
+
+
+def sk_vjp_torch(L, k, dP):
+    """numpy_ref._sinkhorn_vjp in torch: replay the k iterations, walk them backward."""
+    P0 = torch.exp(L - L.amax(dim=(-2, -1), keepdim=True))
+    tape, P = [], P0
+    for _ in range(k):
+        r = P.sum(-1, keepdim=True); tape.append((-1, P, r)); P = P / r
+        c = P.sum(-2, keepdim=True); tape.append((-2, P, c)); P = P / c
+    for axis, Pin, sm in reversed(tape):
+        Q = Pin / sm
+        dP = (dP - (dP * Q).sum(axis, keepdim=True)) / sm
+    return dP * P0
+
+
+def res_logits(phi, alpha, bias, r, m, n, cd):
+    return (alpha.to(cd)[2] * (r.to(cd)[:, None] * m.to(cd)[:, 2 * n:])
+            + bias.to(cd)[2 * n:]).reshape(-1, n, n)
+
+
+def torch_forward_sk(x, phi, alpha, bias, gamma, k=20):
+    out = list(torch_forward(x, phi, alpha, bias, gamma))
+    out[2] = sk_torch(out[2], k)
+    return tuple(out)
+
+
+def torch_backward_sk(x, phi, alpha, bias, r, m, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
+                      k=20):
+    n = x.shape[1]
+    dl = sk_vjp_torch(res_logits(phi, alpha, bias, r, m, n, torch.float32), k, dh_res)
+    return torch_backward(x, phi, alpha, bias, r, m, h_pre, h_post, dh_in, dh_post, dl, gamma)
+
+
+def post_ref(x, f, hp, hr, g, cd):
+    xf, ff, gf, hp, hr = x.to(cd), f.to(cd), g.to(cd), hp.to(cd), hr.to(cd)
+    y = torch.einsum("tij,tjd->tid", hr, xf) + hp[:, :, None] * ff[:, None, :]
+    dx = torch.einsum("tij,tid->tjd", hr, gf)
+    df = torch.einsum("ti,tid->td", hp, gf)
+    dhp = torch.einsum("tid,td->ti", gf, ff)
+    dhr = torch.einsum("tid,tjd->tij", gf, xf)
+    return y, dx, df, dhp, dhr
+
+
+def torch_post_fwd(x, f, hp, hr):
+    y = torch.einsum("tij,tjd->tid", hr, x.float()) + hp[:, :, None] * f.float()[:, None, :]
+    return y.to(x.dtype)
+
+
+def torch_post_bwd(x, f, hp, hr, g):
+    gf = g.float()
+    dx = torch.einsum("tij,tid->tjd", hr, gf)
+    df = torch.einsum("ti,tid->td", hp, gf)
+    dhp = torch.einsum("tid,td->ti", gf, f.float())
+    dhr = torch.einsum("tid,tjd->tij", gf, x.float())
+    return dx.to(x.dtype), df.to(x.dtype), dhp, dhr
+
+
+def tol(name, dname):
+    return TOL_ACT[dname] if name in ("h_in", "dx", "x_next", "df_out") else TOL_PARAM
+
+
+def accuracy_sk(shape, dname, k, gamma=True):
+    B, S, n, D = shape
+    x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(B, S, n, D, DT[dname], gamma)
+    kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS, sinkhorn_iters=k)
+    poison()
+    out = tg.forward(x, phi, alpha, bias, g, **kw)
+    ref = list(ref_forward(x, phi, alpha, bias, g, torch.float64))
+    ref[2] = sk_torch(ref[2], k)
+    errs = {nm: rel(o, rf) for nm, o, rf in zip(FWD_NAMES, out, ref)}
+    hr = out[2].double()
+    errs["margin"] = max((hr.sum(-1) - 1).abs().max().item(), (hr.sum(-2) - 1).abs().max().item())
+    del ref
+    h_in, h_post, h_res, inv_rms, h_mix, h_pre = out
+    poison()
+    bout = tg.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res,
+                       g, **kw)
+    dl = sk_vjp_torch(res_logits(phi, alpha, bias, inv_rms, h_mix, n, torch.float64), k,
+                      dh_res.double())
+    bref = ref_backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
+                        dl, g, torch.float64)
+    errs.update({nm: rel(o, rf) for nm, o, rf in zip(BWD_NAMES, bout, bref) if rf is not None})
+    ok = all(v <= tol(nm, dname) for nm, v in errs.items() if nm != "margin")
+    if k == 20:
+        ok = ok and errs["margin"] <= 1e-5
+    out2 = tg.forward(x, phi, alpha, bias, g, **kw)
+    bout2 = tg.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
+                        dh_res, g, **kw)
+    same = all(torch.equal(a, b) for a, b in zip(out, out2)) and \
+        all((a is None and b is None) or torch.equal(a, b) for a, b in zip(bout, bout2))
+    del x, dh_in, out, out2, bout, bout2, bref
+    torch.cuda.empty_cache()
+    return errs, ok, same
+
+
+def post_inputs(B, S, n, D, dtype, seed=None):
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    T = B * S
+    kw = dict(device="cuda", generator=gen)
+    x = torch.randn(T, n, D, **kw).to(dtype)
+    f = torch.randn(T, D, **kw).to(dtype)
+    hp = 2 * torch.rand(T, n, **kw)
+    hr = sk_torch(torch.randn(T, n, n, **kw), 20)
+    gn = torch.randn(T, n, D, **kw).to(dtype)
+    return x, f, hp, hr, gn
+
+
+def accuracy_post(shape, dname):
+    B, S, n, D = shape
+    x, f, hp, hr, gn = post_inputs(B, S, n, D, DT[dname])
+    poison()
+    y = tg.post_forward(x, f, hp, hr)
+    poison()
+    got = (y,) + tuple(tg.post_backward(x, f, hp, hr, gn))
+    ref = post_ref(x, f, hp, hr, gn, torch.float64)
+    names = ("x_next", "dx", "df_out", "dh_post", "dh_res")
+    errs = {nm: rel(a, b) for nm, a, b in zip(names, got, ref)}
+    ok = all(v <= tol(nm, dname) for nm, v in errs.items())
+    got2 = (tg.post_forward(x, f, hp, hr),) + tuple(tg.post_backward(x, f, hp, hr, gn))
+    same = all(torch.equal(a, b) for a, b in zip(got, got2))
+    del x, f, gn, got, got2, ref
+    torch.cuda.empty_cache()
+    return errs, ok, same
+
+
+def timing5(shape, bw, do_compile):
+    B, S, n, D = shape
+    x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(B, S, n, D, torch.bfloat16)
+    res = {"shape": list(shape)}
+    for k in (0, 20):
+        kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS, sinkhorn_iters=k)
+        fo = tg.forward(x, phi, alpha, bias, g, **kw)
+        bargs = (x, phi, alpha, bias, fo[3], fo[4], fo[5], fo[1], dh_in, dh_post, dh_res, g)
+        fwd = lambda: tg.forward(x, phi, alpha, bias, g, **kw)  # noqa: E731
+        bwd = lambda: tg.backward(*bargs, **kw)  # noqa: E731
+        res[f"pre_k{k}_fwd_ms"] = bench(fwd)
+        res[f"pre_k{k}_bwd_ms"] = bench(bwd)
+        res[f"pre_k{k}_fwd_floor_ms"] = (nbytes(x, phi, alpha, bias, g) + nbytes(*fo)) / bw * 1e3
+        bo = bwd()
+        res[f"pre_k{k}_bwd_floor_ms"] = (nbytes(*bargs) + nbytes(*bo)) / bw * 1e3
+        res[f"pre_k{k}_kernels"] = {**kernel_times(fwd), **kernel_times(bwd)}
+        if k == 20:
+            ef = lambda: torch_forward_sk(x, phi, alpha, bias, g)  # noqa: E731
+            eb = lambda: torch_backward_sk(*bargs)  # noqa: E731
+        else:
+            ef = lambda: torch_forward(x, phi, alpha, bias, g)  # noqa: E731
+            eb = lambda: torch_backward(*bargs)  # noqa: E731
+        res[f"pre_k{k}_eager_fwd_ms"] = bench(ef)
+        res[f"pre_k{k}_eager_bwd_ms"] = bench(eb)
+        if do_compile:
+            cf = torch.compile(torch_forward_sk if k else torch_forward, dynamic=False)
+            cb = torch.compile(torch_backward_sk if k else torch_backward, dynamic=False)
+            res[f"pre_k{k}_compile_fwd_ms"] = bench(lambda: cf(x, phi, alpha, bias, g))
+            res[f"pre_k{k}_compile_bwd_ms"] = bench(lambda: cb(*bargs))
+        del fo, bo
+    del dh_in
+    torch.cuda.empty_cache()
+    xp, f, hp, hr, gn = post_inputs(B, S, n, D, torch.bfloat16)
+    pf = lambda: tg.post_forward(xp, f, hp, hr)  # noqa: E731
+    pb = lambda: tg.post_backward(xp, f, hp, hr, gn)  # noqa: E731
+    res["post_fwd_ms"] = bench(pf)
+    res["post_bwd_ms"] = bench(pb)
+    res["post_fwd_floor_ms"] = (nbytes(xp, f, hp, hr) + nbytes(pf())) / bw * 1e3
+    res["post_bwd_floor_ms"] = (nbytes(xp, f, hp, hr, gn) + nbytes(*pb())) / bw * 1e3
+    res["post_kernels"] = {**kernel_times(pf), **kernel_times(pb)}
+    res["post_eager_fwd_ms"] = bench(lambda: torch_post_fwd(xp, f, hp, hr))
+    res["post_eager_bwd_ms"] = bench(lambda: torch_post_bwd(xp, f, hp, hr, gn))
+    if do_compile:
+        cf = torch.compile(torch_post_fwd, dynamic=False)
+        cb = torch.compile(torch_post_bwd, dynamic=False)
+        res["post_compile_fwd_ms"] = bench(lambda: cf(xp, f, hp, hr))
+        res["post_compile_bwd_ms"] = bench(lambda: cb(xp, f, hp, hr, gn))
+    del xp, f, gn
+    torch.cuda.empty_cache()
+    return res
+
+
+def table5(rows):
+    lines = ["| shape (B,S,n,D) bf16 | op | pass | ours ms | floor ms | x floor | eager ms | "
+             "compile ms | x faster than compile |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for op in ("pre_k0", "pre_k20", "post"):
+            for p in ("fwd", "bwd"):
+                if f"{op}_{p}_ms" not in r:
+                    continue
+                ours, fl = r[f"{op}_{p}_ms"], r[f"{op}_{p}_floor_ms"]
+                comp = r.get(f"{op}_compile_{p}_ms")
+                lines.append(
+                    f"| {tuple(r['shape'])} | {op} | {p} | {ours:.3f} | {fl:.3f} | {ours / fl:.2f} | "
+                    f"{r[f'{op}_eager_{p}_ms']:.3f} | {'' if comp is None else f'{comp:.3f}'} | "
+                    f"{'' if comp is None else f'{comp / ours:.1f}'} |")
+        if "pre_k20_fwd_ms" in r:
+            lines.append(f"| {tuple(r['shape'])} | k20/k0 | fwd {r['pre_k20_fwd_ms'] / r['pre_k0_fwd_ms']:.3f}, "
+                         f"bwd {r['pre_k20_bwd_ms'] / r['pre_k0_bwd_ms']:.3f}, fwd+bwd "
+                         f"{(r['pre_k20_fwd_ms'] + r['pre_k20_bwd_ms']) / (r['pre_k0_fwd_ms'] + r['pre_k0_bwd_ms']):.3f} | | | | | | |")
+    return "\n".join(lines)
+
+
+def main_issue5(args, report, save, t_start):
+    """Priority order, so a short device call still gets the headline numbers: accuracy at
+    (4,4096,4,4096), its timings, the odd shapes (k in 1, 3, 20), then the other shapes."""
+    import traceback
+    left = lambda: args.deadline - (time.time() - t_start)  # noqa: E731
+    report["accuracy5"], report["timing5"], report["errors5"] = [], [], []
+
+    def acc_case(kind, shape, dname, k):
+        if args.no_accuracy or left() < 20:
+            return
+        try:
+            errs, ok, same = accuracy_post(shape, dname) if kind == "post" else \
+                accuracy_sk(shape, dname, k)
+        except Exception:
+            report["errors5"].append(f"acc {kind} {shape} {dname} k={k}: {traceback.format_exc()}")
+            print(report["errors5"][-1], flush=True)
+            return
+        report["accuracy5"].append(dict(kind=kind, shape=shape, dtype=dname, k=k, ok=ok,
+                                        bitwise=same, errs=errs))
+        report["accuracy5_all_ok"] = all(a["ok"] for a in report["accuracy5"])
+        report["bitwise5_all"] = all(a["bitwise"] for a in report["accuracy5"])
+        save()
+        print(f"acc {kind} k={k} {str(shape):22s} {dname} ok={ok} bitwise={same} " +
+              " ".join(f"{a}={b:.1e}" for a, b in errs.items()), f"{time.time() - t_start:.0f}s",
+              flush=True)
+
+    def time_case(shape):
+        if left() < 60:
+            print("deadline: skipping timing", shape)
+            return
+        try:
+            r = timing5(shape, bw, not args.no_compile and left() > 150)
+        except Exception:
+            report["errors5"].append(f"timing {shape}: {traceback.format_exc()}")
+            print(report["errors5"][-1], flush=True)
+            return
+        report["timing5"].append(r)
+        report["table5"] = table5(report["timing5"])
+        save()
+        print(report["table5"], f"{time.time() - t_start:.0f}s", flush=True)
+
+    acc_case("post", (4, 4096, 4, 4096), "bf16", 0)
+    acc_case("sk", (4, 4096, 4, 4096), "bf16", 20)
+    bw = copy_bandwidth()
+    report["copy_TBps"] = bw / 1e12
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    time_case((4, 4096, 4, 4096))
+    odd = [("post", (1, 333, 3, 1000), "fp16", 0), ("post", (2, 77, 8, 130), "fp32", 0),
+           ("post", (1, 5, 1, 1), "bf16", 0), ("post", (1, 4096, 4, 2560), "bf16", 0)]
+    for k in (1, 3, 20):
+        odd += [("sk", (1, 333, 3, 1000), "fp16", k), ("sk", (2, 77, 8, 130), "fp32", k),
+                ("sk", (1, 5, 1, 1), "bf16", k)]
+    for c in odd:
+        acc_case(*c)
+    if not args.quick:
+        for shape in ((1, 4096, 4, 2560), (2, 4096, 4, 7168)):
+            time_case(shape)
+    report["wall_s"] = time.time() - t_start
+    save()
+    print(f"accuracy all ok: {report.get('accuracy5_all_ok')}, bitwise: {report.get('bitwise5_all')}, "
+          f"errors: {len(report['errors5'])}, total {time.time() - t_start:.0f}s")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sanitize-child", action="store_true")
@@ -346,6 +624,8 @@ def main():
     ap.add_argument("--no-sanitize", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-accuracy", action="store_true")
+    ap.add_argument("--issue5", action="store_true", help="post operator and Sinkhorn rows")
+    ap.add_argument("--deadline", type=float, default=1e9, help="seconds; stop starting work")
     args = ap.parse_args()
     if args.sanitize_child:
         return sanitize_child()
@@ -356,6 +636,11 @@ def main():
               "command": " ".join(["python3"] + sys.argv), "torch": torch.__version__,
               "triton": triton.__version__}
     print(report)
+    if args.issue5:
+        def save5():
+            with open(os.path.join(out_dir, "gpu_suite_issue5.json"), "w") as f:
+                json.dump(report, f, indent=1, default=str)
+        return main_issue5(args, report, save5, t_start)
     realistic = [(1, 4096, 4, 2560), (4, 4096, 4, 4096), (2, 4096, 4, 7168)]
     if args.quick:
         realistic = [(4, 4096, 4, 4096)]
