@@ -83,6 +83,7 @@ class _Args:
         else:
             raise TypeError(f"x: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
         self.backend = backend
+        self.x_dtype = self.param_dtype = None  # dtype names, set as x and phi are checked
 
     def container(self, name: str, a) -> None:
         if self.kind == "torch":
@@ -120,6 +121,7 @@ def _check_x(args: _Args, x) -> tuple[int, int, int, int]:
     allowed = _X_DTYPES_TORCH if args.kind == "torch" else _X_DTYPES_NUMPY
     if dtype_name(x) not in allowed:
         raise TypeError(f"x: expected dtype in {list(allowed)}, got {_describe_dtype(x)}")
+    args.x_dtype = dtype_name(x)
     return B, S, n, D
 
 
@@ -131,6 +133,7 @@ def _check_params(args: _Args, n: int, D: int, phi, alpha, bias, gamma) -> None:
     args.check("bias", bias, (F,), like, "F = n*n + 2n; dtype of phi")
     if gamma is not None:
         args.check("gamma", gamma, (n, D), like, "n, D; dtype of phi")
+    args.param_dtype = like[0]
 
 
 def _check_eps(norm_eps, hc_eps) -> None:
@@ -240,7 +243,6 @@ def forward(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps:
     _check_params(args, n, D, phi, alpha, bias, gamma)
     _check_eps(norm_eps, hc_eps)
     _check_iters(sinkhorn_iters)
-    args.x_dtype, args.param_dtype = dtype_name(x), dtype_name(phi)
     _, mod = _select(args, B * S, needs="sinkhorn" if sinkhorn_iters else None)
     T, F = B * S, n * n + 2 * n
     out = _run(args, mod, "forward",
@@ -277,7 +279,6 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
                  ("dh_res", dh_res, (B, S, n, n)))
     for name, a, shape in per_token:
         args.check(name, a, shape, _FLOATS)
-    args.x_dtype, args.param_dtype = dtype_name(x), dtype_name(phi)
     _, mod = _select(args, B * S, needs="sinkhorn" if sinkhorn_iters else None)
     T = B * S
     small = {name: _cast_like(a, phi).reshape((T,) + shape[2:])
@@ -300,7 +301,7 @@ def _check_post(args: _Args, x, f_out, h_post, h_res):
     args.check("f_out", f_out, (B, S, D), _FLOATS)
     args.check("h_post", h_post, (B, S, n), _PARAM_DTYPES, "gates: fp32 or fp64")
     args.check("h_res", h_res, (B, S, n, n), _FLOATS)
-    args.x_dtype, args.param_dtype = dtype_name(x), dtype_name(h_post)
+    args.param_dtype = dtype_name(h_post)
     return B, S, n, D
 
 

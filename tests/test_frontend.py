@@ -232,3 +232,19 @@ def test_mhc_pre_module_initialisation():
     assert_close(h_post.detach().numpy(), np.ones((2, 3, n)), "h_post", "fp32", where="init")
     assert_close(h_res.detach().numpy(), np.broadcast_to(np.eye(n), (2, 3, n, n)), "h_res",
                  "fp32", where="init")
+
+
+@pytest.mark.parametrize("x_dtype,param_dtype,name", [("fp64", "fp32", "x"), ("fp32", "fp64", "phi")])
+def test_backend_dtype_limits_are_checked_before_it_runs(x_dtype, param_dtype, name, seed):
+    """triton computes bf16/fp16/fp32 activations with fp32 parameters; the front end says so."""
+    if registry._reason("triton") is not None:
+        pytest.skip(f"triton: {registry._reason('triton')}")
+    import os
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton needs a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, phi, alpha, bias, g = random_inputs(SHAPE, x_dtype, param_dtype=param_dtype, seed=seed,
+                                           device=device)
+    with pytest.raises(TypeError) as info:
+        forward(x, phi, alpha, bias, g, backend="triton")
+    assert str(info.value).startswith(name) and "triton" in str(info.value)
