@@ -183,31 +183,41 @@ if triton is not None:
 
     @triton.jit
     def _sk_iterate(P, steps):
-        """``steps`` Sinkhorn iterations: divide each row by its sum, then each column."""
+        """``steps`` Sinkhorn iterations: divide each row by its sum, then each column (as a
+        multiply by the reciprocal of the sum)."""
         for _ in range(steps):
             r = tl.sum(P, axis=2)
-            P = P / tl.where(r > 0, r, 1.0)[:, :, None]
+            P = P * (1.0 / tl.where(r > 0, r, 1.0))[:, :, None]
             c = tl.sum(P, axis=1)
-            P = P / tl.where(c > 0, c, 1.0)[:, None, :]
+            P = P * (1.0 / tl.where(c > 0, c, 1.0))[:, None, :]
         return P
 
     @triton.jit
     def _sk_vjp(L, dH, valid, K: tl.constexpr):
         """d(logits) from d(SK_K(logits)): the K iterations backward, each reverse step
-        recomputing its forward state from the logits (O(K^2) n x n work, nothing stored)."""
+        recomputing its forward state from the logits, nothing stored in memory.  The replay is
+        checkpointed in registers: segments of SEG steps, walked backward, each starting from the
+        state at the segment's start (recomputed once per segment), so K = 20 costs ~70
+        iterations of replay instead of K(K-1)/2 = 190."""
+        SEG: tl.constexpr = 5 if K > 8 else K
+        NSEG: tl.constexpr = (K + SEG - 1) // SEG
         P0 = _sk_p0(L, valid)
         dP = tl.where(valid[None, :, :], dH, 0.0)
-        for rs in range(K):
-            P = _sk_iterate(P0, K - 1 - rs)          # state before row step s = K-1-rs
-            r = tl.sum(P, axis=2)
-            r = tl.where(r > 0, r, 1.0)
-            Q = P / r[:, :, None]                     # state before column step s
-            c = tl.sum(Q, axis=1)
-            c = tl.where(c > 0, c, 1.0)
-            Qc = Q / c[:, None, :]
-            dP = (dP - tl.sum(dP * Qc, axis=1)[:, None, :]) / c[:, None, :]
-            dP = (dP - tl.sum(dP * Q, axis=2)[:, :, None]) / r[:, :, None]
-            dP = tl.where(valid[None, :, :], dP, 0.0)
+        for sg in range(NSEG):
+            a = (NSEG - 1 - sg) * SEG
+            b = tl.minimum(a + SEG, K)
+            C = _sk_iterate(P0, a)                    # state before row step a
+            for t in range(b - a):
+                P = _sk_iterate(C, b - 1 - t - a)     # state before row step s = b-1-t
+                r = tl.sum(P, axis=2)
+                ri = 1.0 / tl.where(r > 0, r, 1.0)
+                Q = P * ri[:, :, None]                # state before column step s
+                c = tl.sum(Q, axis=1)
+                ci = 1.0 / tl.where(c > 0, c, 1.0)
+                Qc = Q * ci[:, None, :]
+                dP = (dP - tl.sum(dP * Qc, axis=1)[:, None, :]) * ci[:, None, :]
+                dP = (dP - tl.sum(dP * Q, axis=2)[:, :, None]) * ri[:, :, None]
+                dP = tl.where(valid[None, :, :], dP, 0.0)
         return dP * P0
 
     # -----------------------------------------------------------------------------------------
@@ -634,8 +644,9 @@ if triton is not None:
     # Backward, per token t, given g = dx_next:
     #   dx[j] = sum_i h_res[i, j] g[i];  df_out = sum_i h_post[i] g[i]
     #   dh_post[i] = <g[i], f_out>;      dh_res[i, j] = <g[i], x[j]>
-    # One program owns BLOCK_T whole rows (loop over D chunks), so the reductions over D finish
-    # in registers in a fixed order: no partials, no atomics, one read of x, f_out and g.
+    # Grid (token blocks, D chunks), like the forward: dx and df_out from the [BLOCK_T, NP,
+    # BLOCK_D] tile of g; the reductions over D of the chunk go to fp32 partials
+    # [NCH, T, n + n*n] that _post_reduce_kernel sums in a fixed order (no atomics).
     @triton.jit(do_not_specialize=["T"])
     def _post_bwd_kernel(
         x_ptr,       # [T, n, D] x dtype
@@ -645,49 +656,68 @@ if triton is not None:
         g_ptr,       # [T, n, D] x dtype: dx_next
         dx_ptr,      # [T, n, D] x dtype (out)
         df_ptr,      # [T, D] x dtype (out)
-        dhpost_ptr,  # [T, n] fp32 (out)
-        dhres_ptr,   # [T, n, n] fp32 (out)
+        part_ptr,    # [NCH, T, n + n*n] fp32 (out): per-chunk <g_i, f>, <g_i, x_j>
         T,
         N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
     ):
         ND: tl.constexpr = N * D
-        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        NQ: tl.constexpr = N + N * N
+        c = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        dd = tl.arange(0, BLOCK_D)
+        d = c * BLOCK_D + tl.arange(0, BLOCK_D)
         jj = tl.arange(0, NP)
         rmask = rows < T
         rows64 = rows.to(tl.int64)
         nmask = jj < N
+        m2 = rmask[:, None] & (d < D)[None, :]
+        m3 = m2[:, None, :] & nmask[None, :, None]
         hm = rmask[:, None] & nmask[None, :]
+        g3 = tl.load(g_ptr + rows64[:, None, None] * ND + jj[None, :, None] * D + d[None, None, :],
+                     mask=m3, other=0.0).to(tl.float32)
         hp = tl.load(hpost_ptr + rows64[:, None] * N + jj[None, :], mask=hm, other=0.0)
-        acc_p = tl.zeros([BLOCK_T, NP], dtype=tl.float32)          # dh_post[t, i]
-        acc_r = tl.zeros([BLOCK_T, NP, NP], dtype=tl.float32)      # dh_res[t, i, j]
-        for c in range(NCH):
-            d = c * BLOCK_D + dd
-            m2 = rmask[:, None] & (d < D)[None, :]
-            m3 = m2[:, None, :] & nmask[None, :, None]
-            g3 = tl.load(g_ptr + rows64[:, None, None] * ND + jj[None, :, None] * D
-                         + d[None, None, :], mask=m3, other=0.0).to(tl.float32)
-            f = tl.load(f_ptr + rows64[:, None] * D + d[None, :], mask=m2,
-                        other=0.0).to(tl.float32)
-            df = tl.sum(hp[:, :, None] * g3, axis=1)
-            tl.store(df_ptr + rows64[:, None] * D + d[None, :],
-                     _round_out(df, df_ptr.dtype.element_ty, INTERP), mask=m2)
-            acc_p += tl.sum(g3 * f[:, None, :], axis=2)
+        df = tl.sum(hp[:, :, None] * g3, axis=1)
+        tl.store(df_ptr + rows64[:, None] * D + d[None, :],
+                 _round_out(df, df_ptr.dtype.element_ty, INTERP), mask=m2)
+        for j in tl.static_range(N):
+            hc = tl.load(hres_ptr + rows64[:, None] * (N * N) + jj[None, :] * N + j, mask=hm,
+                         other=0.0)                                 # h_res[t, :, j]
+            dxj = tl.sum(hc[:, :, None] * g3, axis=1)
+            tl.store(dx_ptr + rows64[:, None] * ND + j * D + d[None, :],
+                     _round_out(dxj, dx_ptr.dtype.element_ty, INTERP), mask=m2)
+        # reductions over this D chunk on 2-D tiles (re-reads of the tile come from L1/L2)
+        f = tl.load(f_ptr + rows64[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        pbase = part_ptr + (c * T + rows64) * NQ
+        for i in tl.static_range(N):
+            gi = tl.load(g_ptr + rows64[:, None] * ND + i * D + d[None, :], mask=m2,
+                         other=0.0).to(tl.float32)
+            tl.store(pbase + i, tl.sum(gi * f, axis=1), mask=rmask)
             for j in tl.static_range(N):
-                hc = tl.load(hres_ptr + rows64[:, None] * (N * N) + jj[None, :] * N + j, mask=hm,
-                             other=0.0)                             # h_res[t, :, j]
-                dxj = tl.sum(hc[:, :, None] * g3, axis=1)
-                tl.store(dx_ptr + rows64[:, None] * ND + j * D + d[None, :],
-                         _round_out(dxj, dx_ptr.dtype.element_ty, INTERP), mask=m2)
                 xj = tl.load(x_ptr + rows64[:, None] * ND + j * D + d[None, :], mask=m2,
                              other=0.0).to(tl.float32)
-                rj = tl.sum(g3 * xj[:, None, :], axis=2)           # [BLOCK_T, NP(i)]
-                acc_r += tl.where(jj[None, None, :] == j, rj[:, :, None], 0.0)
-        tl.store(dhpost_ptr + rows64[:, None] * N + jj[None, :], acc_p, mask=hm)
-        tl.store(dhres_ptr + rows64[:, None, None] * (N * N) + jj[None, :, None] * N
-                 + jj[None, None, :], acc_r, mask=hm[:, :, None] & nmask[None, None, :])
+                tl.store(pbase + N + i * N + j, tl.sum(gi * xj, axis=1), mask=rmask)
+
+    @triton.jit(do_not_specialize=["T"])
+    def _post_reduce_kernel(
+        part_ptr,    # [NCH, T, NQ] fp32
+        dhpost_ptr,  # [T, n] fp32 (out)
+        dhres_ptr,   # [T, n*n] fp32 (out)
+        T, NCH,
+        N: tl.constexpr, NQ_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        NQ: tl.constexpr = N + N * N
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        qq = tl.arange(0, NQ_PAD)
+        rows64 = rows.to(tl.int64)
+        m = (rows < T)[:, None] & (qq < NQ)[None, :]
+        acc = tl.zeros([BLOCK_T, NQ_PAD], dtype=tl.float32)
+        for c in range(NCH):
+            acc += tl.load(part_ptr + (c * T + rows64[:, None]) * NQ + qq[None, :], mask=m,
+                           other=0.0)
+        tl.store(dhpost_ptr + rows64[:, None] * N + qq[None, :], acc, mask=m & (qq < N)[None, :])
+        tl.store(dhres_ptr + rows64[:, None] * (N * N) + (qq[None, :] - N), acc,
+                 mask=m & (qq >= N)[None, :])
+
 
 # ---------------------------------------------------------------------------------------------
 # Launch configuration: a rule keyed on (n, D, dtype, device), cached.  Override for tuning via
@@ -884,12 +914,13 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
 # The post operator
 
 def _post_config(n: int, D: int, device) -> dict:
-    """Post kernels' blocks: a [BLOCK_T, pow2(n), BLOCK_D] tile of ~4096 elements per program."""
+    """Post kernels' blocks: a [BLOCK_T, pow2(n), BLOCK_D] tile of ~4096 elements per program
+    (forward and backward alike; the backward's partials are [D / BLOCK_D, T, n + n*n])."""
     npad = _next_pow2(n)
     if device.type != "cuda":
         return dict(pf_bt=4, pf_bd=32, pb_bt=4, pb_bd=32, warps=4)
-    cfg = dict(pf_bt=max(1, 8 // npad), pf_bd=512, pb_bt=max(1, 8 // npad), pb_bd=256,
-               warps=4, pf_stages=2, pb_stages=3)
+    cfg = dict(pf_bt=max(1, 8 // npad), pf_bd=512, pb_bt=max(1, 8 // npad), pb_bd=512,
+               warps=4, pf_stages=2, pb_stages=2)
     p2 = max(16, _next_pow2(D))
     cfg.update(pf_bd=min(cfg["pf_bd"], p2), pb_bd=min(cfg["pb_bd"], p2))
     cfg.update({k[5:]: v for k, v in _CONFIG_OVERRIDES.items() if k.startswith("post_")})
@@ -927,10 +958,15 @@ def post_backward(x, f_out, h_post, h_res, dx_next):
         kw = {"num_warps": cfg["warps"]}
         if not _interpret():
             kw["num_stages"] = cfg["pb_stages"]
-        _post_bwd_kernel[(triton.cdiv(T, cfg["pb_bt"]),)](
+        bt, bd = cfg["pb_bt"], cfg["pb_bd"]
+        nch = triton.cdiv(D, bd)
+        part = torch.empty((nch, T, n + n * n), dtype=torch.float32, device=dev)
+        _post_bwd_kernel[(triton.cdiv(T, bt), nch)](
             x.contiguous(), f_out.to(x.dtype).contiguous(), _f32(h_post), _f32(h_res),
-            dx_next.to(x.dtype).contiguous(), dx, df, dhp, dhr, T,
-            N=n, NP=_next_pow2(n), D=D, BLOCK_T=cfg["pb_bt"], BLOCK_D=cfg["pb_bd"],
-            INTERP=_interpret(), **kw)
+            dx_next.to(x.dtype).contiguous(), dx, df, part, T,
+            N=n, NP=_next_pow2(n), D=D, BLOCK_T=bt, BLOCK_D=bd, INTERP=_interpret(), **kw)
+        rbt = 64
+        _post_reduce_kernel[(triton.cdiv(T, rbt),)](
+            part, dhp, dhr, T, nch, N=n, NQ_PAD=_next_pow2(n + n * n), BLOCK_T=rbt, num_warps=4)
     pdt = h_post.dtype
     return dx, df, (dhp if pdt == dhp.dtype else dhp.to(pdt)), (dhr if pdt == dhr.dtype else dhr.to(pdt))

@@ -426,6 +426,9 @@ def accuracy_sk(shape, dname, k, gamma=True):
     errs = {nm: rel(o, rf) for nm, o, rf in zip(FWD_NAMES, out, ref)}
     hr = out[2].double()
     errs["margin"] = max((hr.sum(-1) - 1).abs().max().item(), (hr.sum(-2) - 1).abs().max().item())
+    # k iterations need not converge on arbitrary logits: the float64 result's own margin
+    errs["margin_ref"] = max((ref[2].sum(-1) - 1).abs().max().item(),
+                             (ref[2].sum(-2) - 1).abs().max().item())
     del ref
     h_in, h_post, h_res, inv_rms, h_mix, h_pre = out
     poison()
@@ -436,9 +439,8 @@ def accuracy_sk(shape, dname, k, gamma=True):
     bref = ref_backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
                         dl, g, torch.float64)
     errs.update({nm: rel(o, rf) for nm, o, rf in zip(BWD_NAMES, bout, bref) if rf is not None})
-    ok = all(v <= tol(nm, dname) for nm, v in errs.items() if nm != "margin")
-    if k == 20:
-        ok = ok and errs["margin"] <= 1e-5
+    ok = all(v <= tol(nm, dname) for nm, v in errs.items() if not nm.startswith("margin"))
+    ok = ok and errs["margin"] <= errs["margin_ref"] + 1e-5
     out2 = tg.forward(x, phi, alpha, bias, g, **kw)
     bout2 = tg.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
                         dh_res, g, **kw)
