@@ -25,7 +25,7 @@ import numpy as np
 from ._common import empty
 
 ARRAY_KIND = "numpy"
-SUPPORTS_SINKHORN = False
+SUPPORTS_SINKHORN = True
 
 try:  # numba is optional: importing this module must work without it
     import numba
@@ -46,6 +46,7 @@ def availability() -> str | None:
 TB = 8           # tokens per group (register blocking: one phi row load serves TB tokens)
 SB = 64          # tokens per super-block (SB % TB == 0): phi / dphi tiles stay cached across it
 KT = 512         # column tile: TB x KT activations in L1, F x KT of phi / dphi in L2
+PT = 512         # post operator: column tile per token
 MAX_CHUNKS = 16  # fixed chunking of the tokens: chunk count depends on T only
 
 # Numba calls from several Python threads are serialised: the parallel region already uses
@@ -104,8 +105,8 @@ if numba is not None:
     def _f32_to_bf16(f):
         w = _f32_as_u32(np.float32(f))
         rnd = (w + np.uint32(0x7FFF) + ((w >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-        isnan = (w & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-        return np.uint16(np.uint32(0x7FC0) if isnan else rnd)  # a select: vectorises
+        mask = np.uint32(0) - np.uint32((w & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000))
+        return np.uint16((np.uint32(0x7FC0) & mask) | (rnd & ~mask))  # branch-free: vectorises
 
     @njit(inline="always", cache=True)
     def _f32_to_f16(f):
@@ -170,10 +171,90 @@ if numba is not None:
     # do the same but cost a reference-count update each, which adds up in these tiled loops.)
 
     # -----------------------------------------------------------------------------------------
+    # Sinkhorn-Knopp on one token's n x n logits (fp64, row-major, in local arrays)
+
+    @njit(cache=True, nogil=True)
+    def _sk_forward(p, n, k):
+        """p <- SK_k(p): exp(p - max), then k times rows / row sums, columns / column sums."""
+        nn = n * n
+        mx = p[0]
+        for q in range(1, nn):
+            mx = max(mx, p[q])
+        for q in range(nn):
+            p[q] = np.exp(p[q] - mx)
+        for _ in range(k):
+            for i in range(n):
+                s = 0.0
+                for j in range(n):
+                    s += p[i * n + j]
+                for j in range(n):
+                    p[i * n + j] /= s
+            for j in range(n):
+                s = 0.0
+                for i in range(n):
+                    s += p[i * n + j]
+                for i in range(n):
+                    p[i * n + j] /= s
+
+    @njit(cache=True, nogil=True)
+    def _sk_vjp(lg, dp, n, k, p0, su, sv, srs, scs):
+        """dp <- d(logits) from dp = d(SK_k(logits)), exactly through the k iterations.
+
+        Every step of SK scales rows or columns, so after any step the matrix is
+        ``P0[i,j] * u[i] * v[j]``: the replay keeps only the k x n scalings ``su`` (rows, after
+        the row step of each iteration), ``sv`` (columns, after the column step) and the sums
+        ``srs``/``scs`` that were divided by. Then, in reverse, with Q the step's output and
+        s its sums: ``dp <- (dp - sum_axis(dp * Q)) / s``; finally ``dp * P0`` (through exp;
+        the max shift has zero gradient).
+        """
+        nn = n * n
+        mx = lg[0]
+        for q in range(1, nn):
+            mx = max(mx, lg[q])
+        for q in range(nn):
+            p0[q] = np.exp(lg[q] - mx)
+        for it in range(k):
+            for i in range(n):
+                uo = su[it - 1, i] if it > 0 else 1.0
+                s = 0.0
+                for j in range(n):
+                    vo = sv[it - 1, j] if it > 0 else 1.0
+                    s += p0[i * n + j] * uo * vo
+                srs[it, i] = s
+                su[it, i] = uo / s
+            for j in range(n):
+                vo = sv[it - 1, j] if it > 0 else 1.0
+                s = 0.0
+                for i in range(n):
+                    s += p0[i * n + j] * su[it, i] * vo
+                scs[it, j] = s
+                sv[it, j] = vo / s
+        for it in range(k - 1, -1, -1):
+            for j in range(n):  # column step: Q = P0 * su[it] * sv[it]
+                vj = sv[it, j]
+                a = 0.0
+                for i in range(n):
+                    a += dp[i * n + j] * (p0[i * n + j] * su[it, i] * vj)
+                s = scs[it, j]
+                for i in range(n):
+                    dp[i * n + j] = (dp[i * n + j] - a) / s
+            for i in range(n):  # row step: Q = P0 * su[it] * sv[it - 1]
+                ui = su[it, i]
+                a = 0.0
+                for j in range(n):
+                    vo = sv[it - 1, j] if it > 0 else 1.0
+                    a += dp[i * n + j] * (p0[i * n + j] * ui * vo)
+                s = srs[it, i]
+                for j in range(n):
+                    dp[i * n + j] = (dp[i * n + j] - a) / s
+        for q in range(nn):
+            dp[q] *= p0[q]
+
+    # -----------------------------------------------------------------------------------------
     # forward
 
     @njit(parallel=True, cache=True, fastmath=_FM, nogil=True)
-    def _fwd_kernel(x, phig, alpha, bias, norm_eps, hc_eps, n, D, csize, zero,
+    def _fwd_kernel(x, phig, alpha, bias, norm_eps, hc_eps, n, D, csize, zero, sk,
                     h_in, h_post, h_res, inv_rms, h_mix, h_pre):
         T = x.shape[0]
         nD = n * D
@@ -191,6 +272,7 @@ if numba is not None:
             hp = np.empty(n, phig.dtype)
             m = np.empty((SB, F), np.float64)
             ss = np.empty(SB, np.float64)
+            lg = np.empty(n * n, np.float64)
             for s0 in range(t0, t1, SB):
                 ns = min(SB, t1 - s0)
                 m[:, :] = 0.0
@@ -257,6 +339,12 @@ if numba is not None:
                         h_post[t, i] = 2.0 / (1.0 + np.exp(-z))
                     for q in range(n * n):
                         h_res[t, q] = a_res * (r * m[j, 2 * n + q]) + bias[2 * n + q]
+                    if sk > 0:  # Sinkhorn-Knopp in fp64 on the n x n logits (skipped for k = 0)
+                        for q in range(n * n):
+                            lg[q] = a_res * (r * m[j, 2 * n + q]) + bias[2 * n + q]
+                        _sk_forward(lg, n, sk)
+                        for q in range(n * n):
+                            h_res[t, q] = lg[q]
                     h0 = hp[0]
                     for d in range(Du):
                         hb[d] = h0 * _ld(x, t, d)
@@ -272,8 +360,8 @@ if numba is not None:
     # backward
 
     @njit(parallel=True, cache=True, fastmath=_FM, nogil=True)
-    def _bwd_kernel(x, phi, g, alpha, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res,
-                    hc_eps, n, D, csize, has_gamma, zero, dx, dphi_p, dg_p, dab_p):
+    def _bwd_kernel(x, phi, g, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
+                    dh_res, hc_eps, n, D, csize, has_gamma, zero, sk, dx, dphi_p, dg_p, dab_p):
         T = x.shape[0]
         nD = n * D
         F = phi.shape[0]
@@ -299,6 +387,17 @@ if numba is not None:
             coef = np.empty(SB, phi.dtype)
             dhp = np.empty(n, np.float64)
             e = np.empty(F, np.float64)
+            # Sinkhorn scratch: logits, their pulled-back gradient, exp(logits - max), and the
+            # k x n row / column scalings and sums of the replayed iterations
+            nn = n * n
+            kk1 = max(sk, 1)
+            lg = np.empty(nn, np.float64)
+            dl = np.empty(nn, np.float64)
+            ep0 = np.empty(nn, np.float64)
+            su = np.empty((kk1, n), np.float64)
+            sv = np.empty((kk1, n), np.float64)
+            srs = np.empty((kk1, n), np.float64)
+            scs = np.empty((kk1, n), np.float64)
             for s0 in range(t0, t1, SB):
                 ns = min(SB, t1 - s0)
                 # pass 1, per token: dh_pre, gate derivatives, dm, dalpha / dbias
@@ -324,8 +423,15 @@ if numba is not None:
                         e[n + i] = a_post * dq
                         dab_c[1] += dq * (r * h_mix[t, n + i])
                         dab_c[3 + n + i] += dq
+                    if sk > 0:  # dh_res is w.r.t. SK_k(logits): pull it back to the logits
+                        for q in range(nn):
+                            lg[q] = a_res * (r * h_mix[t, 2 * n + q]) + bias[2 * n + q]
+                            dl[q] = dh_res[t, q]
+                        _sk_vjp(lg, dl, n, sk, ep0, su, sv, srs, scs)
                     for q in range(n * n):
                         dR = np.float64(dh_res[t, q])
+                        if sk > 0:
+                            dR = dl[q]
                         e[2 * n + q] = a_res * dR
                         dab_c[2] += dR * (r * h_mix[t, 2 * n + q])
                         dab_c[3 + 2 * n + q] += dR
@@ -430,6 +536,113 @@ if numba is not None:
                                         + c3 * vt[3, k] + c4 * vt[4, k] + c5 * vt[5, k]
                                         + c6 * vt[6, k] + c7 * vt[7, k])
 
+    # -----------------------------------------------------------------------------------------
+    # the post operator: x_next[i] = sum_j h_res[i, j] x[j] + h_post[i] f_out, and its backward.
+    # Tokens are independent (no cross-token sums): prange over fixed chunks of tokens, each
+    # token walked in column tiles of PT; a tile of x / dx_next / f_out is decoded once into
+    # per-thread fp32 (fp64) scratch in L1 and every output of the tile is computed from it.
+
+    @njit(cache=True, fastmath=_FM, nogil=True)
+    def _store_tile(out, t, ku0, acc, Lu):
+        """out[t, ku0 : ku0 + Lu] = acc[:Lu], rounded once to out's encoding (one call site per
+        encoding keeps the 16-bit encoders inlined once: smaller kernels, faster compiles)."""
+        for k in range(Lu):
+            _st(out, t, ku0 + k, acc[k])
+
+    @njit(parallel=True, cache=True, fastmath=_FM, nogil=True)
+    def _post_fwd_kernel(x, f, hp, hr, n, D, csize, out):
+        T = x.shape[0]
+        nchunks = (T + csize - 1) // csize
+        Du = np.uint64(D)
+        for c in prange(nchunks):
+            t0 = c * csize
+            t1 = min(T, t0 + csize)
+            xt = np.empty((n, PT), hp.dtype)
+            ft = np.empty(PT, hp.dtype)
+            acc = np.empty(PT, hp.dtype)
+            for t in range(t0, t1):
+                for d0 in range(0, D, PT):
+                    Lu = np.uint64(min(PT, D - d0))
+                    du0 = np.uint64(d0)
+                    for k in range(Lu):
+                        ft[k] = _ld(f, t, du0 + k)
+                    for j in range(n):
+                        ku0 = np.uint64(j) * Du + du0
+                        for k in range(Lu):
+                            xt[j, k] = _ld(x, t, ku0 + k)
+                    for i in range(n):
+                        a = hp[t, i]
+                        for k in range(Lu):
+                            acc[k] = a * ft[k]
+                        for j in range(n):
+                            b = hr[t, i * n + j]
+                            for k in range(Lu):
+                                acc[k] += b * xt[j, k]
+                        _store_tile(out, t, np.uint64(i) * Du + du0, acc, Lu)
+
+    @njit(parallel=True, cache=True, fastmath=_FM, nogil=True)
+    def _post_bwd_kernel(x, f, hp, hr, g, n, D, csize, zero, dx, df, dhp, dhr):
+        T = x.shape[0]
+        nchunks = (T + csize - 1) // csize
+        Du = np.uint64(D)
+        for c in prange(nchunks):
+            t0 = c * csize
+            t1 = min(T, t0 + csize)
+            xt = np.empty((n, PT), hp.dtype)
+            gt = np.empty((n, PT), hp.dtype)
+            ft = np.empty(PT, hp.dtype)
+            acc = np.empty(PT, hp.dtype)
+            sp = np.empty(n, np.float64)
+            sr = np.empty(n * n, np.float64)
+            for t in range(t0, t1):
+                sp[:] = 0.0
+                sr[:] = 0.0
+                for d0 in range(0, D, PT):
+                    Lu = np.uint64(min(PT, D - d0))
+                    du0 = np.uint64(d0)
+                    for k in range(Lu):
+                        ft[k] = _ld(f, t, du0 + k)
+                    for j in range(n):
+                        ku0 = np.uint64(j) * Du + du0
+                        for k in range(Lu):
+                            xt[j, k] = _ld(x, t, ku0 + k)
+                            gt[j, k] = _ld(g, t, ku0 + k)
+                    # df_out = sum_i h_post[i] dx_next[i]
+                    a = hp[t, 0]
+                    for k in range(Lu):
+                        acc[k] = a * gt[0, k]
+                    for i in range(1, n):
+                        a = hp[t, i]
+                        for k in range(Lu):
+                            acc[k] += a * gt[i, k]
+                    _store_tile(df, t, du0, acc, Lu)
+                    # dx[j] = sum_i h_res[i, j] dx_next[i]
+                    for j in range(n):
+                        a = hr[t, j]
+                        for k in range(Lu):
+                            acc[k] = a * gt[0, k]
+                        for i in range(1, n):
+                            a = hr[t, i * n + j]
+                            for k in range(Lu):
+                                acc[k] += a * gt[i, k]
+                        _store_tile(dx, t, np.uint64(j) * Du + du0, acc, Lu)
+                    # dh_post[i] = <dx_next[i], f>, dh_res[i, j] = <dx_next[i], x[j]>: a tile's
+                    # dot in the compute dtype, summed over tiles in fp64
+                    for i in range(n):
+                        s = zero
+                        for k in range(Lu):
+                            s += gt[i, k] * ft[k]
+                        sp[i] += s
+                        for j in range(n):
+                            s = zero
+                            for k in range(Lu):
+                                s += gt[i, k] * xt[j, k]
+                            sr[i * n + j] += s
+                for i in range(n):
+                    dhp[t, i] = sp[i]
+                for q in range(n * n):
+                    dhr[t, q] = sr[q]
+
     @njit(parallel=True, cache=True, nogil=True)
     def _reduce_kernel(parts, out):
         """out[r, k] = sum over chunks c, in order, of parts[c, r, k] (float64 sums)."""
@@ -459,9 +672,15 @@ def _compute_dtype(x_dtype, p_dtype):
     return np.float64 if (x_dtype == np.float64 or p_dtype == np.float64) else np.float32
 
 
+def _iters(sinkhorn_iters) -> int:
+    k = int(sinkhorn_iters)
+    if k < 0:
+        raise ValueError(f"sinkhorn_iters: expected an int >= 0, got {sinkhorn_iters!r}")
+    return k  # one int64 kernel argument: k = 0 and every k > 0 share one compiled kernel
+
+
 def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
-    if sinkhorn_iters:
-        raise NotImplementedError("the numba backend does not implement Sinkhorn (sinkhorn_iters>0)")
+    sk = _iters(sinkhorn_iters)
     T, n, D = x.shape
     nD = n * D
     F = phi.shape[0]
@@ -482,14 +701,13 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
     with _LOCK:
         _fwd_kernel(_storage(x).reshape(T, nD), phig, np.asarray(alpha, np.float64),
                     np.asarray(bias, np.float64), float(norm_eps), float(hc_eps), n, D, csize,
-                    cd(0), _storage(h_in), h_post, h_res.reshape(T, n * n), inv_rms, h_mix, h_pre)
+                    cd(0), sk, _storage(h_in), h_post, h_res.reshape(T, n * n), inv_rms, h_mix, h_pre)
     return h_in, h_post, h_res, inv_rms, h_mix, h_pre
 
 
 def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
              *, norm_eps, hc_eps, sinkhorn_iters=0):
-    if sinkhorn_iters:
-        raise NotImplementedError("the numba backend does not implement Sinkhorn (sinkhorn_iters>0)")
+    sk = _iters(sinkhorn_iters)
     T, n, D = x.shape
     nD = n * D
     F = phi.shape[0]
@@ -507,9 +725,9 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
     dab_p = np.empty((nchunks, 1, 3 + F), np.float64)
     with _LOCK:
         _bwd_kernel(_storage(x).reshape(T, nD), phic, g, np.asarray(alpha, np.float64),
-                    inv_rms, h_mix, h_pre, h_post, _storage(dh_in), dh_post,
-                    dh_res.reshape(T, n * n), float(hc_eps), n, D, csize, gamma is not None,
-                    cd(0), _storage(dx).reshape(T, nD), dphi_p, dg_p[:, 0], dab_p[:, 0])
+                    np.asarray(bias, np.float64), inv_rms, h_mix, h_pre, h_post, _storage(dh_in),
+                    dh_post, dh_res.reshape(T, n * n), float(hc_eps), n, D, csize,
+                    gamma is not None, cd(0), sk, _storage(dx).reshape(T, nD), dphi_p, dg_p[:, 0], dab_p[:, 0])
         dphi = empty((F, nD), pd)
         _reduce_kernel(dphi_p, dphi)
         dab = empty((1, 3 + F), pd)
@@ -520,3 +738,44 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
             _reduce_kernel(dg_p, dg)
             dgamma = dg.reshape(n, D)
     return dx, dphi, dab[0, :3].copy(), dab[0, 3:].copy(), dgamma
+
+
+# ---------------------------------------------------------------------------------------------
+# the post operator (CONTRACT.md, "The post operator")
+
+def post_forward(x, f_out, h_post, h_res):
+    """x_next [T,n,D] (x's encoding) = h_res @ x + h_post * f_out, per token."""
+    T, n, D = x.shape
+    cd = _compute_dtype(x.dtype, h_post.dtype)
+    x_next = empty((T, n, D), x.dtype)
+    if T == 0:
+        return x_next
+    csize, _ = _chunking(T)
+    hp = np.ascontiguousarray(h_post, dtype=cd)
+    hr = np.ascontiguousarray(h_res, dtype=cd).reshape(T, n * n)
+    with _LOCK:
+        _post_fwd_kernel(_storage(x).reshape(T, n * D), _storage(f_out), hp, hr, n, D, csize,
+                         _storage(x_next).reshape(T, n * D))
+    return x_next
+
+
+def post_backward(x, f_out, h_post, h_res, dx_next):
+    """(dx [T,n,D], df_out [T,D] in x's encoding; dh_post [T,n], dh_res [T,n,n] in h_post's)"""
+    T, n, D = x.shape
+    pd = h_post.dtype
+    cd = _compute_dtype(x.dtype, pd)
+    dx = empty((T, n, D), x.dtype)
+    df_out = empty((T, D), x.dtype)
+    dh_post = empty((T, n), pd)
+    dh_res = empty((T, n, n), pd)
+    if T == 0:
+        return dx, df_out, dh_post, dh_res
+    csize, _ = _chunking(T)
+    hp = np.ascontiguousarray(h_post, dtype=cd)
+    hr = np.ascontiguousarray(h_res, dtype=cd).reshape(T, n * n)
+    with _LOCK:
+        _post_bwd_kernel(_storage(x).reshape(T, n * D), _storage(f_out), hp, hr,
+                         _storage(dx_next).reshape(T, n * D), n, D, csize, cd(0),
+                         _storage(dx).reshape(T, n * D), _storage(df_out), dh_post,
+                         dh_res.reshape(T, n * n))
+    return dx, df_out, dh_post, dh_res

@@ -1,8 +1,10 @@
 """Benchmark of the Numba CPU backend (issue 3): numba vs PyTorch eager fp32 vs the NumPy reference.
 
-bf16 x, fp32 parameters, shapes (1,1024,4,2048) and (2,2048,4,4096). Runs are interleaved
-(numba, eager, numpy, numba, eager, ...) and the median of each is reported, so load from other
-processes hits every contender alike. Also measures, in a fresh subprocess, the peak RSS of one
+bf16 x, fp32 parameters, shapes (1,1024,4,2048) and (2,2048,4,4096). Rows: the pre operator's
+forward / backward, the same with Sinkhorn k = 20 (numba only: its cost over k = 0), and the post
+operator's forward / backward (issue 5). Runs are interleaved (numba, eager, numpy, numba,
+eager, ...) and the median of each is reported, so load from other processes hits every
+contender alike. Also measures, in a fresh subprocess, the peak RSS of one
 backward at (2,2048,4,4096) against the bytes of its inputs and outputs.
 
     .venv/bin/python bench/bench_numba.py [--reps N] [--numpy-reps N] [--quick]
@@ -92,11 +94,24 @@ def torch_impl():
         dgamma = (v * w).sum(0).reshape(n, D)
         return dv.reshape(T, n, D).to(x.dtype), dphi, dalpha, dbias, dgamma
 
-    return torch, fwd, bwd
+    def post_fwd(x, f_out, h_post, h_res):
+        xf = x.float()
+        return (torch.einsum("tij,tjd->tid", h_res, xf)
+                + h_post[:, :, None] * f_out.float()[:, None, :]).to(x.dtype)
+
+    def post_bwd(x, f_out, h_post, h_res, dx_next):
+        xf, ff, g = x.float(), f_out.float(), dx_next.float()
+        dx = torch.einsum("tij,tid->tjd", h_res, g).to(x.dtype)
+        df_out = torch.einsum("ti,tid->td", h_post, g).to(x.dtype)
+        dh_post = torch.einsum("tid,td->ti", g, ff)
+        dh_res = torch.einsum("tid,tjd->tij", g, xf)
+        return dx, df_out, dh_post, dh_res
+
+    return torch, fwd, bwd, post_fwd, post_bwd
 
 
 def bench_shape(shape, reps, numpy_reps):
-    torch, tfwd, tbwd = torch_impl()
+    torch, tfwd, tbwd, tpf, tpb = torch_impl()
     torch.set_num_threads(os.cpu_count() or 2)
     B, S, n, D = shape
     T = B * S
@@ -120,7 +135,32 @@ def bench_shape(shape, reps, numpy_reps):
     rf = lambda: ref.forward(a["x"], a["phi"], a["alpha"], a["bias"], a["gamma"], **KW)  # noqa: E731
     rb = lambda: ref.backward(a["x"], a["phi"], a["alpha"], a["bias"], r, m, h_pre, h_post,  # noqa: E731
                               a["dh_in"], a["dh_post"], a["dh_res"], a["gamma"], **KW)
-    times = {k: [] for k in ("numba_fwd", "numba_bwd", "eager_fwd", "eager_bwd", "numpy_fwd", "numpy_bwd")}
+    # Sinkhorn k = 20 (numba only; compared with numba k = 0)
+    nf20 = lambda: nb.forward(a["x"], a["phi"], a["alpha"], a["bias"], a["gamma"],  # noqa: E731
+                              sinkhorn_iters=20, **KW)
+    nb20 = lambda: nb.backward(a["x"], a["phi"], a["alpha"], a["bias"], r, m, h_pre, h_post,  # noqa: E731
+                               a["dh_in"], a["dh_post"], a["dh_res"], a["gamma"],
+                               sinkhorn_iters=20, **KW)
+    nf20(), nb20()
+    # the post operator: f_out [T, D] and dx_next [T, n, D] in bf16, gates fp32
+    rng = np.random.default_rng(1)
+    f_out = ref._cast(rng.standard_normal((T, D)), np.uint16)
+    dx_next = ref._cast(rng.standard_normal((T, n, D)), np.uint16)
+    hres = (np.eye(n) + 0.1 * rng.standard_normal((T, n, n))).astype(np.float32)
+    npf = lambda: nb.post_forward(a["x"], f_out, h_post, hres)  # noqa: E731
+    npb = lambda: nb.post_backward(a["x"], f_out, h_post, hres, dx_next)  # noqa: E731
+    npf(), npb()
+    tfo = torch.from_numpy(f_out.view(np.int16)).view(torch.bfloat16)
+    tdxn = torch.from_numpy(dx_next.view(np.int16)).view(torch.bfloat16)
+    thres = torch.from_numpy(hres)
+    tpf_ = lambda: tpf(tx, tfo, thpo, thres)  # noqa: E731
+    tpb_ = lambda: tpb(tx, tfo, thpo, thres, tdxn)  # noqa: E731
+    tpf_(), tpb_()
+    rpf = lambda: ref.post_forward(a["x"], f_out, h_post, hres)  # noqa: E731
+    rpb = lambda: ref.post_backward(a["x"], f_out, h_post, hres, dx_next)  # noqa: E731
+    keys = [f"{w}_{p}" for p in ("fwd", "bwd", "post_fwd", "post_bwd") for w in ("numba", "eager", "numpy")]
+    keys += ["numba_fwd_sk20", "numba_bwd_sk20"]
+    times = {k: [] for k in keys}
 
     def timed(key, fn):
         t0 = time.perf_counter()
@@ -133,9 +173,17 @@ def bench_shape(shape, reps, numpy_reps):
             timed("eager_fwd", tf)
             timed("numba_bwd", nbk)
             timed("eager_bwd", tb)
+            timed("numba_fwd_sk20", nf20)
+            timed("numba_bwd_sk20", nb20)
+            timed("numba_post_fwd", npf)
+            timed("eager_post_fwd", tpf_)
+            timed("numba_post_bwd", npb)
+            timed("eager_post_bwd", tpb_)
             if i < numpy_reps:
                 timed("numpy_fwd", rf)
                 timed("numpy_bwd", rb)
+                timed("numpy_post_fwd", rpf)
+                timed("numpy_post_bwd", rpb)
     med = {k: float(np.median(v)) if v else None for k, v in times.items()}
     return {"shape": list(shape), "reps": reps, "numpy_reps": numpy_reps, "median_ms": med,
             "all_ms": times}
@@ -199,18 +247,22 @@ def main(argv=None):
     import numba
     import torch
     results = []
-    print(f"{'shape':>18} {'pass':>4} {'numba ms':>9} {'eager ms':>9} {'numpy ms':>9} "
+    print(f"{'shape':>18} {'pass':>8} {'numba ms':>9} {'eager ms':>9} {'numpy ms':>9} "
           f"{'eager/numba':>11} {'numpy/numba':>11}")
     for shape in SHAPES[:1] if args.quick else SHAPES:
         res = bench_shape(shape, args.reps, args.numpy_reps if shape == SHAPES[0] else
                           max(1, args.numpy_reps // 3))
         med = res["median_ms"]
-        for pas in ("fwd", "bwd"):
+        for pas in ("fwd", "bwd", "post_fwd", "post_bwd"):
             nbt, et, npt = med[f"numba_{pas}"], med[f"eager_{pas}"], med[f"numpy_{pas}"]
             res[f"speedup_vs_eager_{pas}"] = et / nbt
             res[f"speedup_vs_numpy_{pas}"] = npt / nbt if npt else None
-            print(f"{str(tuple(shape)):>18} {pas:>4} {nbt:9.2f} {et:9.2f} {npt or float('nan'):9.1f} "
+            print(f"{str(tuple(shape)):>18} {pas:>8} {nbt:9.2f} {et:9.2f} {npt or float('nan'):9.1f} "
                   f"{et / nbt:10.2f}x {(npt or float('nan')) / nbt:10.1f}x", flush=True)
+        for pas in ("fwd", "bwd"):
+            res[f"sk20_over_k0_{pas}"] = med[f"numba_{pas}_sk20"] / med[f"numba_{pas}"]
+            print(f"{str(tuple(shape)):>18} {pas + ' k=20':>8} {med[f'numba_{pas}_sk20']:9.2f} ms "
+                  f"({res[f'sk20_over_k0_{pas}']:.2f}x numba k=0)", flush=True)
         results.append(res)
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
