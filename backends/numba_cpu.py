@@ -175,7 +175,8 @@ if numba is not None:
 
     @njit(cache=True, nogil=True)
     def _sk_forward(p, n, k):
-        """p <- SK_k(p): exp(p - max), then k times rows / row sums, columns / column sums."""
+        """p <- SK_k(p): exp(p - max), then k times rows / row sums, columns / column sums
+        (fp64; one reciprocal per row / column, then multiplies)."""
         nn = n * n
         mx = p[0]
         for q in range(1, nn):
@@ -187,14 +188,16 @@ if numba is not None:
                 s = 0.0
                 for j in range(n):
                     s += p[i * n + j]
+                inv = 1.0 / s
                 for j in range(n):
-                    p[i * n + j] /= s
+                    p[i * n + j] *= inv
             for j in range(n):
                 s = 0.0
                 for i in range(n):
                     s += p[i * n + j]
+                inv = 1.0 / s
                 for i in range(n):
-                    p[i * n + j] /= s
+                    p[i * n + j] *= inv
 
     @njit(cache=True, nogil=True)
     def _sk_vjp(lg, dp, n, k, p0, su, sv, srs, scs):
@@ -235,18 +238,18 @@ if numba is not None:
                 a = 0.0
                 for i in range(n):
                     a += dp[i * n + j] * (p0[i * n + j] * su[it, i] * vj)
-                s = scs[it, j]
+                inv = 1.0 / scs[it, j]
                 for i in range(n):
-                    dp[i * n + j] = (dp[i * n + j] - a) / s
+                    dp[i * n + j] = (dp[i * n + j] - a) * inv
             for i in range(n):  # row step: Q = P0 * su[it] * sv[it - 1]
                 ui = su[it, i]
                 a = 0.0
                 for j in range(n):
                     vo = sv[it - 1, j] if it > 0 else 1.0
                     a += dp[i * n + j] * (p0[i * n + j] * ui * vo)
-                s = srs[it, i]
+                inv = 1.0 / srs[it, i]
                 for j in range(n):
-                    dp[i * n + j] = (dp[i * n + j] - a) / s
+                    dp[i * n + j] = (dp[i * n + j] - a) * inv
         for q in range(nn):
             dp[q] *= p0[q]
 
