@@ -357,6 +357,153 @@ if triton is not None:
                      _round_out(h, hin_ptr.dtype.element_ty, INTERP), mask=m2)
 
     # -----------------------------------------------------------------------------------------
+    # Forward, split variant (set_config(fwd_split=S), S >= 1, or -1 for a rule by T): more
+    # programs when T is small.  Three launches:
+    #   _pre_fwd_part_kernel  grid (T/BT, S): pass 1 over the program's share of the D chunks
+    #                         (all n streams) -> fp32 partials [S, T, F_PAD] of m and [S, T] of
+    #                         the sum of squares
+    #   _pre_fwd_fin_kernel   grid T/BT2: fixed-order sum over s, r, gates, (Sinkhorn), stores
+    #   _pre_hin_kernel       grid (T/BT3, D/BD3): h_in = sum_i h_pre[i] x[i, :]
+    @triton.jit(do_not_specialize=["T"])
+    def _pre_fwd_part_kernel(
+        x_ptr, pg_ptr, mpart_ptr, spart_ptr, T,
+        N: tl.constexpr, D: tl.constexpr, F_PAD: tl.constexpr, S: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr,
+    ):
+        ND: tl.constexpr = N * D
+        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        CPS: tl.constexpr = (NCH + S - 1) // S
+        pid = tl.program_id(0)
+        s = tl.program_id(1)
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        rows64 = rows.to(tl.int64)
+        dd = tl.arange(0, BLOCK_D)
+        ff = tl.arange(0, F_PAD)
+        acc = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)
+        ss2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        c_lo = s * CPS
+        nj = (tl.minimum(c_lo + CPS, NCH) - c_lo) * N
+        for j in range(0, nj):
+            cl = j // N
+            i = j - cl * N
+            d = (c_lo + cl) * BLOCK_D + dd
+            dmask = d < D
+            m2 = rmask[:, None] & dmask[None, :]
+            xv = tl.load(x_ptr + rows64[:, None] * ND + i * D + d[None, :], mask=m2, other=0.0)
+            xf = xv.to(tl.float32)
+            ss2 += xf * xf
+            boff = ff[None, :] * ND + i * D + d[:, None]
+            bm = dmask[:, None]
+            b0 = tl.load(pg_ptr + boff, mask=bm, other=0.0)
+            b1 = b0
+            b2 = b0
+            if NPB > 1:
+                b1 = tl.load(pg_ptr + F_PAD * ND + boff, mask=bm, other=0.0)
+            if NPB > 2:
+                b2 = tl.load(pg_ptr + 2 * F_PAD * ND + boff, mask=bm, other=0.0)
+            acc = _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP)
+        tl.store(mpart_ptr + (s * T + rows64[:, None]) * F_PAD + ff[None, :], acc,
+                 mask=rmask[:, None])
+        tl.store(spart_ptr + s * T + rows64, tl.sum(ss2, axis=1), mask=rmask)
+
+    @triton.jit(do_not_specialize=["T"])
+    def _pre_fwd_fin_kernel(
+        mpart_ptr, spart_ptr, alpha_ptr, bias_ptr, hpost_ptr, hres_ptr, rms_ptr, hmix_ptr,
+        hpre_ptr, T, norm_eps, hc_eps,
+        N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
+        S: tl.constexpr, BLOCK_T: tl.constexpr, K: tl.constexpr = 0, NP: tl.constexpr = 1,
+    ):
+        ND: tl.constexpr = N * D
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        rows64 = rows.to(tl.int64)
+        ff = tl.arange(0, F_PAD)
+        rm2 = rmask[:, None]
+        acc = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for s in range(S):          # fixed order
+            acc += tl.load(mpart_ptr + (s * T + rows64[:, None]) * F_PAD + ff[None, :], mask=rm2,
+                           other=0.0)
+            ss += tl.load(spart_ptr + s * T + rows64, mask=rmask, other=0.0)
+        r = 1.0 / tl.sqrt_rn(ss / ND + norm_eps)
+        a_pre = tl.load(alpha_ptr)
+        a_post = tl.load(alpha_ptr + 1)
+        a_res = tl.load(alpha_ptr + 2)
+        fmask = ff < F
+        is_pre = ff < N
+        is_post = (ff >= N) & (ff < 2 * N)
+        bias = tl.load(bias_ptr + ff, mask=fmask, other=0.0)
+        a_col = tl.where(is_pre, a_pre, tl.where(is_post, a_post, a_res))
+        z = a_col[None, :] * (r[:, None] * acc) + bias[None, :]
+        sig = 1.0 / (1.0 + tl.exp(-z))
+        gate = tl.where(is_pre[None, :], sig + hc_eps, tl.where(is_post[None, :], 2.0 * sig, z))
+        tl.store(rms_ptr + rows, r, mask=rmask)
+        tl.store(hmix_ptr + rows64[:, None] * F + ff[None, :], acc, mask=rm2 & fmask[None, :])
+        tl.store(hpre_ptr + rows64[:, None] * N + ff[None, :], gate, mask=rm2 & is_pre[None, :])
+        tl.store(hpost_ptr + rows64[:, None] * N + (ff[None, :] - N), gate,
+                 mask=rm2 & is_post[None, :])
+        is_res = (ff >= 2 * N) & fmask
+        tl.store(hres_ptr + rows64[:, None] * (N * N) + (ff[None, :] - 2 * N), gate,
+                 mask=rm2 & is_res[None, :])
+        if K > 0:
+            tl.debug_barrier()
+            kk = tl.arange(0, NP)
+            valid = (kk < N)[:, None] & (kk < N)[None, :]
+            off3 = rows64[:, None, None] * (N * N) + kk[None, :, None] * N + kk[None, None, :]
+            m3 = rmask[:, None, None] & valid[None, :, :]
+            L = tl.load(hres_ptr + off3, mask=m3, other=0.0)
+            P = _sk_iterate(_sk_p0(L, valid), K)
+            tl.debug_barrier()
+            tl.store(hres_ptr + off3, P, mask=m3)
+
+    @triton.jit(do_not_specialize=["T"])
+    def _pre_hin_kernel(
+        x_ptr, hpre_ptr, hin_ptr, T,
+        N: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        INTERP: tl.constexpr,
+    ):
+        ND: tl.constexpr = N * D
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        rmask = rows < T
+        rows64 = rows.to(tl.int64)
+        m2 = rmask[:, None] & (d < D)[None, :]
+        h = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for i in tl.static_range(N):
+            hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
+            xv = tl.load(x_ptr + rows64[:, None] * ND + i * D + d[None, :], mask=m2, other=0.0)
+            h += hp[:, None] * xv.to(tl.float32)
+        tl.store(hin_ptr + rows64[:, None] * D + d[None, :],
+                 _round_out(h, hin_ptr.dtype.element_ty, INTERP), mask=m2)
+
+    # Sinkhorn backward, separate variant (set_config(sk_bwd="sep")): d(logits) for all tokens
+    # in a small kernel of its own, many tokens per program, before the row kernel (which then
+    # runs its k = 0 code on the [T, n*n] result), so the VJP is off the row kernel's path.
+    @triton.jit(do_not_specialize=["T"])
+    def _sk_bwd_kernel(
+        hmix_ptr, rms_ptr, alpha_ptr, bias_ptr, dhres_ptr, dlog_ptr, T,
+        N: tl.constexpr, F: tl.constexpr, K: tl.constexpr, NP: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        rows64 = rows.to(tl.int64)
+        a_res = tl.load(alpha_ptr + 2)
+        kk = tl.arange(0, NP)
+        valid = (kk < N)[:, None] & (kk < N)[None, :]
+        q3 = kk[None, :, None] * N + kk[None, None, :]
+        m3 = rmask[:, None, None] & valid[None, :, :]
+        mres = tl.load(hmix_ptr + rows64[:, None, None] * F + 2 * N + q3, mask=m3, other=0.0)
+        b3 = tl.load(bias_ptr + 2 * N + q3, mask=valid[None, :, :], other=0.0)
+        r3 = tl.load(rms_ptr + rows, mask=rmask, other=0.0)
+        L = a_res * (r3[:, None, None] * mres) + b3
+        dH = tl.load(dhres_ptr + rows64[:, None, None] * (N * N) + q3, mask=m3, other=0.0)
+        dL = _sk_vjp(L, dH, valid, K)
+        tl.store(dlog_ptr + rows64[:, None, None] * (N * N) + q3, dL, mask=m3)
+
+    # -----------------------------------------------------------------------------------------
     # Backward, row part, per token t:
     #   dh_pre[i] = sum_d dh_in[d] x[i, d];  s = h_pre - hc_eps
     #   raw = [dh_pre*s*(1-s), dh_post*h_post*(1-h_post/2), dh_res]   (dp, dq, dR)
@@ -729,7 +876,12 @@ _SM_COUNT: dict = {}
 
 def set_config(**kw) -> None:
     """Override launch parameters (keys: fwd_bt, fwd_bd, fwd_warps, fwd_stages, row_bt, row_bd,
-    row_warps, col_bt, col_bd, col_warps, col_stages, col_waves, row_waves); {} restores rules."""
+    row_warps, col_bt, col_bd, col_warps, col_stages, col_waves, row_waves); {} restores rules.
+
+    Variants: ``fwd_split`` (0 default: the fused forward; S >= 1 or -1 for a rule: the split
+    forward, with fwd_split_bt/bd/warps/stages, fin_bt, hin_bt, hin_bd) and ``sk_bwd`` ("auto"
+    default: "sep" on CUDA when T >= 48 * SMs, else "fused"; "sep": d(logits) by
+    _sk_bwd_kernel before the row kernel; "fused": inside the row kernel; sk_bt, sk_warps)."""
     _CONFIG_OVERRIDES.clear()
     _CONFIG_OVERRIDES.update(kw)
 
@@ -771,6 +923,47 @@ def _config(n: int, D: int, dtype_name: str, device, T: int = 0) -> dict:
                        row_bd=min(cfg["row_bd"], p2))
     cfg.update(_CONFIG_OVERRIDES)
     return cfg
+
+
+def _fwd_splits(cfg, T, D, device) -> int:
+    """0: the fused one-kernel forward; S >= 1: the split forward with S D-shares per token
+    block; -1 in the config: S by rule, enough programs for ~4 per multiprocessor."""
+    S = int(cfg.get("fwd_split", 0))
+    if S == 0:
+        return 0
+    bt, bd = cfg.get("fwd_split_bt", 32), cfg.get("fwd_split_bd", 128)
+    if device.type != "cuda":
+        bt, bd = cfg.get("fwd_split_bt", 16), cfg.get("fwd_split_bd", 16)
+    nch = triton.cdiv(D, bd)
+    if S < 0:
+        S = triton.cdiv(4 * _sm_count(device), triton.cdiv(T, bt))
+    return max(1, min(S, nch))
+
+
+def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pre, T, n, D, F,
+                   F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps):
+    dev = x.device
+    cuda = dev.type == "cuda"
+    bt = cfg.get("fwd_split_bt", 32 if cuda else 16)
+    bd = cfg.get("fwd_split_bd", 128 if cuda else 16)
+    mpart = torch.empty((S, T, F_pad), dtype=torch.float32, device=dev)
+    spart = torch.empty((S, T), dtype=torch.float32, device=dev)
+    kw = {"num_warps": cfg.get("fwd_split_warps", 4)}
+    if not _interpret():
+        kw["num_stages"] = cfg.get("fwd_split_stages", 3)
+    _pre_fwd_part_kernel[(triton.cdiv(T, bt), S)](
+        x, pg, mpart, spart, T, N=n, D=D, F_PAD=F_pad, S=S, BLOCK_T=bt, BLOCK_D=bd,
+        NPA=npa, NPB=npb, INTERP=_interpret(), **kw)
+    fbt = cfg.get("fin_bt", 64 if cuda else 16)
+    _pre_fwd_fin_kernel[(triton.cdiv(T, fbt),)](
+        mpart, spart, _f32(alpha), _f32(bias), h_post, h_res, inv_rms, h_mix, h_pre, T,
+        float(norm_eps), float(hc_eps), N=n, D=D, F=F, F_PAD=F_pad, S=S, BLOCK_T=fbt,
+        **_sk_kw(k, n), num_warps=4)
+    hbt = cfg.get("hin_bt", 8 if cuda else 4)
+    hbd = min(cfg.get("hin_bd", 512 if cuda else 32), max(16, _next_pow2(D)))
+    _pre_hin_kernel[(triton.cdiv(T, hbt), triton.cdiv(D, hbd))](
+        x, h_pre, h_in, T, N=n, D=D, BLOCK_T=hbt, BLOCK_D=hbd, INTERP=_interpret(),
+        num_warps=4)
 
 
 def _launch_kw(cfg, prefix):
@@ -826,6 +1019,12 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
         cfg = _config(n, D, dname, dev, T)
         g = None if gamma is None else _f32(gamma).reshape(ND)
         pg = _prep_phi(_f32(phi), g, F_pad, npb)
+        S = _fwd_splits(cfg, T, D, dev)
+        if S > 0:
+            _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pre, T, n,
+                           D, F, F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps)
+            outs = (h_post, h_res, inv_rms, h_mix, h_pre)
+            return (h_in,) + tuple(o if o.dtype == pdt else o.to(pdt) for o in outs)
         grid = (triton.cdiv(T, cfg["fwd_bt"]),)
         _pre_fwd_kernel[grid](
             x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre,
@@ -874,12 +1073,26 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         coef = torch.empty((T,), dtype=torch.float32, device=dev)
         wsrow = torch.empty((prow, 2, F_pad), dtype=torch.float32, device=dev)
         sk = _sk_kw(k, n)
-        if k > 0:   # d(logits) scratch, [T, n*n] (the size class of dh_res)
+        dhr = _f32(dh_res).reshape(T, n * n)
+        sk_mode = cfg.get("sk_bwd", "auto")
+        if sk_mode == "auto":   # H200 A/B (docs/performance.md): sep wins at T = 8192, 16384
+            #                     (k20/k0 bwd 1.05, 1.01 vs 1.16, 1.15), fused at T = 4096
+            sk_mode = "sep" if dev.type == "cuda" and T >= 48 * sms else "fused"
+        if k > 0 and sk_mode == "sep":
+            # d(logits) by its own kernel; the row kernel then runs its k = 0 code on it
+            dlog = torch.empty((T, n * n), dtype=torch.float32, device=dev)
+            sbt = cfg.get("sk_bt", 64 if dev.type == "cuda" else 16)
+            _sk_bwd_kernel[(triton.cdiv(T, sbt),)](
+                _f32(h_mix), _f32(inv_rms), _f32(alpha), _f32(bias), dhr, dlog, T,
+                N=n, F=F, K=k, NP=_next_pow2(n), BLOCK_T=sbt,
+                num_warps=cfg.get("sk_warps", 4))
+            dhr, sk = dlog, {}
+        elif k > 0:   # d(logits) scratch, [T, n*n] (the size class of dh_res)
             sk.update(bias_ptr=_f32(bias),
                       dlog_ptr=torch.empty((T, n * n), dtype=torch.float32, device=dev))
         _pre_bwd_row_kernel[(prow,)](
             x, dh_in, _f32(inv_rms), _f32(h_mix), hp32, _f32(h_post), _f32(dh_post),
-            _f32(dh_res).reshape(T, n * n), _f32(alpha), dm, coef, wsrow,
+            dhr, _f32(alpha), dm, coef, wsrow,
             T, nblk, float(hc_eps),
             N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=cfg["row_bd"], NDM=ndm,
             INTERP=_interpret(), **sk, **_launch_kw(cfg, "row"))

@@ -618,8 +618,134 @@ def main_issue5(args, report, save, t_start):
           f"errors: {len(report['errors5'])}, total {time.time() - t_start:.0f}s")
 
 
+# ---------------------------------------------------------------------------------------------
+# A/B of the switchable variants (backends/triton_gpu.set_config): the split forward
+# (fwd_split) and the separate Sinkhorn-backward kernel (sk_bwd="sep"), in one device call.
+
+AB_FWD = {"default": {}, "split_auto": dict(fwd_split=-1), "fused_bt16": dict(fwd_bt=16, fwd_bd=128),
+          "split8": dict(fwd_split=8)}
+AB_BWD20 = {"default": {}, "sk_sep": dict(sk_bwd="sep")}
+
+
+def ab_sanitize_child():
+    kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS)
+    xp, f, hp, hr, gn = post_inputs(1, 37, 3, 130, torch.bfloat16, seed=1)
+    tg.post_forward(xp, f, hp, hr)
+    tg.post_backward(xp, f, hp, hr, gn)
+    for cfg, k in ((dict(), 3), (dict(fwd_split=2, sk_bwd="sep"), 3), (dict(fwd_split=3), 0)):
+        tg.set_config(**cfg)
+        for (T, n, D, dt) in [(37, 4, 130, torch.bfloat16), (5, 3, 7, torch.float32)]:
+            x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(1, T, n, D, dt, True, seed=1)
+            o = tg.forward(x, phi, alpha, bias, g, sinkhorn_iters=k, **kw)
+            tg.backward(x, phi, alpha, bias, o[3], o[4], o[5], o[1], dh_in, dh_post, dh_res, g,
+                        sinkhorn_iters=k, **kw)
+    tg.set_config()
+    torch.cuda.synchronize()
+    print("ab sanitize child done")
+
+
+def main_ab(args, report, save, t_start):
+    import traceback
+    left = lambda: args.deadline - (time.time() - t_start)  # noqa: E731
+    report["ab_accuracy"], report["ab_timing"], report["ab_errors"] = [], [], []
+    shape = (4, 4096, 4, 4096)
+    acc_cases = [("default", {}, 0), ("default", {}, 20), ("split_auto", dict(fwd_split=-1), 0),
+                 ("split_auto+sk_sep", dict(fwd_split=-1, sk_bwd="sep"), 20),
+                 ("sk_sep", dict(sk_bwd="sep"), 20), ("fused_bt16", dict(fwd_bt=16, fwd_bd=128), 0)]
+    for name, cfg, k in acc_cases:
+        if left() < 120:
+            break
+        try:
+            tg.set_config(**cfg)
+            errs, ok, same = accuracy(shape, "bf16") if k == 0 else accuracy_sk(shape, "bf16", k)
+            report["ab_accuracy"].append(dict(variant=name, k=k, ok=ok, bitwise=same, errs=errs))
+            print(f"ab acc {name:18s} k={k:2d} ok={ok} bitwise={same} " +
+                  " ".join(f"{a}={b:.1e}" for a, b in errs.items()), f"{time.time() - t_start:.0f}s",
+                  flush=True)
+        except Exception:
+            report["ab_errors"].append(f"acc {name} k={k}: {traceback.format_exc()}")
+            print(report["ab_errors"][-1], flush=True)
+        finally:
+            tg.set_config()
+        save()
+    bw = copy_bandwidth()
+    report["copy_TBps"] = bw / 1e12
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    lines = ["| shape | case | variant | ms | floor ms | x floor |", "|---|---|---|---|---|---|"]
+    for shp in ((4, 4096, 4, 4096), (1, 4096, 4, 2560), (2, 4096, 4, 7168)):
+        if left() < 75:
+            print("deadline: skipping", shp, flush=True)
+            continue
+        B, S, n, D = shp
+        r = {"shape": list(shp)}
+        try:
+            x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(B, S, n, D, torch.bfloat16)
+            for k in (0, 20):
+                kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS, sinkhorn_iters=k)
+                fo = tg.forward(x, phi, alpha, bias, g, **kw)
+                bargs = (x, phi, alpha, bias, fo[3], fo[4], fo[5], fo[1], dh_in, dh_post, dh_res, g)
+                ffl = (nbytes(x, phi, alpha, bias, g) + nbytes(*fo)) / bw * 1e3
+                bfl = (nbytes(*bargs) + nbytes(*tg.backward(*bargs, **kw))) / bw * 1e3
+                r[f"fwd_floor_ms"], r[f"bwd_floor_ms"] = ffl, bfl
+                for vname, cfg in AB_FWD.items():
+                    if k == 20 and vname not in ("default", "split_auto"):
+                        continue
+                    if vname == "split8" and shp != (1, 4096, 4, 2560):
+                        continue
+                    tg.set_config(**cfg)
+                    t = try_time(lambda: tg.forward(x, phi, alpha, bias, g, **kw))
+                    r[f"fwd_k{k}_{vname}_ms"] = t
+                    lines.append(f"| {shp} | fwd k={k} | {vname} | {t:.3f} | {ffl:.3f} | {t / ffl:.2f} |")
+                    if vname == "split_auto" and k == 0:
+                        r["split_auto_kernels"] = kernel_times(
+                            lambda: tg.forward(x, phi, alpha, bias, g, **kw))
+                    tg.set_config()
+                for vname, cfg in (AB_BWD20.items() if k == 20 else [("default", {})]):
+                    tg.set_config(**cfg)
+                    t = try_time(lambda: tg.backward(*bargs, **kw))
+                    r[f"bwd_k{k}_{vname}_ms"] = t
+                    lines.append(f"| {shp} | bwd k={k} | {vname} | {t:.3f} | {bfl:.3f} | {t / bfl:.2f} |")
+                    tg.set_config()
+                del fo, bargs
+            for vname in AB_BWD20:
+                r[f"bwd_k20/k0_{vname}"] = r[f"bwd_k20_{vname}_ms"] / r["bwd_k0_default_ms"]
+                lines.append(f"| {shp} | bwd k20/k0 | {vname} | {r[f'bwd_k20/k0_{vname}']:.3f} | | |")
+            del x, dh_in
+            torch.cuda.empty_cache()
+        except Exception:
+            report["ab_errors"].append(f"timing {shp}: {traceback.format_exc()}")
+            print(report["ab_errors"][-1], flush=True)
+        finally:
+            tg.set_config()
+        report["ab_timing"].append(r)
+        report["ab_table"] = "\n".join(lines)
+        save()
+        print(report["ab_table"], f"{time.time() - t_start:.0f}s", flush=True)
+    if not args.no_sanitize and left() > 15:
+        env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+        cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3",
+               sys.executable, os.path.abspath(__file__), "--ab-sanitize-child"]
+        t0 = time.time()
+        try:
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                               timeout=max(10, left()))
+            tail = (p.stdout + p.stderr)[-1500:]
+            report["ab_memcheck"] = {"ran": True, "rc": p.returncode, "s": time.time() - t0,
+                                     "clean": p.returncode == 0 and "ERROR SUMMARY: 0" in tail,
+                                     "tail": tail}
+        except Exception as exc:
+            report["ab_memcheck"] = {"ran": False, "why": repr(exc), "s": time.time() - t0}
+        print("memcheck:", report["ab_memcheck"], flush=True)
+        save()
+    report["wall_s"] = time.time() - t_start
+    save()
+    print(f"ab done, errors: {len(report['ab_errors'])}, total {time.time() - t_start:.0f}s")
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--ab", action="store_true", help="A/B of the set_config variants")
+    ap.add_argument("--ab-sanitize-child", action="store_true")
     ap.add_argument("--sanitize-child", action="store_true")
     ap.add_argument("--quick", action="store_true", help="one realistic shape only")
     ap.add_argument("--no-compile", action="store_true")
@@ -631,6 +757,8 @@ def main():
     args = ap.parse_args()
     if args.sanitize_child:
         return sanitize_child()
+    if args.ab_sanitize_child:
+        return ab_sanitize_child()
     out_dir = os.environ.get("OUT") or os.path.join(ROOT, "bench", "results")
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.time()
@@ -638,6 +766,11 @@ def main():
               "command": " ".join(["python3"] + sys.argv), "torch": torch.__version__,
               "triton": triton.__version__}
     print(report)
+    if args.ab:
+        def save_ab():
+            with open(os.path.join(out_dir, "gpu_suite_ab.json"), "w") as f:
+                json.dump(report, f, indent=1, default=str)
+        return main_ab(args, report, save_ab, t_start)
     if args.issue5:
         def save5():
             with open(os.path.join(out_dir, "gpu_suite_issue5.json"), "w") as f:

@@ -248,3 +248,51 @@ def test_post_through_front_end():
     report = mhc_multi.crosscheck(*inputs, backends=["triton"], seed=3, post=True)
     assert report.ok, str(report)
     assert any(r.output == "x_next" for r in report.rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Switchable variants (set_config): the split forward (fwd_split) and the separate Sinkhorn
+# backward kernel (sk_bwd="sep"), against float64 and bitwise repeatable.
+
+VARIANTS = [dict(fwd_split=2), dict(fwd_split=3), dict(fwd_split=-1), dict(sk_bwd="sep"),
+            dict(fwd_split=2, sk_bwd="sep")]
+VAR_CASES = [(37, 4, 130, "bf16", True, 0), (19, 4, 130, "fp16", False, 20),
+             (9, 3, 7, "fp32", True, 3), (3, 1, 1, "bf16", True, 20), (6, 8, 33, "bf16", True, 1)]
+
+
+@pytest.fixture
+def variant_config(request):
+    triton_gpu.set_config(**request.param)
+    yield request.param
+    triton_gpu.set_config()
+
+
+@pytest.mark.parametrize("variant_config", VARIANTS, indirect=True,
+                         ids=["-".join(f"{k}{v}" for k, v in c.items()) for c in VARIANTS])
+@pytest.mark.parametrize("T,n,D,dname,with_gamma,k", VAR_CASES,
+                         ids=[f"var-sk{c[5]}-{c[3]}-n{c[1]}-D{c[2]}-T{c[0]}" for c in VAR_CASES])
+def test_variants_vs_float64(T, n, D, dname, with_gamma, k, variant_config):
+    seed = int.from_bytes(os.urandom(4), "little")
+    x, phi, alpha, bias, gamma, dh_in, dh_post, dh_res = _inputs(T, n, D, dname, with_gamma, seed)
+    kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS, sinkhorn_iters=k)
+    out = triton_gpu.forward(x, phi, alpha, bias, gamma, **kw)
+    gnp = None if gamma is None else _np(gamma)
+    ref = numpy_ref.forward64(_np(x), _np(phi), _np(alpha), _np(bias), gnp, **kw)
+    for name, o, r in zip(FWD, out, ref):
+        _check(name, o, r, dname, seed)
+    inv_rms, h_mix, h_pre = [torch.from_numpy(np.ascontiguousarray(a)).float().to(DEVICE)
+                             for a in ref[3:]]
+    h_post = torch.from_numpy(ref[1]).float().to(DEVICE)
+    bout = triton_gpu.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in,
+                               dh_post, dh_res, gamma, **kw)
+    bref = numpy_ref.backward64(_np(x), _np(phi), _np(alpha), _np(bias), _np(inv_rms),
+                                _np(h_mix), _np(h_pre), _np(h_post), _np(dh_in), _np(dh_post),
+                                _np(dh_res), gnp, **kw)
+    for name, o, r in zip(BWD, bout, bref):
+        if r is not None:
+            _check(name, o, r, dname, seed)
+    out2 = triton_gpu.forward(x, phi, alpha, bias, gamma, **kw)
+    bout2 = triton_gpu.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in,
+                                dh_post, dh_res, gamma, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(out, out2))
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(bout, bout2))
