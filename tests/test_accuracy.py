@@ -81,3 +81,27 @@ def test_property_every_backend(B, S, n, D, x_dtype, gamma, seed):
     backends = ["numpy"] + FAST
     for backend in backends:
         _check(backend, (B, S, n, D), x_dtype, gamma, seed)
+
+
+# Sinkhorn (k in {1, 3, 20}) and the post operator, through the front end, every backend
+SK_SHAPES = [(1, 3, 1, 7), (2, 5, 3, 130), (1, 17, 4, 96), (1, 4, 8, 33)]
+
+
+@pytest.mark.parametrize("x_dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("sinkhorn_iters", [1, 3, 20], ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("shape", SK_SHAPES, ids=lambda s: "B{}S{}n{}D{}".format(*s))
+@pytest.mark.parametrize("backend", [_backend_param("numba"), _backend_param("numpy"),
+                                     _backend_param("triton")])
+def test_sinkhorn_and_post_accuracy(backend, shape, sinkhorn_iters, x_dtype, poison, seed):
+    _check(backend, shape, x_dtype, True, seed, sinkhorn_iters=sinkhorn_iters, post=True)
+
+
+@pytest.mark.parametrize("backend", [_backend_param("numba"), _backend_param("triton")])
+def test_sinkhorn_zero_is_the_plain_contract(backend, seed):
+    """k = 0 is the contract without Sinkhorn, bit for bit (the default path)."""
+    import mhc_multi
+    inputs = random_inputs((2, 7, 4, 40), "bf16", seed=seed)
+    a = mhc_multi.forward(*inputs, backend=backend)
+    b = mhc_multi.forward(*inputs, backend=backend, sinkhorn_iters=0)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
