@@ -222,6 +222,50 @@ if triton is not None:
 
     # -----------------------------------------------------------------------------------------
     @triton.jit
+    def _gates_epilogue(acc, ss, rows, rows64, rmask, ff, alpha_ptr, bias_ptr, rms_ptr, hmix_ptr,
+                        hpre_ptr, hpost_ptr, hres_ptr, norm_eps, hc_eps, N: tl.constexpr,
+                        F: tl.constexpr, ND: tl.constexpr, K: tl.constexpr, NP: tl.constexpr):
+        """From a token block's raw projections ``acc`` [BLOCK_T, F_PAD] (= h_mix) and sums of
+        squares ``ss``: inv_rms, the gates (h_pre, h_post, h_res logits, or SK_K of them), all
+        stored; returns the gate row [BLOCK_T, F_PAD] (h_pre in columns 0..N-1)."""
+        r = 1.0 / tl.sqrt_rn(ss / ND + norm_eps)
+        a_pre = tl.load(alpha_ptr)
+        a_post = tl.load(alpha_ptr + 1)
+        a_res = tl.load(alpha_ptr + 2)
+        fmask = ff < F
+        is_pre = ff < N
+        is_post = (ff >= N) & (ff < 2 * N)
+        bias = tl.load(bias_ptr + ff, mask=fmask, other=0.0)
+        a_col = tl.where(is_pre, a_pre, tl.where(is_post, a_post, a_res))
+        z = a_col[None, :] * (r[:, None] * acc) + bias[None, :]
+        sig = 1.0 / (1.0 + tl.exp(-z))
+        gate = tl.where(is_pre[None, :], sig + hc_eps, tl.where(is_post[None, :], 2.0 * sig, z))
+
+        tl.store(rms_ptr + rows, r, mask=rmask)
+        rm2 = rmask[:, None]
+        tl.store(hmix_ptr + rows64[:, None] * F + ff[None, :], acc, mask=rm2 & fmask[None, :])
+        tl.store(hpre_ptr + rows64[:, None] * N + ff[None, :], gate, mask=rm2 & is_pre[None, :])
+        tl.store(hpost_ptr + rows64[:, None] * N + (ff[None, :] - N), gate,
+                 mask=rm2 & is_post[None, :])
+        is_res = (ff >= 2 * N) & fmask
+        tl.store(hres_ptr + rows64[:, None] * (N * N) + (ff[None, :] - 2 * N), gate,
+                 mask=rm2 & is_res[None, :])
+        if K > 0:
+            # Sinkhorn: the logits just written are re-read per token as an [NP, NP] tile (the
+            # barrier makes this program's stores visible to all its threads), projected in
+            # registers and written over (h_res = SK_K(logits), CONTRACT.md).
+            tl.debug_barrier()
+            kk = tl.arange(0, NP)
+            valid = (kk < N)[:, None] & (kk < N)[None, :]
+            off3 = rows64[:, None, None] * (N * N) + kk[None, :, None] * N + kk[None, None, :]
+            m3 = rmask[:, None, None] & valid[None, :, :]
+            L = tl.load(hres_ptr + off3, mask=m3, other=0.0)
+            P = _sk_iterate(_sk_p0(L, valid), K)
+            tl.debug_barrier()
+            tl.store(hres_ptr + off3, P, mask=m3)
+        return gate
+
+    @triton.jit
     def _prep_phi_kernel(
         phi_ptr,     # [F, ND] fp32
         g_ptr,       # [ND] fp32 (unused unless HAS_G)
@@ -305,41 +349,9 @@ if triton is not None:
             acc = _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP)
 
         ss = tl.sum(ss2, axis=1)
-        r = 1.0 / tl.sqrt_rn(ss / ND + norm_eps)
-        a_pre = tl.load(alpha_ptr)
-        a_post = tl.load(alpha_ptr + 1)
-        a_res = tl.load(alpha_ptr + 2)
-        fmask = ff < F
-        is_pre = ff < N
-        is_post = (ff >= N) & (ff < 2 * N)
-        bias = tl.load(bias_ptr + ff, mask=fmask, other=0.0)
-        a_col = tl.where(is_pre, a_pre, tl.where(is_post, a_post, a_res))
-        z = a_col[None, :] * (r[:, None] * acc) + bias[None, :]
-        sig = 1.0 / (1.0 + tl.exp(-z))
-        gate = tl.where(is_pre[None, :], sig + hc_eps, tl.where(is_post[None, :], 2.0 * sig, z))
-
-        tl.store(rms_ptr + rows, r, mask=rmask)
-        rm2 = rmask[:, None]
-        tl.store(hmix_ptr + rows64[:, None] * F + ff[None, :], acc, mask=rm2 & fmask[None, :])
-        tl.store(hpre_ptr + rows64[:, None] * N + ff[None, :], gate, mask=rm2 & is_pre[None, :])
-        tl.store(hpost_ptr + rows64[:, None] * N + (ff[None, :] - N), gate,
-                 mask=rm2 & is_post[None, :])
-        is_res = (ff >= 2 * N) & fmask
-        tl.store(hres_ptr + rows64[:, None] * (N * N) + (ff[None, :] - 2 * N), gate,
-                 mask=rm2 & is_res[None, :])
-        if K > 0:
-            # Sinkhorn: the logits just written are re-read per token as an [NP, NP] tile (the
-            # barrier makes this program's stores visible to all its threads), projected in
-            # registers and written over (h_res = SK_K(logits), CONTRACT.md).
-            tl.debug_barrier()
-            kk = tl.arange(0, NP)
-            valid = (kk < N)[:, None] & (kk < N)[None, :]
-            off3 = rows64[:, None, None] * (N * N) + kk[None, :, None] * N + kk[None, None, :]
-            m3 = rmask[:, None, None] & valid[None, :, :]
-            L = tl.load(hres_ptr + off3, mask=m3, other=0.0)
-            P = _sk_iterate(_sk_p0(L, valid), K)
-            tl.debug_barrier()
-            tl.store(hres_ptr + off3, P, mask=m3)
+        gate = _gates_epilogue(acc, ss, rows, rows64, rmask, ff, alpha_ptr, bias_ptr, rms_ptr,
+                               hmix_ptr, hpre_ptr, hpost_ptr, hres_ptr, norm_eps, hc_eps, N, F,
+                               ND, K, NP)
 
         # pass 2: h_in = sum_i h_pre[i] * x[i, :], D chunks in reverse order
         for cc in range(NCH):
@@ -427,36 +439,8 @@ if triton is not None:
             acc += tl.load(mpart_ptr + (s * T + rows64[:, None]) * F_PAD + ff[None, :], mask=rm2,
                            other=0.0)
             ss += tl.load(spart_ptr + s * T + rows64, mask=rmask, other=0.0)
-        r = 1.0 / tl.sqrt_rn(ss / ND + norm_eps)
-        a_pre = tl.load(alpha_ptr)
-        a_post = tl.load(alpha_ptr + 1)
-        a_res = tl.load(alpha_ptr + 2)
-        fmask = ff < F
-        is_pre = ff < N
-        is_post = (ff >= N) & (ff < 2 * N)
-        bias = tl.load(bias_ptr + ff, mask=fmask, other=0.0)
-        a_col = tl.where(is_pre, a_pre, tl.where(is_post, a_post, a_res))
-        z = a_col[None, :] * (r[:, None] * acc) + bias[None, :]
-        sig = 1.0 / (1.0 + tl.exp(-z))
-        gate = tl.where(is_pre[None, :], sig + hc_eps, tl.where(is_post[None, :], 2.0 * sig, z))
-        tl.store(rms_ptr + rows, r, mask=rmask)
-        tl.store(hmix_ptr + rows64[:, None] * F + ff[None, :], acc, mask=rm2 & fmask[None, :])
-        tl.store(hpre_ptr + rows64[:, None] * N + ff[None, :], gate, mask=rm2 & is_pre[None, :])
-        tl.store(hpost_ptr + rows64[:, None] * N + (ff[None, :] - N), gate,
-                 mask=rm2 & is_post[None, :])
-        is_res = (ff >= 2 * N) & fmask
-        tl.store(hres_ptr + rows64[:, None] * (N * N) + (ff[None, :] - 2 * N), gate,
-                 mask=rm2 & is_res[None, :])
-        if K > 0:
-            tl.debug_barrier()
-            kk = tl.arange(0, NP)
-            valid = (kk < N)[:, None] & (kk < N)[None, :]
-            off3 = rows64[:, None, None] * (N * N) + kk[None, :, None] * N + kk[None, None, :]
-            m3 = rmask[:, None, None] & valid[None, :, :]
-            L = tl.load(hres_ptr + off3, mask=m3, other=0.0)
-            P = _sk_iterate(_sk_p0(L, valid), K)
-            tl.debug_barrier()
-            tl.store(hres_ptr + off3, P, mask=m3)
+        _gates_epilogue(acc, ss, rows, rows64, rmask, ff, alpha_ptr, bias_ptr, rms_ptr, hmix_ptr,
+                        hpre_ptr, hpost_ptr, hres_ptr, norm_eps, hc_eps, N, F, ND, K, NP)
 
     @triton.jit(do_not_specialize=["T"])
     def _pre_hin_kernel(
