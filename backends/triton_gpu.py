@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 
-from ._common import empty_torch
+from ._common import SMALL_ND, empty_torch
 
 try:  # importing this module must never fail where triton is missing
     import triton
@@ -601,6 +601,37 @@ if triton is not None:
         tl.store(wsrow_ptr + pid * (2 * F_PAD) + ff, sum_raw)
         tl.store(wsrow_ptr + pid * (2 * F_PAD) + F_PAD + ff, sum_ru)
 
+    @triton.jit
+    def _dx_exact(dm_ptr, rms_ptr, hmix_ptr, phi_ptr, g_ptr, xv, dh, hp, rows64, rmask, col,
+                  dmask, T, N: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+                  F_PAD: tl.constexpr, NDM: tl.constexpr, HAS_G: tl.constexpr):
+        """dx of short rows (n*D <= SMALL_ND, fp32 x) in float64, one gate column f at a time.
+
+        dx = sum_f dm_f (phi_f g - r^2 x m_f / nD) + h_pre dh_in: for short rows the two parts
+        cancel (n*D = 1: to eps*r^2 of their size), so both are built from the same dm (its
+        bf16 pieces, summed exactly) and subtracted in float64 (docs/triton.md, "Short rows").
+        """
+        ND: tl.constexpr = N * D
+        r = tl.load(rms_ptr + rows64, mask=rmask, other=0.0).to(tl.float64)
+        w = tl.zeros(xv.shape, dtype=tl.float64)
+        dr = tl.zeros(r.shape, dtype=tl.float64)
+        for f in range(F):
+            dmf = tl.load(dm_ptr + rows64 * F_PAD + f, mask=rmask, other=0.0).to(tl.float64)
+            if NDM > 1:
+                dmf += tl.load(dm_ptr + T * F_PAD + rows64 * F_PAD + f, mask=rmask,
+                               other=0.0).to(tl.float64)
+            if NDM > 2:
+                dmf += tl.load(dm_ptr + 2 * T * F_PAD + rows64 * F_PAD + f, mask=rmask,
+                               other=0.0).to(tl.float64)
+            phf = tl.load(phi_ptr + f * ND + col, mask=dmask, other=0.0).to(tl.float64)
+            w += dmf[:, None] * phf[None, :]
+            dr += dmf * tl.load(hmix_ptr + rows64 * F + f, mask=rmask, other=0.0).to(tl.float64)
+        if HAS_G:
+            w = w * tl.load(g_ptr + col, mask=dmask, other=0.0).to(tl.float64)[None, :]
+        coef = r * r * dr / ND
+        return (w - coef[:, None] * xv.to(tl.float64)
+                + hp.to(tl.float64)[:, None] * dh.to(tl.float64))
+
     # -----------------------------------------------------------------------------------------
     # Backward, column part: program (stream i, D chunk c, token split s).
     #   w = dm @ phi[:, i*D + d];  dx[i, d] = w*g - coef*x[i, d] + h_pre[i]*dh_in[d]
@@ -621,6 +652,10 @@ if triton is not None:
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
         NWA: tl.constexpr, NWB: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr,
         NDM: tl.constexpr, INTERP: tl.constexpr,
+        EXACT: tl.constexpr = False,
+        rms_ptr=None,    # [T] fp32 (EXACT)
+        hmix_ptr=None,   # [T, F] fp32 (EXACT)
+        phi_ptr=None,    # [F, ND] fp32 (EXACT)
     ):
         ND: tl.constexpr = N * D
         i = tl.program_id(0)
@@ -662,12 +697,16 @@ if triton is not None:
             hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
             xv = tl.load(x_ptr + rows64[:, None] * ND + col[None, :], mask=m2, other=0.0)
             dh = tl.load(dhin_ptr + rows64[:, None] * D + d[None, :], mask=m2, other=0.0)
-            w = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-            w = _mm_core(a0, a1, a2, p0, p1, p2, w, NWA, NWB, INTERP)
-            if HAS_G:
-                w = w * g[None, :]
-            xf = xv.to(tl.float32)
-            dx = w - coef[:, None] * xf + hp[:, None] * dh.to(tl.float32)
+            if EXACT:
+                dx = _dx_exact(dm_ptr, rms_ptr, hmix_ptr, phi_ptr, g_ptr, xv, dh, hp, rows64,
+                               rmask, col, dmask, T, N, D, F, F_PAD, NDM, HAS_G)
+            else:
+                w = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+                w = _mm_core(a0, a1, a2, p0, p1, p2, w, NWA, NWB, INTERP)
+                if HAS_G:
+                    w = w * g[None, :]
+                xf = xv.to(tl.float32)
+                dx = w - coef[:, None] * xf + hp[:, None] * dh.to(tl.float32)
             tl.store(dx_ptr + rows64[:, None] * ND + col[None, :],
                      _round_out(dx, dx_ptr.dtype.element_ty, INTERP), mask=m2)
             # P += dm^T @ x: the transposed dm pieces are loaded as [F_PAD, BLOCK_T] tiles
@@ -1091,11 +1130,14 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         splits = triton.cdiv(T, tok_per_split)
         pp = _prep_phi(phi32, None, F_pad, nwb)
         wscol = torch.empty((splits, F, ND), dtype=torch.float32, device=dev)
+        exact = {}
+        if dname == "fp32" and ND <= SMALL_ND:   # short rows: dx in float64 (_dx_exact)
+            exact = dict(EXACT=True, rms_ptr=_f32(inv_rms), hmix_ptr=_f32(h_mix), phi_ptr=phi32)
         _pre_bwd_col_kernel[(n, nch, splits)](
             x, dh_in, hp32, dm, coef, pp, g if g is not None else phi32, dx, wscol,
             T, tok_per_split,
             N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd, HAS_G=g is not None,
-            NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(),
+            NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(), **exact,
             **_launch_kw(cfg, "col"))
         BLOCK = max(16, min(64, 2048 // F_pad)) if dev.type == "cuda" else 64
         _reduce_partials_kernel[(triton.cdiv(ND, BLOCK),)](
