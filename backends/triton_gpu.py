@@ -155,6 +155,35 @@ if triton is not None:
         return a0, a1, a2
 
     @triton.jit
+    def _load_pieces(ptr, off, stride, mask, NP: tl.constexpr):
+        """The NP bf16 pieces stored ``stride`` apart at ``ptr + off`` (masked lanes 0); pieces
+        past NP alias the first, as _mm_core ignores them."""
+        a0 = tl.load(ptr + off, mask=mask, other=0.0)
+        a1 = a0
+        a2 = a0
+        if NP > 1:
+            a1 = tl.load(ptr + stride + off, mask=mask, other=0.0)
+        if NP > 2:
+            a2 = tl.load(ptr + 2 * stride + off, mask=mask, other=0.0)
+        return a0, a1, a2
+
+    @triton.jit
+    def _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, d, ff, acc, ss2, ND: tl.constexpr,
+                  D: tl.constexpr, F_PAD: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr,
+                  INTERP: tl.constexpr):
+        """One (stream i, D chunk d) step of the forward's pass 1: the x tile's squares into
+        ss2 and its products with the phi*g pieces (B tile [BLOCK_D, F_PAD]) into acc."""
+        dmask = d < D
+        xv = tl.load(x_ptr + rows64[:, None] * ND + i * D + d[None, :],
+                     mask=rmask[:, None] & dmask[None, :], other=0.0)
+        xf = xv.to(tl.float32)
+        ss2 += xf * xf
+        b0, b1, b2 = _load_pieces(pg_ptr, ff[None, :] * ND + i * D + d[:, None], F_PAD * ND,
+                                  dmask[:, None], NPB)
+        acc = _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP)
+        return acc, ss2
+
+    @triton.jit
     def _mm_pieces(a, b0, b1, b2, acc, NA: tl.constexpr, NB: tl.constexpr,
                    INTERP: tl.constexpr):
         """acc + a @ b, b given as bf16 pieces, a split here into NA pieces."""
@@ -330,23 +359,8 @@ if triton is not None:
         for j in range(NCH * N):
             c = j // N
             i = j - c * N
-            d = c * BLOCK_D + dd
-            dmask = d < D
-            m2 = rmask[:, None] & dmask[None, :]
-            xv = tl.load(x_ptr + rows64[:, None] * ND + i * D + d[None, :], mask=m2, other=0.0)
-            xf = xv.to(tl.float32)
-            ss2 += xf * xf
-            # B tile [BLOCK_D, F_PAD] of the pieces (zero past D)
-            boff = ff[None, :] * ND + i * D + d[:, None]
-            bm = dmask[:, None]
-            b0 = tl.load(pg_ptr + boff, mask=bm, other=0.0)
-            b1 = b0
-            b2 = b0
-            if NPB > 1:
-                b1 = tl.load(pg_ptr + F_PAD * ND + boff, mask=bm, other=0.0)
-            if NPB > 2:
-                b2 = tl.load(pg_ptr + 2 * F_PAD * ND + boff, mask=bm, other=0.0)
-            acc = _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP)
+            acc, ss2 = _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, c * BLOCK_D + dd, ff, acc,
+                                 ss2, ND, D, F_PAD, NPA, NPB, INTERP)
 
         ss = tl.sum(ss2, axis=1)
         gate = _gates_epilogue(acc, ss, rows, rows64, rmask, ff, alpha_ptr, bias_ptr, rms_ptr,
@@ -400,22 +414,8 @@ if triton is not None:
         for j in range(0, nj):
             cl = j // N
             i = j - cl * N
-            d = (c_lo + cl) * BLOCK_D + dd
-            dmask = d < D
-            m2 = rmask[:, None] & dmask[None, :]
-            xv = tl.load(x_ptr + rows64[:, None] * ND + i * D + d[None, :], mask=m2, other=0.0)
-            xf = xv.to(tl.float32)
-            ss2 += xf * xf
-            boff = ff[None, :] * ND + i * D + d[:, None]
-            bm = dmask[:, None]
-            b0 = tl.load(pg_ptr + boff, mask=bm, other=0.0)
-            b1 = b0
-            b2 = b0
-            if NPB > 1:
-                b1 = tl.load(pg_ptr + F_PAD * ND + boff, mask=bm, other=0.0)
-            if NPB > 2:
-                b2 = tl.load(pg_ptr + 2 * F_PAD * ND + boff, mask=bm, other=0.0)
-            acc = _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP)
+            acc, ss2 = _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, (c_lo + cl) * BLOCK_D + dd, ff,
+                                 acc, ss2, ND, D, F_PAD, NPA, NPB, INTERP)
         tl.store(mpart_ptr + (s * T + rows64[:, None]) * F_PAD + ff[None, :], acc,
                  mask=rmask[:, None])
         tl.store(spart_ptr + s * T + rows64, tl.sum(ss2, axis=1), mask=rmask)
@@ -616,13 +616,12 @@ if triton is not None:
         w = tl.zeros(xv.shape, dtype=tl.float64)
         dr = tl.zeros(r.shape, dtype=tl.float64)
         for f in range(F):
-            dmf = tl.load(dm_ptr + rows64 * F_PAD + f, mask=rmask, other=0.0).to(tl.float64)
+            a0, a1, a2 = _load_pieces(dm_ptr, rows64 * F_PAD + f, T * F_PAD, rmask, NDM)
+            dmf = a0.to(tl.float64)
             if NDM > 1:
-                dmf += tl.load(dm_ptr + T * F_PAD + rows64 * F_PAD + f, mask=rmask,
-                               other=0.0).to(tl.float64)
+                dmf += a1.to(tl.float64)
             if NDM > 2:
-                dmf += tl.load(dm_ptr + 2 * T * F_PAD + rows64 * F_PAD + f, mask=rmask,
-                               other=0.0).to(tl.float64)
+                dmf += a2.to(tl.float64)
             phf = tl.load(phi_ptr + f * ND + col, mask=dmask, other=0.0).to(tl.float64)
             w += dmf[:, None] * phf[None, :]
             dr += dmf * tl.load(hmix_ptr + rows64 * F + f, mask=rmask, other=0.0).to(tl.float64)
@@ -666,14 +665,8 @@ if triton is not None:
         col = i * D + d
         ff = tl.arange(0, F_PAD)
         # loop-invariant B operand of w: phi pieces [F_PAD, BLOCK_D]
-        poff = ff[:, None] * ND + col[None, :]
-        p0 = tl.load(pp_ptr + poff, mask=dmask[None, :], other=0.0)
-        p1 = p0
-        p2 = p0
-        if NWB > 1:
-            p1 = tl.load(pp_ptr + F_PAD * ND + poff, mask=dmask[None, :], other=0.0)
-        if NWB > 2:
-            p2 = tl.load(pp_ptr + 2 * F_PAD * ND + poff, mask=dmask[None, :], other=0.0)
+        p0, p1, p2 = _load_pieces(pp_ptr, ff[:, None] * ND + col[None, :], F_PAD * ND,
+                                  dmask[None, :], NWB)
         if HAS_G:
             g = tl.load(g_ptr + col, mask=dmask, other=0.0)
         P = tl.zeros([F_PAD, BLOCK_D], dtype=tl.float32)
@@ -685,14 +678,8 @@ if triton is not None:
             rows64 = rows.to(tl.int64)
             rm2 = rmask[:, None]
             m2 = rm2 & dmask[None, :]
-            doff = rows64[:, None] * F_PAD + ff[None, :]
-            a0 = tl.load(dm_ptr + doff, mask=rm2, other=0.0)
-            a1 = a0
-            a2 = a0
-            if NDM > 1:
-                a1 = tl.load(dm_ptr + T * F_PAD + doff, mask=rm2, other=0.0)
-            if NDM > 2:
-                a2 = tl.load(dm_ptr + 2 * T * F_PAD + doff, mask=rm2, other=0.0)
+            a0, a1, a2 = _load_pieces(dm_ptr, rows64[:, None] * F_PAD + ff[None, :], T * F_PAD,
+                                      rm2, NDM)
             coef = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
             hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
             xv = tl.load(x_ptr + rows64[:, None] * ND + col[None, :], mask=m2, other=0.0)
@@ -710,15 +697,8 @@ if triton is not None:
             tl.store(dx_ptr + rows64[:, None] * ND + col[None, :],
                      _round_out(dx, dx_ptr.dtype.element_ty, INTERP), mask=m2)
             # P += dm^T @ x: the transposed dm pieces are loaded as [F_PAD, BLOCK_T] tiles
-            toff = rows64[None, :] * F_PAD + ff[:, None]
-            rmt = rmask[None, :]
-            t0_ = tl.load(dm_ptr + toff, mask=rmt, other=0.0)
-            t1_ = t0_
-            t2_ = t0_
-            if NPA > 1:
-                t1_ = tl.load(dm_ptr + T * F_PAD + toff, mask=rmt, other=0.0)
-            if NPA > 2:
-                t2_ = tl.load(dm_ptr + 2 * T * F_PAD + toff, mask=rmt, other=0.0)
+            t0_, t1_, t2_ = _load_pieces(dm_ptr, rows64[None, :] * F_PAD + ff[:, None],
+                                         T * F_PAD, rmask[None, :], NPA)
             x0, x1, x2 = _split3(xv, NPB, INTERP)
             P = _mm_core(t0_, t1_, t2_, x0, x1, x2, P, NPA, NPB, INTERP)
         tl.store(wscol_ptr + s * (F * ND) + ff[:, None] * ND + col[None, :], P,
