@@ -3,7 +3,9 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-# On a machine without CUDA take the CPU build of torch (a plain `torch` pulls a multi-GB CUDA build).
+# The CPU build of torch 2.13.0 (+cpu), never PyPI's plain Linux wheel (a multi-GB CUDA build):
+# first from pip's configured sources (a local wheel, where there is one), else from PyTorch's
+# CPU index; macOS has no +cpu wheel and its plain wheel is a CPU build.
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
 .PHONY: setup check test bench clean
@@ -13,8 +15,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "torch==2.13.0" || \
-	  $(BIN)/python -m pip install -q "torch==2.13.0" --index-url $(TORCH_CPU_INDEX)
+	$(BIN)/python -m pip install -q "torch==2.13.0+cpu" || \
+	  $(BIN)/python -m pip install -q "torch==2.13.0+cpu" --index-url $(TORCH_CPU_INDEX) || \
+	  { test "$$(uname)" = Darwin && $(BIN)/python -m pip install -q "torch==2.13.0"; }
 	$(BIN)/python -m pip install -q -e ".[cpu,gpu,test]"
 	touch $(STAMP)
 
