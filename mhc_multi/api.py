@@ -6,6 +6,8 @@ container (numpy arrays or torch tensors; see ``registry``) and never re-validat
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import os
 import sys
 from typing import Any, NamedTuple
@@ -16,7 +18,11 @@ from . import registry
 from .errors import BackendUnavailableError
 
 __all__ = ["ForwardOutput", "Gradients", "PostGradients", "forward", "backward",
-           "post_forward", "post_backward"]
+           "post_forward", "post_backward", "MAX_SINKHORN_ITERS"]
+
+#: the most Sinkhorn-Knopp iterations accepted (the paper uses 20; SK has long converged
+#: where it will, and each iteration costs forward and backward O(n^2) work per token)
+MAX_SINKHORN_ITERS = 1000
 
 
 class ForwardOutput(NamedTuple):
@@ -77,6 +83,8 @@ class _Args:
     def __init__(self, x, backend: str):
         registry.check_name(backend)
         if _is_tensor(x):
+            if x.device.type == "meta":
+                raise ValueError("x: expected a tensor with data (cpu or cuda), got device meta")
             self.kind, self.device = "torch", x.device
         elif isinstance(x, np.ndarray):
             self.kind, self.device = "numpy", None
@@ -136,16 +144,44 @@ def _check_params(args: _Args, n: int, D: int, phi, alpha, bias, gamma) -> None:
     args.param_dtype = like[0]
 
 
-def _check_eps(norm_eps, hc_eps) -> None:
-    for name, val, low in (("norm_eps", norm_eps, "> 0"), ("hc_eps", hc_eps, ">= 0")):
-        ok = isinstance(val, (int, float)) and math.isfinite(val) and (val > 0 if low == "> 0" else val >= 0)
-        if not ok:
-            raise ValueError(f"{name}: expected a finite number {low}, got {val!r}")
+def check_eps(norm_eps, hc_eps) -> tuple[float, float]:
+    """``(norm_eps, hc_eps)`` as floats: real numbers (numpy scalars too, not bools), finite,
+    norm_eps > 0 and hc_eps >= 0; TypeError for another kind, ValueError out of range."""
+    out = []
+    for name, val, positive in (("norm_eps", norm_eps, True), ("hc_eps", hc_eps, False)):
+        if isinstance(val, (bool, np.bool_)) or not isinstance(val, numbers.Real):
+            raise TypeError(f"{name}: expected a real number, got {type(val).__name__} {val!r}")
+        v = float(val)
+        if not math.isfinite(v) or (v <= 0 if positive else v < 0):
+            raise ValueError(f"{name}: expected a finite number {'> 0' if positive else '>= 0'}, "
+                             f"got {val!r}")
+        out.append(v)
+    return out[0], out[1]
 
 
-def _check_iters(sinkhorn_iters) -> None:
-    if isinstance(sinkhorn_iters, bool) or not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 0:
-        raise ValueError(f"sinkhorn_iters: expected an int >= 0, got {sinkhorn_iters!r}")
+def check_iters(sinkhorn_iters) -> int:
+    """``sinkhorn_iters`` as an int in ``0..MAX_SINKHORN_ITERS`` (numpy and 0-d torch integers
+    accepted, bools not); TypeError for another kind, ValueError out of range."""
+    k = sinkhorn_iters
+    try:
+        if isinstance(k, (bool, np.bool_)):
+            raise TypeError
+        k = operator.index(k)
+    except TypeError:
+        raise TypeError(f"sinkhorn_iters: expected an int, got {type(sinkhorn_iters).__name__} "
+                        f"{sinkhorn_iters!r}") from None
+    if not 0 <= k <= MAX_SINKHORN_ITERS:
+        raise ValueError(f"sinkhorn_iters: expected an int in 0..{MAX_SINKHORN_ITERS}, got {k}")
+    return k
+
+
+def validate_pre(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters):
+    """The checks every pre-operator entry point runs first: ``(args, (B, S, n, D), norm_eps,
+    hc_eps, k)`` with the scalars normalised, or the error naming the bad argument."""
+    args = _Args(x, backend)
+    dims = _check_x(args, x)
+    _check_params(args, dims[2], dims[3], phi, alpha, bias, gamma)
+    return (args, dims, *check_eps(norm_eps, hc_eps), check_iters(sinkhorn_iters))
 
 
 def _cast_like(a, ref):
@@ -232,22 +268,21 @@ def forward(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps:
             and gamma ``[n, D]`` (or None for all ones) share phi's dtype.
         backend: ``"auto"`` (CUDA -> triton, CPU -> numba, else numpy; $MHC_MULTI_BACKEND
             overrides it), ``"triton"``, ``"numba"`` or ``"numpy"``.
-        sinkhorn_iters: k > 0 returns ``h_res = SK_k(logits)``; 0 returns the logits.
+        norm_eps, hc_eps: the RMS-norm epsilon (> 0) and the h_pre offset (>= 0).
+        sinkhorn_iters: k in 1..MAX_SINKHORN_ITERS returns ``h_res = SK_k(logits)``; 0 returns
+            the logits.
 
     Returns:
         :class:`ForwardOutput` ``(h_in, h_post, h_res, inv_rms, h_mix, h_pre)`` in x's
         container and device; ``h_in`` in x's dtype, the rest in phi's dtype.
     """
-    args = _Args(x, backend)
-    B, S, n, D = _check_x(args, x)
-    _check_params(args, n, D, phi, alpha, bias, gamma)
-    _check_eps(norm_eps, hc_eps)
-    _check_iters(sinkhorn_iters)
-    _, mod = _select(args, B * S, needs="sinkhorn" if sinkhorn_iters else None)
+    args, (B, S, n, D), norm_eps, hc_eps, k = validate_pre(
+        x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters)
+    _, mod = _select(args, B * S, needs="sinkhorn" if k else None)
     T, F = B * S, n * n + 2 * n
     out = _run(args, mod, "forward",
                dict(x=x.reshape(T, n, D), phi=phi, alpha=alpha, bias=bias, gamma=gamma),
-               norm_eps=float(norm_eps), hc_eps=float(hc_eps), sinkhorn_iters=sinkhorn_iters)
+               norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=k)
     shapes = ((B, S, D), (B, S, n), (B, S, n, n), (B, S), (B, S, F), (B, S, n))
     return ForwardOutput(*(_from_backend(a, args, s) for a, s in zip(out, shapes)))
 
@@ -267,11 +302,8 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         :class:`Gradients` ``(dx, dphi, dalpha, dbias, dgamma)``; ``dx`` in x's dtype, the
         rest in phi's dtype; ``dgamma`` is None when ``gamma`` is None.
     """
-    args = _Args(x, backend)
-    B, S, n, D = _check_x(args, x)
-    _check_params(args, n, D, phi, alpha, bias, gamma)
-    _check_eps(norm_eps, hc_eps)
-    _check_iters(sinkhorn_iters)
+    args, (B, S, n, D), norm_eps, hc_eps, k = validate_pre(
+        x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters)
     F = n * n + 2 * n
     per_token = (("inv_rms", inv_rms, (B, S)), ("h_mix", h_mix, (B, S, F)),
                  ("h_pre", h_pre, (B, S, n)), ("h_post", h_post, (B, S, n)),
@@ -279,14 +311,14 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
                  ("dh_res", dh_res, (B, S, n, n)))
     for name, a, shape in per_token:
         args.check(name, a, shape, _FLOATS)
-    _, mod = _select(args, B * S, needs="sinkhorn" if sinkhorn_iters else None)
+    _, mod = _select(args, B * S, needs="sinkhorn" if k else None)
     T = B * S
     small = {name: _cast_like(a, phi).reshape((T,) + shape[2:])
              for name, a, shape in per_token if name != "dh_in"}
     out = _run(args, mod, "backward",
                dict(x=x.reshape(T, n, D), phi=phi, alpha=alpha, bias=bias,
                     dh_in=_cast_like(dh_in, x).reshape(T, D), gamma=gamma, **small),
-               norm_eps=float(norm_eps), hc_eps=float(hc_eps), sinkhorn_iters=sinkhorn_iters)
+               norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=k)
     dx, dphi, dalpha, dbias, dgamma = out
     return Gradients(_from_backend(dx, args, (B, S, n, D)), _from_backend(dphi, args),
                      _from_backend(dalpha, args), _from_backend(dbias, args),

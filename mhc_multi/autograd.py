@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import api
+from . import api, registry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,8 +88,15 @@ def mhc_pre(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps:
     Works under ``torch.compile(fullgraph=True)``: the operator is a ``torch.library`` custom
     op (``mhc_multi::pre_forward``) with a fake implementation and registered autograd.
     """
-    h_in, h_post, h_res, *_ = _pre_forward_op(x, phi, alpha, bias, gamma, backend,
-                                              float(norm_eps), float(hc_eps), int(sinkhorn_iters))
+    for name, a in (("x", x), ("phi", phi), ("alpha", alpha), ("bias", bias), ("gamma", gamma)):
+        if a is not None and not isinstance(a, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor (mhc_pre is differentiable through "
+                            f"torch; mhc_multi.forward takes numpy arrays), got {type(a).__name__}")
+    registry.check_name(backend)
+    norm_eps, hc_eps = api.check_eps(norm_eps, hc_eps)
+    k = api.check_iters(sinkhorn_iters)
+    h_in, h_post, h_res, *_ = _pre_forward_op(x, phi, alpha, bias, gamma, backend, norm_eps,
+                                              hc_eps, k)
     return h_in, h_post, h_res
 
 
@@ -171,6 +178,9 @@ class MHCPre(torch.nn.Module):
         super().__init__()
         if not 1 <= n <= 8 or D < 1:
             raise ValueError(f"MHCPre: expected n in 1..8 and D >= 1, got n={n}, D={D}")
+        registry.check_name(backend)
+        norm_eps, hc_eps = api.check_eps(norm_eps, hc_eps)
+        sinkhorn_iters = api.check_iters(sinkhorn_iters)
         F = n * n + 2 * n
         kw = dict(dtype=dtype, device=device)
         self.n, self.D = n, D

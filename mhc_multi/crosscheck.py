@@ -127,14 +127,21 @@ def crosscheck(x, phi, alpha, bias, gamma=None, *, backends: Sequence[str] | Non
     """Run ``backends`` (default: every available one) on the same inputs and compare each
     forward output, each gradient (and with ``post=True`` the post operator) with float64.
 
-    Cotangents ``dh_in, dh_post, dh_res`` (and ``f_out, dx_next``) are drawn from ``seed``.
-    Returns a :class:`Report`; ``report.ok`` tells whether everything is within its bound.
+    ``backends`` is a list of names or one name. Cotangents ``dh_in, dh_post, dh_res`` (and
+    ``f_out, dx_next``) are drawn from ``seed``. The inputs are checked as ``forward`` checks
+    them, before anything runs. Returns a :class:`Report`; ``report.ok`` tells whether
+    everything is within its bound.
     """
     if backends is None:
         backends = [b.name for b in registry.available_backends() if b.available]
-    B, S, n, D = x.shape
+    elif isinstance(backends, str):
+        backends = [backends]
+    for name in backends:
+        registry.check_name(name)
+    _, (B, S, n, D), norm_eps, hc_eps, k = api.validate_pre(
+        x, phi, alpha, bias, gamma, "numpy", norm_eps, hc_eps, sinkhorn_iters)
     xd, pd = dtype_name(x), dtype_name(phi)
-    kw = dict(norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=sinkhorn_iters)
+    kw = dict(norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=k)
 
     as_np = [_to_backend(a, "numpy") for a in (x, phi, alpha, bias, gamma)]
     x_np = as_np[0].reshape(B * S, n, D)

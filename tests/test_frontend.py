@@ -7,7 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import mhc_multi
-from mhc_multi import BackendUnavailableError, backward, forward, random_inputs, registry
+from mhc_multi import (BackendUnavailableError, MHCPre, backward, crosscheck, forward, mhc_pre,
+                       random_inputs, registry)
 from mhc_multi.backends import numpy_ref
 from conftest import assert_close
 
@@ -60,7 +61,13 @@ def _bad_forward_cases():
         "device": (lambda a: a.update(bias=a["bias"].to("meta")), ValueError, "bias"),
         "norm_eps": (lambda a: a.update(norm_eps=0.0), ValueError, "norm_eps"),
         "hc_eps": (lambda a: a.update(hc_eps=float("nan")), ValueError, "hc_eps"),
+        "norm_eps-bool": (lambda a: a.update(norm_eps=True), TypeError, "norm_eps"),
+        "hc_eps-str": (lambda a: a.update(hc_eps="1e-6"), TypeError, "hc_eps"),
         "sinkhorn": (lambda a: a.update(sinkhorn_iters=-1), ValueError, "sinkhorn_iters"),
+        "sinkhorn-huge": (lambda a: a.update(sinkhorn_iters=2**64), ValueError, "sinkhorn_iters"),
+        "sinkhorn-float": (lambda a: a.update(sinkhorn_iters=2.5), TypeError, "sinkhorn_iters"),
+        "sinkhorn-bool": (lambda a: a.update(sinkhorn_iters=True), TypeError, "sinkhorn_iters"),
+        "x-meta": (lambda a: a.update(x=a["x"].to("meta")), ValueError, "x"),
         "backend": (lambda a: a.update(backend="cuda"), ValueError, "backend"),
     }
 
@@ -94,6 +101,49 @@ def test_backward_rejects_bad_input(arg, bad, exc, spy, seed):
         backward(x, phi, alpha, bias, gamma=g, backend="spy", **kw)
     assert str(info.value).startswith(arg), str(info.value)
     assert spy == []
+
+
+def test_numpy_and_torch_scalars_are_accepted(seed):
+    """numpy / 0-d torch scalars for the eps values and k give the same result as Python's."""
+    x, phi, alpha, bias, g = _inputs(seed)
+    ref = forward(x, phi, alpha, bias, g, backend="numpy", norm_eps=1e-5, sinkhorn_iters=3)
+    got = forward(x, phi, alpha, bias, g, backend="numpy", norm_eps=np.float32(1e-5),
+                  hc_eps=np.float64(1e-6), sinkhorn_iters=torch.tensor(3))
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kw,exc,name", [
+    (dict(sinkhorn_iters=2.5), TypeError, "sinkhorn_iters"),
+    (dict(sinkhorn_iters=True), TypeError, "sinkhorn_iters"),
+    (dict(norm_eps="1e-3"), TypeError, "norm_eps"),
+    (dict(backend="cuda"), ValueError, "backend"),
+])
+def test_mhc_pre_and_mhcpre_check_like_forward(kw, exc, name, spy, seed):
+    """The autograd entry points refuse what forward refuses, before anything runs (MHCPre at
+    construction), instead of coercing (int(2.5) would silently run 2 iterations)."""
+    x, phi, alpha, bias, g = _inputs(seed)
+    with pytest.raises(exc, match=f"^{name}"):
+        mhc_pre(x, phi, alpha, bias, g, **{"backend": "spy", **kw})
+    with pytest.raises(exc, match=f"^{name}"):
+        MHCPre(SHAPE[2], SHAPE[3], **kw)
+    assert spy == []
+
+
+def test_mhc_pre_rejects_numpy(seed):
+    x, phi, alpha, bias, g = _inputs(seed, container="numpy")
+    with pytest.raises(TypeError, match="^x: .*torch.Tensor"):
+        mhc_pre(x, phi, alpha, bias, g)
+
+
+def test_crosscheck_checks_its_inputs_first(seed):
+    x, phi, alpha, bias, g = _inputs(seed)
+    with pytest.raises(ValueError, match="^x: expected 4 dimensions"):
+        crosscheck(x[0], phi, alpha, bias, g, backends=["numpy"])
+    with pytest.raises(ValueError, match="^phi: expected shape"):
+        crosscheck(x, phi[:, 1:], alpha, bias, g, backends=["numpy"])
+    one = crosscheck(x, phi, alpha, bias, g, backends="numpy", seed=seed)  # a single name
+    assert {r.backend for r in one.rows} == {"numpy"} and one.ok
 
 
 def test_triton_on_cpu_without_interpreter_is_unavailable(monkeypatch, seed):
