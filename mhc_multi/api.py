@@ -205,12 +205,15 @@ def _select(args: _Args, total_tokens: int, *, needs: str | None = None):
             raise BackendUnavailableError(
                 f"backend {name!r} runs on CUDA tensors; got CPU data. Set TRITON_INTERPRET=1 to "
                 "run its kernels on the CPU interpreter, or use backend='numba' / 'numpy'")
+    hint = "" if name == "numpy" else " (backend='numba' or 'numpy' take it, on the CPU)"
     x_dtypes = getattr(mod, "X_DTYPES", None)
     if x_dtypes is not None and args.x_dtype not in x_dtypes:
-        raise TypeError(f"x: backend {name!r} expects dtype in {list(x_dtypes)}, got {args.x_dtype}")
+        raise TypeError(f"x: backend {name!r} expects dtype in {list(x_dtypes)}, got "
+                        f"{args.x_dtype}{hint}")
     p_dtypes = getattr(mod, "PARAM_DTYPES", None)
     if p_dtypes is not None and args.param_dtype not in p_dtypes:
-        raise TypeError(f"phi: backend {name!r} expects dtype in {list(p_dtypes)}, got {args.param_dtype}")
+        raise TypeError(f"phi: backend {name!r} expects dtype in {list(p_dtypes)}, got "
+                        f"{args.param_dtype}{hint}")
     if total_tokens == 0:  # nothing to compute: the reference returns the empty results exactly
         return registry.resolve("numpy", on_cuda=False)
     return name, mod

@@ -297,4 +297,5 @@ def test_backend_dtype_limits_are_checked_before_it_runs(x_dtype, param_dtype, n
                                            device=device)
     with pytest.raises(TypeError) as info:
         forward(x, phi, alpha, bias, g, backend="triton")
-    assert str(info.value).startswith(name) and "triton" in str(info.value)
+    msg = str(info.value)
+    assert msg.startswith(name) and "triton" in msg and "backend='numba'" in msg, msg
