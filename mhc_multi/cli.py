@@ -10,6 +10,7 @@ import argparse
 import random
 import sys
 
+from .errors import BackendUnavailableError
 from .registry import BACKENDS, available_backends
 
 
@@ -76,10 +77,14 @@ def main(argv: list[str] | None = None) -> int:
                 names.remove("triton")
     device = "cuda" if "triton" in names and container == "torch" and _cuda() else "cpu"
     param_dtype = "fp64" if dtype == "fp64" else "fp32"
-    inputs = random_inputs(args.shape, dtype, param_dtype=param_dtype, gamma=not args.no_gamma,
-                           seed=seed, container=container, device=device)
-    report = crosscheck(*inputs, backends=names, seed=seed, sinkhorn_iters=args.sinkhorn,
-                        post=args.post)
+    try:
+        inputs = random_inputs(args.shape, dtype, param_dtype=param_dtype,
+                               gamma=not args.no_gamma, seed=seed, container=container,
+                               device=device)
+        report = crosscheck(*inputs, backends=names, seed=seed, sinkhorn_iters=args.sinkhorn,
+                            post=args.post)
+    except (ValueError, TypeError, BackendUnavailableError) as exc:  # the front end's message
+        chk.error(str(exc))
     print(report)
     return 0 if report.ok else 1
 

@@ -100,3 +100,15 @@ def test_cli_check_exits_1_on_failure(capsys, monkeypatch, seed):
     finally:
         registry.unregister("bad")
     assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--shape", "1,2,9,3"], "x: expected n = x.shape[2] in 1..8"),
+    (["--sinkhorn", "2000"], "sinkhorn_iters: expected an int in 0..1000"),
+])
+def test_cli_check_reports_bad_arguments_as_usage_errors(argv, message, capsys):
+    """The front end's message, as an argparse error (exit status 2), not a traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(["check", "--backends", "numpy", *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
