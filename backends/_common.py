@@ -12,7 +12,8 @@ import numpy as np
 
 POISON = os.environ.get("MHC_MULTI_POISON") == "1"
 
-#: Rows with n*D <= SMALL_ND take a float64 path for dx when x is fp32. In
+#: Rows with n*D <= SMALL_ND take a float64 path for dx (numba: fp32 x; triton: every x, as its
+#: 16-bit paths carry fewer bf16 pieces). In
 #: dx = r*u - x * r^3 <u, x> / nD (u = g * dm@phi / r) the two parts cancel for short rows, to
 #: eps*r^2 of their size at n*D = 1, so fp32 arithmetic there misses the fp32 bound (11 of 400
 #: random (1,1,1,1) cases did). Beyond a few elements such cancellation needs u nearly parallel

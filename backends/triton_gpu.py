@@ -84,6 +84,15 @@ _PIECES = {
 }
 
 
+#: Below this many h_res entries (T*n*n) the forward splits phi*g into 3 bf16 pieces whatever x's
+#: dtype. h_res = a_res*r*m + bias can cancel (|h_res| << |a_res*r*m|), which multiplies the
+#: relative error of m; 2 pieces leave m off by up to 2^-17 (7.6e-6) per product, so when a
+#: handful of entries make up the whole norm one cancelling token exceeds 2e-5 (interpreter,
+#: (1,1,1,1) fp16: 3 of 150 draws, up to 3.5e-5). Over many entries the error averages to the
+#: 2-piece level (~4e-6), so large batches keep the cheaper 2-piece forward.
+FEW_RES = 256
+
+
 def _dtype_name(dt) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dt]
 
@@ -605,7 +614,8 @@ if triton is not None:
     def _dx_exact(dm_ptr, rms_ptr, hmix_ptr, phi_ptr, g_ptr, xv, dh, hp, rows64, rmask, col,
                   dmask, T, N: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
                   F_PAD: tl.constexpr, NDM: tl.constexpr, HAS_G: tl.constexpr):
-        """dx of short rows (n*D <= SMALL_ND, fp32 x) in float64, one gate column f at a time.
+        """dx of short rows (n*D <= SMALL_ND) in float64, one gate column f at a time (then fp32,
+        rounded once more to x's dtype by the caller).
 
         dx = sum_f dm_f (phi_f g - r^2 x m_f / nD) + h_pre dh_in: for short rows the two parts
         cancel (n*D = 1: to eps*r^2 of their size), so both are built from the same dm (its
@@ -629,7 +639,7 @@ if triton is not None:
             w = w * tl.load(g_ptr + col, mask=dmask, other=0.0).to(tl.float64)[None, :]
         coef = r * r * dr / ND
         return (w - coef[:, None] * xv.to(tl.float64)
-                + hp.to(tl.float64)[:, None] * dh.to(tl.float64))
+                + hp.to(tl.float64)[:, None] * dh.to(tl.float64)).to(tl.float32)
 
     # -----------------------------------------------------------------------------------------
     # Backward, column part: program (stream i, D chunk c, token split s).
@@ -1019,6 +1029,8 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
     if T > 0:
         dname = _dtype_name(x.dtype)
         npa, npb = _PIECES[dname][0]
+        if T * n * n < FEW_RES:   # few h_res entries: phi*g to fp32 precision (see FEW_RES)
+            npb = 3
         cfg = _config(n, D, dname, dev, T)
         g = None if gamma is None else _f32(gamma).reshape(ND)
         pg = _prep_phi(_f32(phi), g, F_pad, npb)
@@ -1111,7 +1123,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         pp = _prep_phi(phi32, None, F_pad, nwb)
         wscol = torch.empty((splits, F, ND), dtype=torch.float32, device=dev)
         exact = {}
-        if dname == "fp32" and ND <= SMALL_ND:   # short rows: dx in float64 (_dx_exact)
+        if ND <= SMALL_ND:   # short rows: dx in float64 (_dx_exact)
             exact = dict(EXACT=True, rms_ptr=_f32(inv_rms), hmix_ptr=_f32(h_mix), phi_ptr=phi32)
         _pre_bwd_col_kernel[(n, nch, splits)](
             x, dh_in, hp32, dm, coef, pp, g if g is not None else phi32, dx, wscol,

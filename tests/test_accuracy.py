@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 torch = pytest.importorskip("torch")
 
-from mhc_multi import available_backends, crosscheck, random_inputs
+from mhc_multi import available_backends, crosscheck, forward, random_inputs
 from mhc_multi.backends import _common
 
 AVAILABLE = {b.name: b for b in available_backends()}
@@ -86,6 +86,24 @@ def test_short_rows_cancel(backend, shape, poison, seed):
         x, phi, *rest = random_inputs(shape, "fp32", gamma=bool(s % 2), seed=s, device=device)
         report = crosscheck(x * 0.02, phi * 10, *rest, backends=[backend], seed=s)
         assert report.ok, f"seed={s}\n{report}"
+
+
+@pytest.mark.parametrize("x_dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 1, 3, 50)], ids=lambda s: "B{}S{}n{}D{}".format(*s))
+@pytest.mark.parametrize("backend", [_backend_param("numba"), _backend_param("triton")])
+def test_cancelling_h_res(backend, shape, x_dtype, poison, seed):
+    """h_res = a_res*r*m + bias with the bias chosen to cancel 99% of a_res*r*m: the relative
+    error of m is multiplied by 100 in h_res, and with few entries nothing averages it out.
+    Needs m to fp32 precision (Triton: 3 pieces of phi*g below FEW_RES entries)."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    x, phi, alpha, bias, g = random_inputs(shape, x_dtype, seed=seed, device=device)
+    n = shape[2]
+    out = forward(x, phi, alpha, bias, g, backend="numpy")
+    u_res = out.inv_rms[0, 0].double() * out.h_mix[0, 0, 2 * n:].double()   # the token's r*m
+    bias = bias.clone()
+    bias[2 * n:] = (-0.99 * alpha[2].double() * u_res).to(bias)
+    report = crosscheck(x, phi, alpha, bias, g, backends=[backend], seed=seed)
+    assert report.ok, f"seed={seed}\n{report}"
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
