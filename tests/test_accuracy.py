@@ -32,9 +32,14 @@ def poison(monkeypatch):
     monkeypatch.setattr(_common, "POISON", True)
 
 
+def _device(backend):
+    """Where a backend's inputs live: the GPU for triton when there is one, else the CPU."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
 def _check(backend, shape, x_dtype, gamma, seed, sinkhorn_iters=0, post=False):
     param_dtype = "fp64" if x_dtype == "fp64" else "fp32"
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    device = _device(backend)
     inputs = random_inputs(shape, x_dtype, param_dtype=param_dtype, gamma=gamma, seed=seed,
                            device=device)
     report = crosscheck(*inputs, backends=[backend], seed=seed, sinkhorn_iters=sinkhorn_iters,
@@ -81,7 +86,7 @@ def test_short_rows_cancel(backend, shape, poison, seed):
     their size). With small tokens (x/50, inv_rms ~ 50) and large phi (x10) the parts are large
     next to dx, and a backend that builds them in fp32 misses the fp32 bound on dx at
     (1,1,1,1) in about a third of the draws (backends/_common.SMALL_ND); 16 draws per run."""
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    device = _device(backend)
     for s in range(seed, seed + 16):
         x, phi, *rest = random_inputs(shape, "fp32", gamma=bool(s % 2), seed=s, device=device)
         report = crosscheck(x * 0.02, phi * 10, *rest, backends=[backend], seed=s)
@@ -95,7 +100,7 @@ def test_cancelling_h_res(backend, shape, x_dtype, poison, seed):
     """h_res = a_res*r*m + bias with the bias chosen to cancel 99% of a_res*r*m: the relative
     error of m is multiplied by 100 in h_res, and with few entries nothing averages it out.
     Needs m to fp32 precision (Triton: 3 pieces of phi*g below FEW_RES entries)."""
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    device = _device(backend)
     x, phi, alpha, bias, g = random_inputs(shape, x_dtype, seed=seed, device=device)
     n = shape[2]
     out = forward(x, phi, alpha, bias, g, backend="numpy")
