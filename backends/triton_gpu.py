@@ -134,6 +134,10 @@ if triton is not None:
         """
         NMAX: tl.constexpr = NA if NA > NB else NB
         part = tl.zeros(acc.shape, dtype=tl.float32)
+        # With one dot, Triton folds "acc + dot(a, b, 0)" into "dot(a, b, acc)" and the whole
+        # loop accumulates on the tensor cores (post backward at D = 65536: 8e-5 instead of
+        # 2e-7).  An opaque copy of the product keeps the add in fp32.  With several dots the
+        # last one's accumulator is not zero and nothing folds (checked in the TTGIR).
         if NMAX > 2:
             if NA > 2:
                 part = _dot(a2, b0, part, INTERP)
@@ -147,7 +151,19 @@ if triton is not None:
         if NB > 1:
             part = _dot(a0, b1, part, INTERP)
         part = _dot(a0, b0, part, INTERP)
+        if NMAX == 1:
+            part = _opaque(part, INTERP)
         return acc + part
+
+    @triton.jit
+    def _opaque(v, INTERP: tl.constexpr):
+        """v, through an instruction the compiler cannot see into (see _mm_core)."""
+        if INTERP:
+            r = v
+        else:
+            r = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+        return r
 
     @triton.jit
     def _split3(a, N: tl.constexpr, INTERP: tl.constexpr):
@@ -348,7 +364,7 @@ if triton is not None:
         hpre_ptr,    # [T, n] fp32             (out)
         T, norm_eps, hc_eps,
         N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
         NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr,
         K: tl.constexpr = 0, NP: tl.constexpr = 1,
     ):
@@ -372,19 +388,25 @@ if triton is not None:
                                  ss2, ND, D, F_PAD, NPA, NPB, INTERP)
 
         ss = tl.sum(ss2, axis=1)
-        gate = _gates_epilogue(acc, ss, rows, rows64, rmask, ff, alpha_ptr, bias_ptr, rms_ptr,
-                               hmix_ptr, hpre_ptr, hpost_ptr, hres_ptr, norm_eps, hc_eps, N, F,
-                               ND, K, NP)
+        _gates_epilogue(acc, ss, rows, rows64, rmask, ff, alpha_ptr, bias_ptr, rms_ptr,
+                        hmix_ptr, hpre_ptr, hpost_ptr, hres_ptr, norm_eps, hc_eps, N, F, ND, K,
+                        NP)
 
-        # pass 2: h_in = sum_i h_pre[i] * x[i, :], D chunks in reverse order
-        for cc in range(NCH):
-            c = NCH - 1 - cc
-            d = c * BLOCK_D + dd
+        # pass 2: h_in = sum_i h_pre[i] * x[i, :], D chunks (of BLOCK_D2) in reverse order.
+        # h_pre[i] is re-read from the h_pre just stored (L1; the barrier makes the program's
+        # stores visible to all its threads) rather than pulled out of the gate tile by a
+        # cross-thread reduction per chunk and stream.
+        tl.debug_barrier()
+        NCH2: tl.constexpr = (D + BLOCK_D2 - 1) // BLOCK_D2
+        dd2 = tl.arange(0, BLOCK_D2)
+        for cc in range(NCH2):
+            c = NCH2 - 1 - cc
+            d = c * BLOCK_D2 + dd2
             dmask = d < D
             m2 = rmask[:, None] & dmask[None, :]
-            h = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+            h = tl.zeros([BLOCK_T, BLOCK_D2], dtype=tl.float32)
             for i in tl.static_range(N):
-                hp = tl.sum(tl.where(ff[None, :] == i, gate, 0.0), axis=1)
+                hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
                 xv = tl.load(x_ptr + rows64[:, None] * ND + (i * D) + d[None, :], mask=m2,
                              other=0.0)
                 h += hp[:, None] * xv.to(tl.float32)
@@ -661,7 +683,7 @@ if triton is not None:
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
         NWA: tl.constexpr, NWB: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr,
         NDM: tl.constexpr, INTERP: tl.constexpr,
-        EXACT: tl.constexpr = False,
+        EXACT: tl.constexpr = False, PT: tl.constexpr = False,
         rms_ptr=None,    # [T] fp32 (EXACT)
         hmix_ptr=None,   # [T, F] fp32 (EXACT)
         phi_ptr=None,    # [F, ND] fp32 (EXACT)
@@ -679,7 +701,10 @@ if triton is not None:
                                   dmask[None, :], NWB)
         if HAS_G:
             g = tl.load(g_ptr + col, mask=dmask, other=0.0)
-        P = tl.zeros([F_PAD, BLOCK_D], dtype=tl.float32)
+        if PT:   # P^T = x^T @ dm: the x tile is the big (M = BLOCK_D) operand
+            P = tl.zeros([BLOCK_D, F_PAD], dtype=tl.float32)
+        else:
+            P = tl.zeros([F_PAD, BLOCK_D], dtype=tl.float32)
         t_lo = s * TOK_PER_SPLIT
         t_hi = tl.minimum(t_lo + TOK_PER_SPLIT, T)
         for t0 in range(t_lo, t_hi, BLOCK_T):
@@ -706,13 +731,22 @@ if triton is not None:
                 dx = w - coef[:, None] * xf + hp[:, None] * dh.to(tl.float32)
             tl.store(dx_ptr + rows64[:, None] * ND + col[None, :],
                      _round_out(dx, dx_ptr.dtype.element_ty, INTERP), mask=m2)
-            # P += dm^T @ x: the transposed dm pieces are loaded as [F_PAD, BLOCK_T] tiles
-            t0_, t1_, t2_ = _load_pieces(dm_ptr, rows64[None, :] * F_PAD + ff[:, None],
-                                         T * F_PAD, rmask[None, :], NPA)
             x0, x1, x2 = _split3(xv, NPB, INTERP)
-            P = _mm_core(t0_, t1_, t2_, x0, x1, x2, P, NPA, NPB, INTERP)
-        tl.store(wscol_ptr + s * (F * ND) + ff[:, None] * ND + col[None, :], P,
-                 mask=(ff < F)[:, None] & dmask[None, :])
+            if PT:
+                # P^T += x^T @ dm, from the dm pieces already loaded for w
+                P = _mm_core(tl.trans(x0), tl.trans(x1), tl.trans(x2), a0, a1, a2, P, NPB, NPA,
+                             INTERP)
+            else:
+                # P += dm^T @ x: the transposed dm pieces are loaded as [F_PAD, BLOCK_T] tiles
+                t0_, t1_, t2_ = _load_pieces(dm_ptr, rows64[None, :] * F_PAD + ff[:, None],
+                                             T * F_PAD, rmask[None, :], NPA)
+                P = _mm_core(t0_, t1_, t2_, x0, x1, x2, P, NPA, NPB, INTERP)
+        if PT:
+            tl.store(wscol_ptr + s * (F * ND) + ff[None, :] * ND + col[:, None], P,
+                     mask=(ff < F)[None, :] & dmask[:, None])
+        else:
+            tl.store(wscol_ptr + s * (F * ND) + ff[:, None] * ND + col[None, :], P,
+                     mask=(ff < F)[:, None] & dmask[None, :])
 
     # -----------------------------------------------------------------------------------------
     # Fixed-order reduction of the workspaces:
@@ -856,6 +890,123 @@ if triton is not None:
                 xj = tl.load(x_ptr + rows64[:, None] * ND + j * D + d[None, :], mask=m2,
                              other=0.0).to(tl.float32)
                 tl.store(pbase + N + i * N + j, tl.sum(gi * xj, axis=1), mask=rmask)
+
+    # Backward, one program per token block, looping over D (the default; set_config(
+    # post_bwd="part") selects _post_bwd_kernel): dx and df_out elementwise as above; the reductions over D on the tensor cores.
+    # With R = BLOCK_T * NP rows (token t, stream i) -> row t*NP + i of 2-D [R, BLOCK_D] tiles
+    # G (dx_next) and X (x), and F (f_out, row t), per D chunk
+    #   SX += G @ X^T  ([R, R]: entry (t*NP+i, t'*NP+j) = <g[t,i], x[t',j]>)
+    #   SF += G @ F^T  ([R, FR]: entry (t*NP+i, t') = <g[t,i], f[t']>)
+    # and at the end the block diagonal is dh_res, the column t' = t is dh_post.  The products
+    # are exact (16-bit operands; fp32 x as 3 bf16 pieces each), every chunk's dot starts from
+    # zero and is added in fp32 (see _mm_core).  No partials in memory, no reduce kernel.
+    @triton.jit(do_not_specialize=["T"])
+    def _post_bwd_dot_kernel(
+        x_ptr,       # [T, n, D] x dtype
+        f_ptr,       # [T, D] x dtype
+        hpost_ptr,   # [T, n] fp32
+        hres_ptr,    # [T, n, n] fp32
+        g_ptr,       # [T, n, D] x dtype: dx_next
+        dx_ptr,      # [T, n, D] x dtype (out)
+        df_ptr,      # [T, D] x dtype (out)
+        dhpost_ptr,  # [T, n] fp32 (out)
+        dhres_ptr,   # [T, n, n] fp32 (out)
+        T,
+        N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, FR: tl.constexpr,
+        NPC: tl.constexpr, INTERP: tl.constexpr, EW: tl.constexpr = False,
+    ):
+        ND: tl.constexpr = N * D
+        R: tl.constexpr = BLOCK_T * NP
+        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        t0 = tl.program_id(0) * BLOCK_T
+        rows = t0 + tl.arange(0, BLOCK_T)
+        jj = tl.arange(0, NP)
+        dd = tl.arange(0, BLOCK_D)
+        rmask = rows < T
+        rows64 = rows.to(tl.int64)
+        nmask = jj < N
+        hm = rmask[:, None] & nmask[None, :]
+        # 2-D row indices: (token, stream) of row q of G and X; token of row q of F
+        q = tl.arange(0, R)
+        qt = t0 + q // NP
+        qi = q % NP
+        qmask = (qt < T) & (qi < N)
+        qoff = qt.to(tl.int64) * ND + qi * D
+        fq = tl.arange(0, FR)
+        ft = t0 + fq
+        fmask = (fq < BLOCK_T) & (ft < T)
+        foff = ft.to(tl.int64) * D
+        hp = tl.load(hpost_ptr + rows64[:, None] * N + jj[None, :], mask=hm, other=0.0)
+        sx = tl.zeros([R, R], dtype=tl.float32)
+        sf = tl.zeros([R, FR], dtype=tl.float32)
+        sx4 = tl.zeros([BLOCK_T, NP, NP, BLOCK_D], dtype=tl.float32)
+        sf3 = tl.zeros([BLOCK_T, NP, BLOCK_D], dtype=tl.float32)
+        for c in range(NCH):
+            d = c * BLOCK_D + dd
+            dmask = d < D
+            m2 = rmask[:, None] & dmask[None, :]
+            m3 = m2[:, None, :] & nmask[None, :, None]
+            g3 = tl.load(g_ptr + rows64[:, None, None] * ND + jj[None, :, None] * D
+                         + d[None, None, :], mask=m3, other=0.0).to(tl.float32)
+            df = tl.sum(hp[:, :, None] * g3, axis=1)
+            tl.store(df_ptr + rows64[:, None] * D + d[None, :],
+                     _round_out(df, df_ptr.dtype.element_ty, INTERP), mask=m2)
+            for j in tl.static_range(N):
+                hc = tl.load(hres_ptr + rows64[:, None] * (N * N) + jj[None, :] * N + j, mask=hm,
+                             other=0.0)                             # h_res[t, :, j]
+                dxj = tl.sum(hc[:, :, None] * g3, axis=1)
+                tl.store(dx_ptr + rows64[:, None] * ND + j * D + d[None, :],
+                         _round_out(dxj, dx_ptr.dtype.element_ty, INTERP), mask=m2)
+            if EW:   # the reductions elementwise, lane by lane; summed over D at the end
+                x3 = tl.load(x_ptr + rows64[:, None, None] * ND + jj[None, :, None] * D
+                             + d[None, None, :], mask=m3, other=0.0).to(tl.float32)
+                fe = tl.load(f_ptr + rows64[:, None] * D + d[None, :], mask=m2,
+                             other=0.0).to(tl.float32)
+                sx4 += g3[:, :, None, :] * x3[:, None, :, :]
+                sf3 += g3 * fe[:, None, :]
+            else:
+                # the reductions on the tensor cores: [R, BLOCK_D] tiles (G re-read from L1)
+                sx, sf = _post_red_dots(g_ptr, x_ptr, f_ptr, qoff, qmask, foff, fmask, d,
+                                        dmask, sx, sf, NPC, INTERP)
+        if EW:
+            tl.store(dhres_ptr + rows64[:, None, None] * (N * N) + jj[None, :, None] * N
+                     + jj[None, None, :], tl.sum(sx4, axis=3),
+                     mask=hm[:, :, None] & nmask[None, None, :])
+            tl.store(dhpost_ptr + rows64[:, None] * N + jj[None, :], tl.sum(sf3, axis=2),
+                     mask=hm)
+        else:
+            # dh_res[t, i, j] = sx[t*NP + i, t*NP + j]; dh_post[t, i] = sf[t*NP + i, t]
+            q2 = tl.arange(0, R)
+            same = (q // NP)[:, None] == (q2 // NP)[None, :]
+            tl.store(dhres_ptr + qt.to(tl.int64)[:, None] * (N * N) + qi[:, None] * N
+                     + (q2 % NP)[None, :], sx,
+                     mask=qmask[:, None] & same & ((q2 % NP) < N)[None, :])
+            tl.store(dhpost_ptr + qt.to(tl.int64)[:, None] * N + qi[:, None] + 0 * fq[None, :],
+                     sf, mask=qmask[:, None] & ((q // NP)[:, None] == fq[None, :]))
+
+    @triton.jit
+    def _post_red_dots(g_ptr, x_ptr, f_ptr, qoff, qmask, foff, fmask, d, dmask, sx, sf,
+                       NPC: tl.constexpr, INTERP: tl.constexpr):
+        """sx += G @ X^T, sf += G @ F^T for one D chunk (see _post_bwd_dot_kernel)."""
+        gq = tl.load(g_ptr + qoff[:, None] + d[None, :],
+                     mask=qmask[:, None] & dmask[None, :], other=0.0)
+        xq = tl.load(x_ptr + qoff[:, None] + d[None, :],
+                     mask=qmask[:, None] & dmask[None, :], other=0.0)
+        fv = tl.load(f_ptr + foff[:, None] + d[None, :],
+                     mask=fmask[:, None] & dmask[None, :], other=0.0)
+        xt = tl.trans(xq)
+        ft = tl.trans(fv)
+        if NPC == 1:   # 16-bit x: the products are exact as they are
+            sx = _mm_core(gq, gq, gq, xt, xt, xt, sx, 1, 1, INTERP)
+            sf = _mm_core(gq, gq, gq, ft, ft, ft, sf, 1, 1, INTERP)
+        else:          # fp32 x: bf16 pieces
+            a0, a1, a2 = _split3(gq, NPC, INTERP)
+            b0, b1, b2 = _split3(xt, NPC, INTERP)
+            sx = _mm_core(a0, a1, a2, b0, b1, b2, sx, NPC, NPC, INTERP)
+            c0, c1, c2 = _split3(ft, NPC, INTERP)
+            sf = _mm_core(a0, a1, a2, c0, c1, c2, sf, NPC, NPC, INTERP)
+        return sx, sf
 
     @triton.jit(do_not_specialize=["T"])
     def _post_reduce_kernel(
@@ -1045,7 +1196,7 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
             x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre,
             T, float(norm_eps), float(hc_eps),
             N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=cfg["fwd_bt"], BLOCK_D=cfg["fwd_bd"],
-            NPA=npa, NPB=npb, INTERP=_interpret(), **_sk_kw(k, n), **_launch_kw(cfg, "fwd"))
+            BLOCK_D2=cfg.get("fwd_bd2", cfg["fwd_bd"]), NPA=npa, NPB=npb, INTERP=_interpret(), **_sk_kw(k, n), **_launch_kw(cfg, "fwd"))
     outs = (h_post, h_res, inv_rms, h_mix, h_pre)
     return (h_in,) + tuple(o if o.dtype == pdt else o.to(pdt) for o in outs)
 
@@ -1129,7 +1280,8 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
             x, dh_in, hp32, dm, coef, pp, g if g is not None else phi32, dx, wscol,
             T, tok_per_split,
             N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd, HAS_G=g is not None,
-            NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(), **exact,
+            NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(),
+            PT=bool(cfg.get("col_pt", False)), **exact,
             **_launch_kw(cfg, "col"))
         BLOCK = max(16, min(64, 2048 // F_pad)) if dev.type == "cuda" else 64
         _reduce_partials_kernel[(triton.cdiv(ND, BLOCK),)](
@@ -1149,14 +1301,16 @@ def _post_config(n: int, D: int, device) -> dict:
     (forward and backward alike; the backward's partials are [D / BLOCK_D, T, n + n*n])."""
     npad = _next_pow2(n)
     if device.type != "cuda":
-        return dict(pf_bt=4, pf_bd=32, pb_bt=4, pb_bd=32, warps=4)
+        cfg = dict(pf_bt=4, pf_bd=32, pb_bt=4, pb_bd=32, warps=4, pd_bt=1, pd_bd=32)
+        cfg.update({k[5:]: v for k, v in _CONFIG_OVERRIDES.items() if k.startswith("post_")})
+        return cfg
     cfg = dict(pf_bt=max(1, 8 // npad), pf_bd=512, pb_bt=max(1, 8 // npad), pb_bd=512,
-               warps=4, pf_stages=2, pb_stages=2)
+               warps=4, pf_stages=2, pb_stages=2, pd_bt=1, pd_bd=256, pd_warps=4, pd_stages=3)
     if npad == 4:   # n = 3, 4: measured on the H200 (0.71 ms vs 0.92 ms for [2, 4, 512] at
         #             (4,4096,4,4096); some tiles, e.g. [2, 4, 256], fall off a cliff to ~4 ms)
         cfg.update(pb_bt=4, pb_bd=256)
     p2 = max(16, _next_pow2(D))
-    cfg.update(pf_bd=min(cfg["pf_bd"], p2), pb_bd=min(cfg["pb_bd"], p2))
+    cfg.update(pf_bd=min(cfg["pf_bd"], p2), pb_bd=min(cfg["pb_bd"], p2), pd_bd=min(cfg["pd_bd"], p2))
     cfg.update({k[5:]: v for k, v in _CONFIG_OVERRIDES.items() if k.startswith("post_")})
     return cfg
 
@@ -1192,6 +1346,23 @@ def post_backward(x, f_out, h_post, h_res, dx_next):
         kw = {"num_warps": cfg["warps"]}
         if not _interpret():
             kw["num_stages"] = cfg["pb_stages"]
+        if cfg.get("bwd", "dot") == "dot":   # set_config(post_bwd="part") for the other
+            npad = _next_pow2(n)
+            ew = bool(cfg.get("pd_ew", False))
+            bt = cfg["pd_bt"] if ew else max(cfg["pd_bt"], 16 // npad)   # dots: >= 16 rows
+            bd = cfg["pd_bd"]
+            npc = 3 if x.dtype == torch.float32 else 1   # fp32: 3 bf16 pieces per operand
+            kw = {"num_warps": cfg.get("pd_warps", 4)}
+            if not _interpret():
+                kw["num_stages"] = cfg.get("pd_stages", 2)
+            _post_bwd_dot_kernel[(triton.cdiv(T, bt),)](
+                x.contiguous(), f_out.to(x.dtype).contiguous(), _f32(h_post), _f32(h_res),
+                dx_next.to(x.dtype).contiguous(), dx, df, dhp, dhr, T,
+                N=n, NP=npad, D=D, BLOCK_T=bt, BLOCK_D=bd, FR=max(16, _next_pow2(bt)),
+                NPC=npc, INTERP=_interpret(), EW=ew, **kw)
+            pdt = h_post.dtype
+            return dx, df, (dhp if pdt == dhp.dtype else dhp.to(pdt)), \
+                (dhr if pdt == dhr.dtype else dhr.to(pdt))
         bt, bd = cfg["pb_bt"], cfg["pb_bd"]
         nch = triton.cdiv(D, bd)
         part = torch.empty((nch, T, n + n * n), dtype=torch.float32, device=dev)
