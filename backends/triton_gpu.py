@@ -414,7 +414,7 @@ if triton is not None:
                      _round_out(h, hin_ptr.dtype.element_ty, INTERP), mask=m2)
 
     # -----------------------------------------------------------------------------------------
-    # Forward, split variant (set_config(fwd_split=S), S >= 1, or -1 for a rule by T): more
+    # Forward, split variant (the rule in _fwd_splits, or set_config(fwd_split=S)): more
     # programs when T is small.  Three launches:
     #   _pre_fwd_part_kernel  grid (T/BT, S): pass 1 over the program's share of the D chunks
     #                         (all n streams) -> fp32 partials [S, T, F_PAD] of m and [S, T] of
@@ -683,7 +683,7 @@ if triton is not None:
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
         NWA: tl.constexpr, NWB: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr,
         NDM: tl.constexpr, INTERP: tl.constexpr,
-        EXACT: tl.constexpr = False, PT: tl.constexpr = False,
+        EXACT: tl.constexpr = False,
         rms_ptr=None,    # [T] fp32 (EXACT)
         hmix_ptr=None,   # [T, F] fp32 (EXACT)
         phi_ptr=None,    # [F, ND] fp32 (EXACT)
@@ -701,10 +701,7 @@ if triton is not None:
                                   dmask[None, :], NWB)
         if HAS_G:
             g = tl.load(g_ptr + col, mask=dmask, other=0.0)
-        if PT:   # P^T = x^T @ dm: the x tile is the big (M = BLOCK_D) operand
-            P = tl.zeros([BLOCK_D, F_PAD], dtype=tl.float32)
-        else:
-            P = tl.zeros([F_PAD, BLOCK_D], dtype=tl.float32)
+        P = tl.zeros([F_PAD, BLOCK_D], dtype=tl.float32)
         t_lo = s * TOK_PER_SPLIT
         t_hi = tl.minimum(t_lo + TOK_PER_SPLIT, T)
         for t0 in range(t_lo, t_hi, BLOCK_T):
@@ -731,22 +728,15 @@ if triton is not None:
                 dx = w - coef[:, None] * xf + hp[:, None] * dh.to(tl.float32)
             tl.store(dx_ptr + rows64[:, None] * ND + col[None, :],
                      _round_out(dx, dx_ptr.dtype.element_ty, INTERP), mask=m2)
+            # P += dm^T @ x: the transposed dm pieces are loaded as [F_PAD, BLOCK_T] tiles
+            # (an in-register tl.trans of the tiles above, or P^T = x^T @ dm with the x tile as
+            # the big operand, measured 1.1-2.3x and 1.15x slower on the H200)
+            t0_, t1_, t2_ = _load_pieces(dm_ptr, rows64[None, :] * F_PAD + ff[:, None],
+                                         T * F_PAD, rmask[None, :], NPA)
             x0, x1, x2 = _split3(xv, NPB, INTERP)
-            if PT:
-                # P^T += x^T @ dm, from the dm pieces already loaded for w
-                P = _mm_core(tl.trans(x0), tl.trans(x1), tl.trans(x2), a0, a1, a2, P, NPB, NPA,
-                             INTERP)
-            else:
-                # P += dm^T @ x: the transposed dm pieces are loaded as [F_PAD, BLOCK_T] tiles
-                t0_, t1_, t2_ = _load_pieces(dm_ptr, rows64[None, :] * F_PAD + ff[:, None],
-                                             T * F_PAD, rmask[None, :], NPA)
-                P = _mm_core(t0_, t1_, t2_, x0, x1, x2, P, NPA, NPB, INTERP)
-        if PT:
-            tl.store(wscol_ptr + s * (F * ND) + ff[None, :] * ND + col[:, None], P,
-                     mask=(ff < F)[None, :] & dmask[:, None])
-        else:
-            tl.store(wscol_ptr + s * (F * ND) + ff[:, None] * ND + col[None, :], P,
-                     mask=(ff < F)[:, None] & dmask[None, :])
+            P = _mm_core(t0_, t1_, t2_, x0, x1, x2, P, NPA, NPB, INTERP)
+        tl.store(wscol_ptr + s * (F * ND) + ff[:, None] * ND + col[None, :], P,
+                 mask=(ff < F)[:, None] & dmask[None, :])
 
     # -----------------------------------------------------------------------------------------
     # Fixed-order reduction of the workspaces:
@@ -838,70 +828,19 @@ if triton is not None:
     # Backward, per token t, given g = dx_next:
     #   dx[j] = sum_i h_res[i, j] g[i];  df_out = sum_i h_post[i] g[i]
     #   dh_post[i] = <g[i], f_out>;      dh_res[i, j] = <g[i], x[j]>
-    # Grid (token blocks, D chunks), like the forward: dx and df_out from the [BLOCK_T, NP,
-    # BLOCK_D] tile of g; the reductions over D of the chunk go to fp32 partials
-    # [NCH, T, n + n*n] that _post_reduce_kernel sums in a fixed order (no atomics).
+    # One program per BLOCK_T tokens, looping over D.  dx and df_out elementwise from the
+    # [BLOCK_T, NP, BLOCK_D] tile of g (as in the forward).  The reductions over D on the tensor
+    # cores: with R = BLOCK_T * NP rows, row t*NP + i of the 2-D [R, BLOCK_D] tiles G (g) and X
+    # (x) is (token t, stream i), row t of F is f_out of token t; per D chunk
+    #   SX += G @ X^T  ([R, R]:  entry (t*NP+i, t'*NP+j) = <g[t,i], x[t',j]>)
+    #   SF += G @ F^T  ([R, FR]: entry (t*NP+i, t')      = <g[t,i], f[t']>)
+    # and at the end the block diagonal of SX is dh_res and the column t' = t of SF is dh_post
+    # (the off-diagonal products are wasted; the tensor cores have the time).  The products are
+    # exact (16-bit operands; fp32 x as 3 bf16 pieces); each chunk's dot starts from zero and is
+    # added in fp32 (_mm_core), so the error is bounded by BLOCK_D, not D.  No partial sums in
+    # memory, no second kernel, no atomics.
     @triton.jit(do_not_specialize=["T"])
     def _post_bwd_kernel(
-        x_ptr,       # [T, n, D] x dtype
-        f_ptr,       # [T, D] x dtype
-        hpost_ptr,   # [T, n] fp32
-        hres_ptr,    # [T, n, n] fp32
-        g_ptr,       # [T, n, D] x dtype: dx_next
-        dx_ptr,      # [T, n, D] x dtype (out)
-        df_ptr,      # [T, D] x dtype (out)
-        part_ptr,    # [NCH, T, n + n*n] fp32 (out): per-chunk <g_i, f>, <g_i, x_j>
-        T,
-        N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
-    ):
-        ND: tl.constexpr = N * D
-        NQ: tl.constexpr = N + N * N
-        c = tl.program_id(1)
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        d = c * BLOCK_D + tl.arange(0, BLOCK_D)
-        jj = tl.arange(0, NP)
-        rmask = rows < T
-        rows64 = rows.to(tl.int64)
-        nmask = jj < N
-        m2 = rmask[:, None] & (d < D)[None, :]
-        m3 = m2[:, None, :] & nmask[None, :, None]
-        hm = rmask[:, None] & nmask[None, :]
-        g3 = tl.load(g_ptr + rows64[:, None, None] * ND + jj[None, :, None] * D + d[None, None, :],
-                     mask=m3, other=0.0).to(tl.float32)
-        hp = tl.load(hpost_ptr + rows64[:, None] * N + jj[None, :], mask=hm, other=0.0)
-        df = tl.sum(hp[:, :, None] * g3, axis=1)
-        tl.store(df_ptr + rows64[:, None] * D + d[None, :],
-                 _round_out(df, df_ptr.dtype.element_ty, INTERP), mask=m2)
-        for j in tl.static_range(N):
-            hc = tl.load(hres_ptr + rows64[:, None] * (N * N) + jj[None, :] * N + j, mask=hm,
-                         other=0.0)                                 # h_res[t, :, j]
-            dxj = tl.sum(hc[:, :, None] * g3, axis=1)
-            tl.store(dx_ptr + rows64[:, None] * ND + j * D + d[None, :],
-                     _round_out(dxj, dx_ptr.dtype.element_ty, INTERP), mask=m2)
-        # reductions over this D chunk on 2-D tiles (re-reads of the tile come from L1/L2)
-        f = tl.load(f_ptr + rows64[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
-        pbase = part_ptr + (c * T + rows64) * NQ
-        for i in tl.static_range(N):
-            gi = tl.load(g_ptr + rows64[:, None] * ND + i * D + d[None, :], mask=m2,
-                         other=0.0).to(tl.float32)
-            tl.store(pbase + i, tl.sum(gi * f, axis=1), mask=rmask)
-            for j in tl.static_range(N):
-                xj = tl.load(x_ptr + rows64[:, None] * ND + j * D + d[None, :], mask=m2,
-                             other=0.0).to(tl.float32)
-                tl.store(pbase + N + i * N + j, tl.sum(gi * xj, axis=1), mask=rmask)
-
-    # Backward, one program per token block, looping over D (the default; set_config(
-    # post_bwd="part") selects _post_bwd_kernel): dx and df_out elementwise as above; the reductions over D on the tensor cores.
-    # With R = BLOCK_T * NP rows (token t, stream i) -> row t*NP + i of 2-D [R, BLOCK_D] tiles
-    # G (dx_next) and X (x), and F (f_out, row t), per D chunk
-    #   SX += G @ X^T  ([R, R]: entry (t*NP+i, t'*NP+j) = <g[t,i], x[t',j]>)
-    #   SF += G @ F^T  ([R, FR]: entry (t*NP+i, t') = <g[t,i], f[t']>)
-    # and at the end the block diagonal is dh_res, the column t' = t is dh_post.  The products
-    # are exact (16-bit operands; fp32 x as 3 bf16 pieces each), every chunk's dot starts from
-    # zero and is added in fp32 (see _mm_core).  No partials in memory, no reduce kernel.
-    @triton.jit(do_not_specialize=["T"])
-    def _post_bwd_dot_kernel(
         x_ptr,       # [T, n, D] x dtype
         f_ptr,       # [T, D] x dtype
         hpost_ptr,   # [T, n] fp32
@@ -914,7 +853,7 @@ if triton is not None:
         T,
         N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, FR: tl.constexpr,
-        NPC: tl.constexpr, INTERP: tl.constexpr, EW: tl.constexpr = False,
+        NPC: tl.constexpr, INTERP: tl.constexpr,
     ):
         ND: tl.constexpr = N * D
         R: tl.constexpr = BLOCK_T * NP
@@ -927,21 +866,18 @@ if triton is not None:
         rows64 = rows.to(tl.int64)
         nmask = jj < N
         hm = rmask[:, None] & nmask[None, :]
-        # 2-D row indices: (token, stream) of row q of G and X; token of row q of F
-        q = tl.arange(0, R)
+        q = tl.arange(0, R)               # rows of G and X: token q // NP, stream q % NP
         qt = t0 + q // NP
         qi = q % NP
         qmask = (qt < T) & (qi < N)
         qoff = qt.to(tl.int64) * ND + qi * D
-        fq = tl.arange(0, FR)
+        fq = tl.arange(0, FR)             # rows of F: token fq (rows >= BLOCK_T masked)
         ft = t0 + fq
         fmask = (fq < BLOCK_T) & (ft < T)
         foff = ft.to(tl.int64) * D
         hp = tl.load(hpost_ptr + rows64[:, None] * N + jj[None, :], mask=hm, other=0.0)
         sx = tl.zeros([R, R], dtype=tl.float32)
         sf = tl.zeros([R, FR], dtype=tl.float32)
-        sx4 = tl.zeros([BLOCK_T, NP, NP, BLOCK_D], dtype=tl.float32)
-        sf3 = tl.zeros([BLOCK_T, NP, BLOCK_D], dtype=tl.float32)
         for c in range(NCH):
             d = c * BLOCK_D + dd
             dmask = d < D
@@ -958,37 +894,20 @@ if triton is not None:
                 dxj = tl.sum(hc[:, :, None] * g3, axis=1)
                 tl.store(dx_ptr + rows64[:, None] * ND + j * D + d[None, :],
                          _round_out(dxj, dx_ptr.dtype.element_ty, INTERP), mask=m2)
-            if EW:   # the reductions elementwise, lane by lane; summed over D at the end
-                x3 = tl.load(x_ptr + rows64[:, None, None] * ND + jj[None, :, None] * D
-                             + d[None, None, :], mask=m3, other=0.0).to(tl.float32)
-                fe = tl.load(f_ptr + rows64[:, None] * D + d[None, :], mask=m2,
-                             other=0.0).to(tl.float32)
-                sx4 += g3[:, :, None, :] * x3[:, None, :, :]
-                sf3 += g3 * fe[:, None, :]
-            else:
-                # the reductions on the tensor cores: [R, BLOCK_D] tiles (G re-read from L1)
-                sx, sf = _post_red_dots(g_ptr, x_ptr, f_ptr, qoff, qmask, foff, fmask, d,
-                                        dmask, sx, sf, NPC, INTERP)
-        if EW:
-            tl.store(dhres_ptr + rows64[:, None, None] * (N * N) + jj[None, :, None] * N
-                     + jj[None, None, :], tl.sum(sx4, axis=3),
-                     mask=hm[:, :, None] & nmask[None, None, :])
-            tl.store(dhpost_ptr + rows64[:, None] * N + jj[None, :], tl.sum(sf3, axis=2),
-                     mask=hm)
-        else:
-            # dh_res[t, i, j] = sx[t*NP + i, t*NP + j]; dh_post[t, i] = sf[t*NP + i, t]
-            q2 = tl.arange(0, R)
-            same = (q // NP)[:, None] == (q2 // NP)[None, :]
-            tl.store(dhres_ptr + qt.to(tl.int64)[:, None] * (N * N) + qi[:, None] * N
-                     + (q2 % NP)[None, :], sx,
-                     mask=qmask[:, None] & same & ((q2 % NP) < N)[None, :])
-            tl.store(dhpost_ptr + qt.to(tl.int64)[:, None] * N + qi[:, None] + 0 * fq[None, :],
-                     sf, mask=qmask[:, None] & ((q // NP)[:, None] == fq[None, :]))
+            # the reductions: [R, BLOCK_D] tiles (the re-read of g comes from L1)
+            sx, sf = _post_red_dots(g_ptr, x_ptr, f_ptr, qoff, qmask, foff, fmask, d, dmask,
+                                    sx, sf, NPC, INTERP)
+        q2 = tl.arange(0, R)
+        same = (q // NP)[:, None] == (q2 // NP)[None, :]
+        tl.store(dhres_ptr + qt.to(tl.int64)[:, None] * (N * N) + qi[:, None] * N
+                 + (q2 % NP)[None, :], sx, mask=qmask[:, None] & same & ((q2 % NP) < N)[None, :])
+        tl.store(dhpost_ptr + qt.to(tl.int64)[:, None] * N + qi[:, None] + 0 * fq[None, :], sf,
+                 mask=qmask[:, None] & ((q // NP)[:, None] == fq[None, :]))
 
     @triton.jit
     def _post_red_dots(g_ptr, x_ptr, f_ptr, qoff, qmask, foff, fmask, d, dmask, sx, sf,
                        NPC: tl.constexpr, INTERP: tl.constexpr):
-        """sx += G @ X^T, sf += G @ F^T for one D chunk (see _post_bwd_dot_kernel)."""
+        """sx += G @ X^T, sf += G @ F^T for one D chunk (see _post_bwd_kernel)."""
         gq = tl.load(g_ptr + qoff[:, None] + d[None, :],
                      mask=qmask[:, None] & dmask[None, :], other=0.0)
         xq = tl.load(x_ptr + qoff[:, None] + d[None, :],
@@ -1008,27 +927,6 @@ if triton is not None:
             sf = _mm_core(a0, a1, a2, c0, c1, c2, sf, NPC, NPC, INTERP)
         return sx, sf
 
-    @triton.jit(do_not_specialize=["T"])
-    def _post_reduce_kernel(
-        part_ptr,    # [NCH, T, NQ] fp32
-        dhpost_ptr,  # [T, n] fp32 (out)
-        dhres_ptr,   # [T, n*n] fp32 (out)
-        T, NCH,
-        N: tl.constexpr, NQ_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    ):
-        NQ: tl.constexpr = N + N * N
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        qq = tl.arange(0, NQ_PAD)
-        rows64 = rows.to(tl.int64)
-        m = (rows < T)[:, None] & (qq < NQ)[None, :]
-        acc = tl.zeros([BLOCK_T, NQ_PAD], dtype=tl.float32)
-        for c in range(NCH):
-            acc += tl.load(part_ptr + (c * T + rows64[:, None]) * NQ + qq[None, :], mask=m,
-                           other=0.0)
-        tl.store(dhpost_ptr + rows64[:, None] * N + qq[None, :], acc, mask=m & (qq < N)[None, :])
-        tl.store(dhres_ptr + rows64[:, None] * (N * N) + (qq[None, :] - N), acc,
-                 mask=m & (qq >= N)[None, :])
-
 
 # ---------------------------------------------------------------------------------------------
 # Launch configuration: a rule keyed on (n, D, dtype, device), cached.  Override for tuning via
@@ -1039,13 +937,16 @@ _SM_COUNT: dict = {}
 
 
 def set_config(**kw) -> None:
-    """Override launch parameters (keys: fwd_bt, fwd_bd, fwd_warps, fwd_stages, row_bt, row_bd,
-    row_warps, col_bt, col_bd, col_warps, col_stages, col_waves, row_waves); {} restores rules.
+    """Override launch parameters (keys: fwd_bt, fwd_bd, fwd_bd2, fwd_warps, fwd_stages, row_bt,
+    row_bd, row_warps, col_bt, col_bd, col_warps, col_stages, col_waves, row_waves; the post
+    operator's with a ``post_`` prefix: post_pf_bt, post_pf_bd, post_pb_bt, post_pb_bd,
+    post_pb_warps, post_pb_stages); {} restores the rules.
 
-    Variants: ``fwd_split`` (0 default: the fused forward; S >= 1 or -1 for a rule: the split
-    forward, with fwd_split_bt/bd/warps/stages, fin_bt, hin_bt, hin_bd) and ``sk_bwd`` ("auto"
-    default: "sep" on CUDA when T >= 48 * SMs, else "fused"; "sep": d(logits) by
-    _sk_bwd_kernel before the row kernel; "fused": inside the row kernel; sk_bt, sk_warps)."""
+    Variants: ``fwd_split`` ("auto" default: the rule in _fwd_splits; 0: always the fused
+    forward; S >= 1, or -1 for ~4 programs per SM: the split forward, with
+    fwd_split_bt/bd/warps/stages, fin_bt, hin_bt, hin_bd) and ``sk_bwd`` ("auto" default: "sep"
+    on CUDA when T >= 48 * SMs, else "fused"; "sep": d(logits) by _sk_bwd_kernel before the row
+    kernel; "fused": inside the row kernel; sk_bt, sk_warps)."""
     _CONFIG_OVERRIDES.clear()
     _CONFIG_OVERRIDES.update(kw)
 
@@ -1059,24 +960,23 @@ def _sm_count(device) -> int:
     return _SM_COUNT[key]
 
 
-def _config(n: int, D: int, dtype_name: str, device, T: int = 0) -> dict:
+def _config(n: int, D: int, dtype_name: str, device) -> dict:
     """Launch parameters by rule, from the sweeps of bench/gpu_suite.py on an H200 (2026-11-29).
 
-    Keyed on (n, D, dtype); the only T dependence is the forward's token block: 64 once T fills
-    32 tokens per multiprocessor, else 32 (two compiled variants at most, never one per T).
+    Keyed on (n, D, dtype), never on T (no recompilation per batch size).
     """
     cpu = device.type != "cuda"
     if cpu:   # the interpreter: small blocks keep it quick
         cfg = dict(fwd_bt=16, fwd_bd=16, fwd_warps=4, row_bt=16, row_bd=32, row_warps=4,
                    col_bt=16, col_bd=16, col_warps=4, col_waves=2, row_waves=2)
     else:
-        sms = _sm_count(device)
-        big = T >= 32 * sms
         cfg = dict(
-            fwd_bt=64 if big else 32, fwd_bd=64 if big else 128, fwd_warps=4, fwd_stages=3,
+            fwd_bt=64, fwd_bd=128, fwd_bd2=128, fwd_warps=4, fwd_stages=3,
             row_bt=16, row_bd=256, row_warps=8, row_stages=2, row_waves=4,
             col_bt=32, col_bd=64, col_warps=4, col_stages=3, col_waves=4,
         )
+        if n * n + 2 * n > 16:     # F_PAD = 32 (n = 3, 4): one more stage (H200: 3-5 %)
+            cfg.update(fwd_stages=4)
         if dtype_name == "fp32":
             cfg.update(fwd_bd=32, col_bd=32)
         if n * n + 2 * n > 32:     # F_PAD >= 64: smaller tiles to fit shared memory
@@ -1089,15 +989,25 @@ def _config(n: int, D: int, dtype_name: str, device, T: int = 0) -> dict:
     return cfg
 
 
-def _fwd_splits(cfg, T, D, device) -> int:
+def _fwd_splits(cfg, T, D, device, F_pad, dname) -> int:
     """0: the fused one-kernel forward; S >= 1: the split forward with S D-shares per token
-    block; -1 in the config: S by rule, enough programs for ~4 per multiprocessor."""
-    S = int(cfg.get("fwd_split", 0))
+    block.  Rule ("auto", the default): on CUDA, 16-bit x and F_PAD <= 32, split when the fused
+    kernel's 64-token blocks cannot fill the GPU: S = 4 up to SMs/2 blocks, S = 2 below 1.5 SMs
+    (H200, docs/performance.md: (1,4096,4,2560) 0.094 -> 0.055 ms of kernels, (2,4096,4,7168)
+    0.317 -> 0.270 ms; equal at T = 16384).  Not below T = 2048, where three launches cost more
+    host time than the GPU saves.  -1: S for ~4 programs per multiprocessor."""
+    S = cfg.get("fwd_split", "auto")
+    cuda = device.type == "cuda"
+    bt = cfg.get("fwd_split_bt", 64 if cuda else 16)
+    bd = cfg.get("fwd_split_bd", 128 if cuda else 16)
+    if S == "auto":
+        S = 0
+        if cuda and dname != "fp32" and F_pad <= 32 and T >= 2048:
+            nblk, sms = triton.cdiv(T, cfg["fwd_bt"]), _sm_count(device)
+            S = 4 if 2 * nblk <= sms else (2 if 2 * nblk < 3 * sms else 0)
+    S = int(S)
     if S == 0:
         return 0
-    bt, bd = cfg.get("fwd_split_bt", 32), cfg.get("fwd_split_bd", 128)
-    if device.type != "cuda":
-        bt, bd = cfg.get("fwd_split_bt", 16), cfg.get("fwd_split_bd", 16)
     nch = triton.cdiv(D, bd)
     if S < 0:
         S = triton.cdiv(4 * _sm_count(device), triton.cdiv(T, bt))
@@ -1108,7 +1018,7 @@ def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pr
                    F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps):
     dev = x.device
     cuda = dev.type == "cuda"
-    bt = cfg.get("fwd_split_bt", 32 if cuda else 16)
+    bt = cfg.get("fwd_split_bt", 64 if cuda else 16)
     bd = cfg.get("fwd_split_bd", 128 if cuda else 16)
     mpart = torch.empty((S, T, F_pad), dtype=torch.float32, device=dev)
     spart = torch.empty((S, T), dtype=torch.float32, device=dev)
@@ -1182,10 +1092,10 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
         npa, npb = _PIECES[dname][0]
         if T * n * n < FEW_RES:   # few h_res entries: phi*g to fp32 precision (see FEW_RES)
             npb = 3
-        cfg = _config(n, D, dname, dev, T)
+        cfg = _config(n, D, dname, dev)
         g = None if gamma is None else _f32(gamma).reshape(ND)
         pg = _prep_phi(_f32(phi), g, F_pad, npb)
-        S = _fwd_splits(cfg, T, D, dev)
+        S = _fwd_splits(cfg, T, D, dev, F_pad, dname)
         if S > 0:
             _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pre, T, n,
                            D, F, F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps)
@@ -1280,8 +1190,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
             x, dh_in, hp32, dm, coef, pp, g if g is not None else phi32, dx, wscol,
             T, tok_per_split,
             N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd, HAS_G=g is not None,
-            NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(),
-            PT=bool(cfg.get("col_pt", False)), **exact,
+            NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(), **exact,
             **_launch_kw(cfg, "col"))
         BLOCK = max(16, min(64, 2048 // F_pad)) if dev.type == "cuda" else 64
         _reduce_partials_kernel[(triton.cdiv(ND, BLOCK),)](
@@ -1296,21 +1205,24 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
 # ---------------------------------------------------------------------------------------------
 # The post operator
 
-def _post_config(n: int, D: int, device) -> dict:
-    """Post kernels' blocks: a [BLOCK_T, pow2(n), BLOCK_D] tile of ~4096 elements per program
-    (forward and backward alike; the backward's partials are [D / BLOCK_D, T, n + n*n])."""
+def _post_config(n: int, D: int, device, fp32: bool = False) -> dict:
+    """Post kernels' blocks.  Forward: a [BLOCK_T, pow2(n), BLOCK_D] tile of ~4096 elements per
+    program.  Backward: BLOCK_T * pow2(n) = 16 rows per dot (the tensor cores' minimum), D in
+    chunks of 256 (512 at n > 4) for 16-bit x.  Measured on the H200 (docs/performance.md);
+    smaller chunks, or 8 warps, fall off a cliff (~9x; not from spills: the compiler reports
+    none).  fp32 x splits both dot operands into 3 pieces; chunks of 128 were the fastest
+    measured (3.4x the floor; 64: 5.2x, 32: 9.5x): fp32 x is correct but not tuned."""
     npad = _next_pow2(n)
-    if device.type != "cuda":
-        cfg = dict(pf_bt=4, pf_bd=32, pb_bt=4, pb_bd=32, warps=4, pd_bt=1, pd_bd=32)
-        cfg.update({k[5:]: v for k, v in _CONFIG_OVERRIDES.items() if k.startswith("post_")})
-        return cfg
-    cfg = dict(pf_bt=max(1, 8 // npad), pf_bd=512, pb_bt=max(1, 8 // npad), pb_bd=512,
-               warps=4, pf_stages=2, pb_stages=2, pd_bt=1, pd_bd=256, pd_warps=4, pd_stages=3)
-    if npad == 4:   # n = 3, 4: measured on the H200 (0.71 ms vs 0.92 ms for [2, 4, 512] at
-        #             (4,4096,4,4096); some tiles, e.g. [2, 4, 256], fall off a cliff to ~4 ms)
-        cfg.update(pb_bt=4, pb_bd=256)
     p2 = max(16, _next_pow2(D))
-    cfg.update(pf_bd=min(cfg["pf_bd"], p2), pb_bd=min(cfg["pb_bd"], p2), pd_bd=min(cfg["pd_bd"], p2))
+    if device.type != "cuda":
+        cfg = dict(pf_bt=4, pf_bd=32, pb_bt=max(1, 16 // npad), pb_bd=32, warps=4, pb_warps=4)
+    else:
+        cfg = dict(pf_bt=max(1, 8 // npad), pf_bd=512, warps=4, pf_stages=2,
+                   pb_bt=max(1, 16 // npad), pb_bd=512 if npad > 4 else 256, pb_warps=4,
+                   pb_stages=3)
+        if fp32:
+            cfg.update(pb_bd=128)
+    cfg.update(pf_bd=min(cfg["pf_bd"], p2), pb_bd=min(cfg["pb_bd"], p2))
     cfg.update({k[5:]: v for k, v in _CONFIG_OVERRIDES.items() if k.startswith("post_")})
     return cfg
 
@@ -1342,36 +1254,17 @@ def post_backward(x, f_out, h_post, h_res, dx_next):
     dhp = empty_torch((T, n), torch.float32, dev)
     dhr = empty_torch((T, n, n), torch.float32, dev)
     if T > 0:
-        cfg = _post_config(n, D, dev)
-        kw = {"num_warps": cfg["warps"]}
+        cfg = _post_config(n, D, dev, x.dtype == torch.float32)
+        npad = _next_pow2(n)
+        bt = max(cfg["pb_bt"], 16 // npad)   # >= 16 rows per dot
+        kw = {"num_warps": cfg["pb_warps"]}
         if not _interpret():
             kw["num_stages"] = cfg["pb_stages"]
-        if cfg.get("bwd", "dot") == "dot":   # set_config(post_bwd="part") for the other
-            npad = _next_pow2(n)
-            ew = bool(cfg.get("pd_ew", False))
-            bt = cfg["pd_bt"] if ew else max(cfg["pd_bt"], 16 // npad)   # dots: >= 16 rows
-            bd = cfg["pd_bd"]
-            npc = 3 if x.dtype == torch.float32 else 1   # fp32: 3 bf16 pieces per operand
-            kw = {"num_warps": cfg.get("pd_warps", 4)}
-            if not _interpret():
-                kw["num_stages"] = cfg.get("pd_stages", 2)
-            _post_bwd_dot_kernel[(triton.cdiv(T, bt),)](
-                x.contiguous(), f_out.to(x.dtype).contiguous(), _f32(h_post), _f32(h_res),
-                dx_next.to(x.dtype).contiguous(), dx, df, dhp, dhr, T,
-                N=n, NP=npad, D=D, BLOCK_T=bt, BLOCK_D=bd, FR=max(16, _next_pow2(bt)),
-                NPC=npc, INTERP=_interpret(), EW=ew, **kw)
-            pdt = h_post.dtype
-            return dx, df, (dhp if pdt == dhp.dtype else dhp.to(pdt)), \
-                (dhr if pdt == dhr.dtype else dhr.to(pdt))
-        bt, bd = cfg["pb_bt"], cfg["pb_bd"]
-        nch = triton.cdiv(D, bd)
-        part = torch.empty((nch, T, n + n * n), dtype=torch.float32, device=dev)
-        _post_bwd_kernel[(triton.cdiv(T, bt), nch)](
+        _post_bwd_kernel[(triton.cdiv(T, bt),)](
             x.contiguous(), f_out.to(x.dtype).contiguous(), _f32(h_post), _f32(h_res),
-            dx_next.to(x.dtype).contiguous(), dx, df, part, T,
-            N=n, NP=_next_pow2(n), D=D, BLOCK_T=bt, BLOCK_D=bd, INTERP=_interpret(), **kw)
-        rbt = 64
-        _post_reduce_kernel[(triton.cdiv(T, rbt),)](
-            part, dhp, dhr, T, nch, N=n, NQ_PAD=_next_pow2(n + n * n), BLOCK_T=rbt, num_warps=4)
+            dx_next.to(x.dtype).contiguous(), dx, df, dhp, dhr, T,
+            N=n, NP=npad, D=D, BLOCK_T=bt, BLOCK_D=cfg["pb_bd"], FR=max(16, _next_pow2(bt)),
+            NPC=3 if x.dtype == torch.float32 else 1,   # fp32: 3 bf16 pieces per operand
+            INTERP=_interpret(), **kw)
     pdt = h_post.dtype
     return dx, df, (dhp if pdt == dhp.dtype else dhp.to(pdt)), (dhr if pdt == dhr.dtype else dhr.to(pdt))

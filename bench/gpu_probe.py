@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_suite import (tg, make_inputs, bench, copy_bandwidth, nbytes, poison, rel,  # noqa: E402
-                       NORM_EPS, HC_EPS)
+from gpu_suite import (tg, make_inputs, bench, bench_graph, copy_bandwidth, nbytes,  # noqa: E402
+                       poison, rel, kernel_times, NORM_EPS, HC_EPS)
 
 _fwd_step = tg._fwd_step
 _gates_epilogue = tg._gates_epilogue
@@ -214,8 +214,7 @@ def post_accuracy():
         xd, fd, gd = x.double(), f.double(), gn.double()
         ref = (torch.einsum("tij,tid->tjd", hr.double(), gd), torch.einsum("ti,tid->td", hp.double(), gd),
                torch.einsum("tid,td->ti", gd, fd), torch.einsum("tid,tjd->tij", gd, xd))
-        for cfg in (dict(post_bwd="part"), dict(post_pd_bd=256), dict(post_pd_bd=512),
-                    dict(post_pd_ew=True, post_pd_bt=1, post_pd_bd=512)):
+        for cfg in ({}, dict(post_pb_bd=512)):
             tg.set_config(**cfg)
             poison()
             got = tg.post_backward(x, f, hp, hr, gn)
@@ -229,25 +228,14 @@ def post_accuracy():
 
 def tune(bw, left):
     """Library launch configurations (set_config) at the three realistic shapes, bf16."""
-    fwd_c = [dict(fwd_bt=64, fwd_bd=128), dict(fwd_bt=64, fwd_bd=128, fwd_stages=4),
-             dict(fwd_bt=64, fwd_bd=128, fwd_bd2=128, fwd_stages=4),
-             dict(fwd_bt=64, fwd_bd=128, fwd_bd2=256, fwd_stages=4),
-             dict(fwd_split=-1, fwd_split_bt=64), dict(fwd_split=-1, fwd_split_bt=64,
-                                                        fwd_split_stages=4),
+    fwd_c = [dict(), dict(fwd_bt=32), dict(fwd_stages=4), dict(fwd_bd2=256),
              dict(fwd_split=2, fwd_split_bt=64), dict(fwd_split=4, fwd_split_bt=64),
-             dict(fwd_split=-1, fwd_split_bt=64, hin_bt=4, hin_bd=1024),
              dict(fwd_split=-1, fwd_split_bt=64, hin_bt=16, hin_bd=256)]
-    col_c = []
-    post_c = [dict(post_bwd="part"), dict(post_pd_bd=256), dict(post_pd_bd=256, post_pd_bt=8),
-              dict(post_pd_bd=512), dict(post_pd_bd=256, post_pd_warps=8),
-              dict(post_pd_ew=True, post_pd_bt=1, post_pd_bd=256),
-              dict(post_pd_ew=True, post_pd_bt=1, post_pd_bd=512),
-              dict(post_pd_ew=True, post_pd_bt=1, post_pd_bd=1024),
-              dict(post_pd_ew=True, post_pd_bt=1, post_pd_bd=512, post_pd_warps=2),
-              dict(post_pd_ew=True, post_pd_bt=2, post_pd_bd=512, post_pd_warps=8)]
+    col_c = [dict(), dict(col_bd=128, col_waves=2)]
+    post_c = [dict(), dict(post_pb_bd=512), dict(post_pb_bt=8)]
     out = []
     for shape in [(4, 4096, 4, 4096), (1, 4096, 4, 2560), (2, 4096, 4, 7168), (1, 4096, 3, 4000),
-                  (1, 2048, 8, 4096), (1, 8192, 2, 4096), (1, 16384, 1, 4096)]:
+                  (1, 2048, 8, 4096)]:
         B, S, n, D = shape
         realistic = n == 4
         x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(B, S, n, D, torch.bfloat16,
@@ -271,11 +259,15 @@ def tune(bw, left):
                     o = fn()
                     diff = max(rel(a, b.double()) for a, b in zip(o, ref) if a is not None)
                     t = bench(fn, 100)
+                    tgr = bench_graph(fn, 100)
+                    kt = {k[:24]: round(v, 4) for k, v in kernel_times(fn, 10).items()}
                 except Exception as exc:
-                    t, diff = float("inf"), str(exc)[:120]
-                out.append(dict(shape=shape, kind=kind, cfg=c, ms=t, x_floor=t / fl, diff=diff))
-                print(f"tune {kind} {shape} {c} {t:.4f} ms {t / fl:.2f}x floor (diff {diff})",
-                      flush=True)
+                    t, tgr, kt, diff = float("inf"), float("inf"), {}, str(exc)[:120]
+                out.append(dict(shape=shape, kind=kind, cfg=c, ms=t, graph_ms=tgr,
+                                x_floor=t / fl, graph_x_floor=tgr / fl, diff=diff, kernels=kt))
+                print(f"tune {kind} {shape} {c} {t:.4f} ms {t / fl:.2f}x | graph {tgr:.4f} ms "
+                      f"{tgr / fl:.2f}x floor (diff {diff:.1e}) {kt}" if isinstance(diff, float)
+                      else f"tune {kind} {shape} {c} failed {diff}", flush=True)
         del x, dh_in, fo, bo, bargs, h_in
         f = torch.randn(B * S, D, device="cuda").bfloat16()
         xx = torch.randn(B * S, n, D, device="cuda").bfloat16()
@@ -290,14 +282,39 @@ def tune(bw, left):
             try:
                 tg.post_backward(xx, f, hp, hr, gn)
                 t = bench(lambda: tg.post_backward(xx, f, hp, hr, gn), 100)
+                tgr = bench_graph(lambda: tg.post_backward(xx, f, hp, hr, gn), 100)
             except Exception as exc:
-                t = float("inf")
+                t = tgr = float("inf")
                 print("  failed", str(exc)[:200])
-            out.append(dict(shape=shape, kind="post_bwd", cfg=c, ms=t, x_floor=t / pf))
-            print(f"tune post_bwd {shape} {c} {t:.4f} ms {t / pf:.2f}x floor", flush=True)
+            out.append(dict(shape=shape, kind="post_bwd", cfg=c, ms=t, x_floor=t / pf,
+                            graph_ms=tgr, graph_x_floor=tgr / pf))
+            print(f"tune post_bwd {shape} {c} {t:.4f} ms {t / pf:.2f}x | graph {tgr:.4f} ms "
+                  f"{tgr / pf:.2f}x floor", flush=True)
         tg.set_config()
         del f, xx, gn, hp, hr
         torch.cuda.empty_cache()
+    # fp32 post backward (the rule's 64-wide chunks vs 128)
+    for shape in [(4, 4096, 4, 4096), (1, 2048, 8, 4096)]:
+        B, S, n, D = shape
+        xx = torch.randn(B * S, n, D, device="cuda")
+        f = torch.randn(B * S, D, device="cuda")
+        gn = torch.randn(B * S, n, D, device="cuda")
+        hp = torch.rand(B * S, n, device="cuda") * 2
+        hr = torch.rand(B * S, n, n, device="cuda")
+        pf = (3 * nbytes(xx) + 2 * nbytes(f) + 2 * nbytes(hp, hr)) / bw * 1e3
+        for c in (dict(), dict(post_pb_bd=128), dict(post_pb_bd=32)):
+            if left() < 20:
+                break
+            tg.set_config(**c)
+            try:
+                t = bench_graph(lambda: tg.post_backward(xx, f, hp, hr, gn), 100)
+            except Exception as exc:
+                t = float("inf")
+                print("  failed", str(exc)[:200])
+            out.append(dict(shape=shape, kind="post_bwd_fp32", cfg=c, graph_ms=t, x_floor=t / pf))
+            print(f"tune post_bwd fp32 {shape} {c} graph {t:.4f} ms {t / pf:.2f}x floor", flush=True)
+        tg.set_config()
+        del xx, f, gn, hp, hr
     return out
 
 

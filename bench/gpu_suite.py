@@ -176,6 +176,21 @@ def bench(fn, ms=200):
     return triton.testing.do_bench(fn, warmup=50, rep=ms, return_mode="median")
 
 
+def bench_graph(fn, ms=200):
+    """Median time of fn captured in a CUDA graph and replayed: the device time without the
+    host's launch overhead (METHOD.md: "for many small launches, capture a graph")."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench(g.replay, ms)
+
+
 def copy_bandwidth():
     a = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda").random_()
     b = torch.empty_like(a)
@@ -208,12 +223,12 @@ def kernel_times(fn, iters=20):
 
 
 FWD_CANDIDATES = [
-    dict(fwd_bt=32, fwd_bd=64, fwd_warps=4, fwd_stages=2),
-    dict(fwd_bt=32, fwd_bd=128, fwd_warps=4, fwd_stages=3),
-    dict(fwd_bt=32, fwd_bd=64, fwd_warps=8, fwd_stages=3),
-    dict(fwd_bt=64, fwd_bd=64, fwd_warps=4, fwd_stages=3),
-    dict(fwd_bt=16, fwd_bd=128, fwd_warps=4, fwd_stages=3),
-    dict(fwd_bt=16, fwd_bd=64, fwd_warps=2, fwd_stages=3),
+    dict(),
+    dict(fwd_split=0),
+    dict(fwd_split=2),
+    dict(fwd_split=4),
+    dict(fwd_stages=3),
+    dict(fwd_bd2=256),
 ]
 ROW_CANDIDATES = [
     dict(row_bt=16, row_bd=256, row_warps=8, row_stages=2, row_waves=4),
@@ -288,6 +303,8 @@ def timing(shape, bw, do_compile, sweep):
     small = T * 4 * (F + 2 * n + n * n + 1)
     kb = {
         "_pre_fwd_kernel": 2 * xb + hb + small,
+        "_pre_fwd_part_kernel": xb,
+        "_pre_hin_kernel": xb + hb,
         "_pre_bwd_row_kernel": xb + hb + small + T * 4 * 33,
         "_pre_bwd_col_kernel": 2 * xb + hb + T * 4 * 34,
     }
@@ -303,6 +320,9 @@ def timing(shape, bw, do_compile, sweep):
     res["kernels"] = kt
     res["eager_fwd_ms"] = bench(lambda: torch_forward(x, phi, alpha, bias, g))
     res["eager_bwd_ms"] = bench(lambda: torch_backward(*bargs))
+    # the same in CUDA graphs: device time without the host's launch overhead
+    res["fwd_graph_ms"] = bench_graph(fwd)
+    res["bwd_graph_ms"] = bench_graph(bwd)
     if do_compile:
         cf = torch.compile(torch_forward, dynamic=False)
         cb = torch.compile(torch_backward, dynamic=False)
@@ -310,6 +330,8 @@ def timing(shape, bw, do_compile, sweep):
         cb(*bargs)
         res["compile_fwd_ms"] = bench(lambda: cf(x, phi, alpha, bias, g))
         res["compile_bwd_ms"] = bench(lambda: cb(*bargs))
+        res["compile_fwd_graph_ms"] = bench_graph(lambda: cf(x, phi, alpha, bias, g))
+        res["compile_bwd_graph_ms"] = bench_graph(lambda: cb(*bargs))
     tg.set_config()
     del x, dh_in, fout, fo, bo
     torch.cuda.empty_cache()
@@ -821,14 +843,17 @@ def main():
               flush=True)
     # the table
     lines = ["| shape (B,S,n,D) bf16 | pass | ours ms | floor ms | x floor | eager ms | compile ms | "
-             "x faster than compile |", "|---|---|---|---|---|---|---|---|"]
+             "x faster than compile | ours in a graph ms | x floor | compile in a graph ms | "
+             "x faster |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for p in ("fwd", "bwd"):
-            ours, fl = r[f"{p}_ms"], r[f"{p}_floor_ms"]
-            comp = r.get(f"compile_{p}_ms")
+            ours, fl, og = r[f"{p}_ms"], r[f"{p}_floor_ms"], r[f"{p}_graph_ms"]
+            comp, cg = r.get(f"compile_{p}_ms"), r.get(f"compile_{p}_graph_ms")
             lines.append(f"| {tuple(r['shape'])} | {p} | {ours:.3f} | {fl:.3f} | {ours / fl:.2f} | "
                          f"{r[f'eager_{p}_ms']:.3f} | {comp if comp is None else f'{comp:.3f}'} | "
-                         f"{'' if comp is None else f'{comp / ours:.1f}'} |")
+                         f"{'' if comp is None else f'{comp / ours:.1f}'} | {og:.3f} | "
+                         f"{og / fl:.2f} | {cg if cg is None else f'{cg:.3f}'} | "
+                         f"{'' if cg is None else f'{cg / og:.1f}'} |")
     lines.append("")
     lines.append("| shape | kernel | ms | TB/s (design bytes) | of copy |")
     lines.append("|---|---|---|---|---|")
