@@ -67,6 +67,11 @@ def availability() -> str | None:
     return None
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (triton.cdiv is a JIT function: ~7 us per call from the host)."""
+    return -(-a // b)
+
+
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
@@ -1003,14 +1008,14 @@ def _fwd_splits(cfg, T, D, device, F_pad, dname) -> int:
     if S == "auto":
         S = 0
         if cuda and dname != "fp32" and F_pad <= 32 and T >= 2048:
-            nblk, sms = triton.cdiv(T, cfg["fwd_bt"]), _sm_count(device)
+            nblk, sms = _cdiv(T, cfg["fwd_bt"]), _sm_count(device)
             S = 4 if 2 * nblk <= sms else (2 if 2 * nblk < 3 * sms else 0)
     S = int(S)
     if S == 0:
         return 0
-    nch = triton.cdiv(D, bd)
+    nch = _cdiv(D, bd)
     if S < 0:
-        S = triton.cdiv(4 * _sm_count(device), triton.cdiv(T, bt))
+        S = _cdiv(4 * _sm_count(device), _cdiv(T, bt))
     return max(1, min(S, nch))
 
 
@@ -1025,17 +1030,17 @@ def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pr
     kw = {"num_warps": cfg.get("fwd_split_warps", 4)}
     if not _interpret():
         kw["num_stages"] = cfg.get("fwd_split_stages", 3)
-    _pre_fwd_part_kernel[(triton.cdiv(T, bt), S)](
+    _pre_fwd_part_kernel[(_cdiv(T, bt), S)](
         x, pg, mpart, spart, T, N=n, D=D, F_PAD=F_pad, S=S, BLOCK_T=bt, BLOCK_D=bd,
         NPA=npa, NPB=npb, INTERP=_interpret(), **kw)
     fbt = cfg.get("fin_bt", 64 if cuda else 16)
-    _pre_fwd_fin_kernel[(triton.cdiv(T, fbt),)](
+    _pre_fwd_fin_kernel[(_cdiv(T, fbt),)](
         mpart, spart, _f32(alpha), _f32(bias), h_post, h_res, inv_rms, h_mix, h_pre, T,
         float(norm_eps), float(hc_eps), N=n, D=D, F=F, F_PAD=F_pad, S=S, BLOCK_T=fbt,
         **_sk_kw(k, n), num_warps=4)
     hbt = cfg.get("hin_bt", 8 if cuda else 4)
     hbd = min(cfg.get("hin_bd", 512 if cuda else 32), max(16, _next_pow2(D)))
-    _pre_hin_kernel[(triton.cdiv(T, hbt), triton.cdiv(D, hbd))](
+    _pre_hin_kernel[(_cdiv(T, hbt), _cdiv(D, hbd))](
         x, h_pre, h_in, T, N=n, D=D, BLOCK_T=hbt, BLOCK_D=hbd, INTERP=_interpret(),
         num_warps=4)
 
@@ -1051,7 +1056,7 @@ def _prep_phi(phi, g, F_pad, npieces):
     F, ND = phi.shape
     out = torch.empty((npieces, F_pad, ND), dtype=torch.bfloat16, device=phi.device)
     BLOCK = 1024 if phi.device.type == "cuda" else 256
-    grid = (triton.cdiv(ND, BLOCK), F_pad)
+    grid = (_cdiv(ND, BLOCK), F_pad)
     _prep_phi_kernel[grid](phi, g if g is not None else phi, out, F=F, ND=ND, F_PAD=F_pad,
                            NPIECE=npieces, HAS_G=g is not None, BLOCK=BLOCK, INTERP=_interpret(),
                            num_warps=4)
@@ -1101,7 +1106,7 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
                            D, F, F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps)
             outs = (h_post, h_res, inv_rms, h_mix, h_pre)
             return (h_in,) + tuple(o if o.dtype == pdt else o.to(pdt) for o in outs)
-        grid = (triton.cdiv(T, cfg["fwd_bt"]),)
+        grid = (_cdiv(T, cfg["fwd_bt"]),)
         _pre_fwd_kernel[grid](
             x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre,
             T, float(norm_eps), float(hc_eps),
@@ -1142,7 +1147,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         hp32 = _f32(h_pre)
         # row kernel: persistent, P programs
         bt = cfg["row_bt"]
-        nblk = triton.cdiv(T, bt)
+        nblk = _cdiv(T, bt)
         prow = max(1, min(nblk, sms * cfg["row_waves"]))
         ndm = max(nwa, npa)
         dm = torch.empty((ndm, T, F_pad), dtype=torch.bfloat16, device=dev)
@@ -1158,7 +1163,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
             # d(logits) by its own kernel; the row kernel then runs its k = 0 code on it
             dlog = torch.empty((T, n * n), dtype=torch.float32, device=dev)
             sbt = cfg.get("sk_bt", 64 if dev.type == "cuda" else 16)
-            _sk_bwd_kernel[(triton.cdiv(T, sbt),)](
+            _sk_bwd_kernel[(_cdiv(T, sbt),)](
                 _f32(h_mix), _f32(inv_rms), _f32(alpha), _f32(bias), dhr, dlog, T,
                 N=n, F=F, K=k, NP=_next_pow2(n), BLOCK_T=sbt,
                 num_warps=cfg.get("sk_warps", 4))
@@ -1175,12 +1180,12 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         # column kernel: grid (n, D chunks, token splits); splits fixed by (n, D, T-blocks)
         bt = cfg["col_bt"]
         bd = cfg["col_bd"]
-        nch = triton.cdiv(D, bd)
-        nblk = triton.cdiv(T, bt)
-        want = triton.cdiv(sms * cfg["col_waves"], n * nch)
+        nch = _cdiv(D, bd)
+        nblk = _cdiv(T, bt)
+        want = _cdiv(sms * cfg["col_waves"], n * nch)
         splits = max(1, min(nblk, want))
-        tok_per_split = triton.cdiv(nblk, splits) * bt
-        splits = triton.cdiv(T, tok_per_split)
+        tok_per_split = _cdiv(nblk, splits) * bt
+        splits = _cdiv(T, tok_per_split)
         pp = _prep_phi(phi32, None, F_pad, nwb)
         wscol = torch.empty((splits, F, ND), dtype=torch.float32, device=dev)
         exact = {}
@@ -1193,7 +1198,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
             NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(), **exact,
             **_launch_kw(cfg, "col"))
         BLOCK = max(16, min(64, 2048 // F_pad)) if dev.type == "cuda" else 64
-        _reduce_partials_kernel[(triton.cdiv(ND, BLOCK),)](
+        _reduce_partials_kernel[(_cdiv(ND, BLOCK),)](
             wscol, wsrow, phi32, g if g is not None else phi32, dphi,
             dgamma if dgamma is not None else dphi, dalpha, dbias, splits, prow,
             N=n, ND=ND, F=F, F_PAD=F_pad, HAS_G=g is not None, BLOCK=BLOCK, num_warps=4)
@@ -1237,7 +1242,7 @@ def post_forward(x, f_out, h_post, h_res):
         kw = {"num_warps": cfg["warps"]}
         if not _interpret():
             kw["num_stages"] = cfg["pf_stages"]
-        grid = (triton.cdiv(T, cfg["pf_bt"]), triton.cdiv(D, cfg["pf_bd"]))
+        grid = (_cdiv(T, cfg["pf_bt"]), _cdiv(D, cfg["pf_bd"]))
         _post_fwd_kernel[grid](
             x.contiguous(), f_out.to(x.dtype).contiguous(), _f32(h_post), _f32(h_res), out, T,
             N=n, NP=_next_pow2(n), D=D, BLOCK_T=cfg["pf_bt"], BLOCK_D=cfg["pf_bd"],
@@ -1260,7 +1265,7 @@ def post_backward(x, f_out, h_post, h_res, dx_next):
         kw = {"num_warps": cfg["pb_warps"]}
         if not _interpret():
             kw["num_stages"] = cfg["pb_stages"]
-        _post_bwd_kernel[(triton.cdiv(T, bt),)](
+        _post_bwd_kernel[(_cdiv(T, bt),)](
             x.contiguous(), f_out.to(x.dtype).contiguous(), _f32(h_post), _f32(h_res),
             dx_next.to(x.dtype).contiguous(), dx, df, dhp, dhr, T,
             N=n, NP=npad, D=D, BLOCK_T=bt, BLOCK_D=cfg["pb_bd"], FR=max(16, _next_pow2(bt)),
