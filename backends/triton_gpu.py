@@ -202,16 +202,35 @@ if triton is not None:
                   D: tl.constexpr, F_PAD: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr,
                   INTERP: tl.constexpr):
         """One (stream i, D chunk d) step of the forward's pass 1: the x tile's squares into
-        ss2 and its products with the phi*g pieces (B tile [BLOCK_D, F_PAD]) into acc."""
+        ss2 and its products with the phi*g pieces (B tile [BLOCK_D, F_PAD]) into acc.
+
+        With one x piece and two phi*g pieces (bf16 x) the two pieces are one B tile
+        [BLOCK_D, 2 * F_PAD] (they are stored one after the other) and one dot: acc is then
+        [BLOCK_T, 2 * F_PAD], the pieces' products side by side, summed by _fwd_acc_sum."""
         dmask = d < D
         xv = tl.load(x_ptr + rows64[:, None] * ND + i * D + d[None, :],
                      mask=rmask[:, None] & dmask[None, :], other=0.0)
         xf = xv.to(tl.float32)
         ss2 += xf * xf
-        b0, b1, b2 = _load_pieces(pg_ptr, ff[None, :] * ND + i * D + d[:, None], F_PAD * ND,
-                                  dmask[:, None], NPB)
-        acc = _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP)
+        if NPA == 1 and NPB == 2:
+            fc = tl.arange(0, 2 * F_PAD)
+            b = tl.load(pg_ptr + fc[None, :] * ND + i * D + d[:, None], mask=dmask[:, None],
+                        other=0.0)
+            acc = _mm_core(xv, xv, xv, b, b, b, acc, 1, 1, INTERP)
+        else:
+            b0, b1, b2 = _load_pieces(pg_ptr, ff[None, :] * ND + i * D + d[:, None], F_PAD * ND,
+                                      dmask[:, None], NPB)
+            acc = _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP)
         return acc, ss2
+
+    @triton.jit
+    def _fwd_acc_sum(acc, F_PAD: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr):
+        """m [BLOCK_T, F_PAD] from pass 1's accumulator: the two pieces' columns added."""
+        if NPA == 1 and NPB == 2:
+            m = tl.sum(tl.reshape(acc, [acc.shape[0], 2, F_PAD]), axis=1)
+        else:
+            m = acc
+        return m
 
     @triton.jit
     def _mm_pieces(a, b0, b1, b2, acc, NA: tl.constexpr, NB: tl.constexpr,
@@ -382,7 +401,8 @@ if triton is not None:
         dd = tl.arange(0, BLOCK_D)
         ff = tl.arange(0, F_PAD)
 
-        acc = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)
+        W: tl.constexpr = 2 * F_PAD if (NPA == 1 and NPB == 2) else F_PAD   # see _fwd_step
+        acc = tl.zeros([BLOCK_T, W], dtype=tl.float32)
         ss2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)   # sum of squares, reduced once
         # pass 1: D chunks outer, streams inner (so pass 2 can walk back over the freshest x);
         # one flat loop so that one x tile and its B tiles are in flight per stage
@@ -391,6 +411,7 @@ if triton is not None:
             i = j - c * N
             acc, ss2 = _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, c * BLOCK_D + dd, ff, acc,
                                  ss2, ND, D, F_PAD, NPA, NPB, INTERP)
+        acc = _fwd_acc_sum(acc, F_PAD, NPA, NPB)
 
         ss = tl.sum(ss2, axis=1)
         _gates_epilogue(acc, ss, rows, rows64, rmask, ff, alpha_ptr, bias_ptr, rms_ptr,
@@ -443,7 +464,8 @@ if triton is not None:
         rows64 = rows.to(tl.int64)
         dd = tl.arange(0, BLOCK_D)
         ff = tl.arange(0, F_PAD)
-        acc = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)
+        W: tl.constexpr = 2 * F_PAD if (NPA == 1 and NPB == 2) else F_PAD   # see _fwd_step
+        acc = tl.zeros([BLOCK_T, W], dtype=tl.float32)
         ss2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         c_lo = s * CPS
         nj = (tl.minimum(c_lo + CPS, NCH) - c_lo) * N
@@ -452,6 +474,7 @@ if triton is not None:
             i = j - cl * N
             acc, ss2 = _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, (c_lo + cl) * BLOCK_D + dd, ff,
                                  acc, ss2, ND, D, F_PAD, NPA, NPB, INTERP)
+        acc = _fwd_acc_sum(acc, F_PAD, NPA, NPB)
         tl.store(mpart_ptr + (s * T + rows64[:, None]) * F_PAD + ff[None, :], acc,
                  mask=rmask[:, None])
         tl.store(spart_ptr + s * T + rows64, tl.sum(ss2, axis=1), mask=rmask)
