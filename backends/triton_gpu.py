@@ -1011,7 +1011,8 @@ def _config(n: int, D: int, dtype_name: str, device) -> dict:
             cfg.update(fwd_bd=32, col_bd=32, row_bd=128, fwd_stages=2, col_stages=2)
         if D <= 64:
             p2 = max(16, _next_pow2(D))
-            cfg.update(fwd_bd=min(cfg["fwd_bd"], p2), col_bd=min(cfg["col_bd"], p2),
+            cfg.update(fwd_bd=min(cfg["fwd_bd"], p2), fwd_bd2=min(cfg["fwd_bd2"], p2),
+                       col_bd=min(cfg["col_bd"], p2),
                        row_bd=min(cfg["row_bd"], p2))
     cfg.update(_CONFIG_OVERRIDES)
     return cfg
