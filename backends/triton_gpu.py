@@ -171,6 +171,32 @@ if triton is not None:
         return r
 
     @triton.jit
+    def _mm_sep(a0, a1, a2, b0, b1, b2, acc, NA: tl.constexpr, NB: tl.constexpr,
+                INTERP: tl.constexpr):
+        """acc + a @ b like _mm_core, but every piece product is a dot of its own from zero and
+        the products are added in fp32 (round to nearest), smallest first.  _mm_core chains the
+        dots through the tensor cores' accumulator, which truncates: a few ulps of m over five
+        chained dots, harmless unless h_res cancels (FEW_RES), where the H200 missed 2e-5 in a
+        rare draw of test_cancelling_h_res at (1,1,1,1) fp16."""
+        NMAX: tl.constexpr = NA if NA > NB else NB
+        z = tl.zeros(acc.shape, dtype=tl.float32)
+        part = z
+        if NMAX > 2:
+            if NA > 2:
+                part += _opaque(_dot(a2, b0, z, INTERP), INTERP)
+            if NB > 2:
+                part += _opaque(_dot(a0, b2, z, INTERP), INTERP)
+            if NA > 1:
+                if NB > 1:
+                    part += _opaque(_dot(a1, b1, z, INTERP), INTERP)
+        if NA > 1:
+            part += _opaque(_dot(a1, b0, z, INTERP), INTERP)
+        if NB > 1:
+            part += _opaque(_dot(a0, b1, z, INTERP), INTERP)
+        part += _opaque(_dot(a0, b0, z, INTERP), INTERP)
+        return acc + part
+
+    @triton.jit
     def _split3(a, N: tl.constexpr, INTERP: tl.constexpr):
         """a -> (a0, a1, a2) bf16 pieces, a_k = bf16(a - a0 - ... - a_{k-1}); N pieces kept."""
         af = a.to(tl.float32)
@@ -200,7 +226,7 @@ if triton is not None:
     @triton.jit
     def _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, d, ff, acc, ss2, ND: tl.constexpr,
                   D: tl.constexpr, F_PAD: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr,
-                  INTERP: tl.constexpr):
+                  INTERP: tl.constexpr, SEP: tl.constexpr = False):
         """One (stream i, D chunk d) step of the forward's pass 1: the x tile's squares into
         ss2 and its products with the phi*g pieces (B tile [BLOCK_D, F_PAD]) into acc.
 
@@ -220,7 +246,11 @@ if triton is not None:
         else:
             b0, b1, b2 = _load_pieces(pg_ptr, ff[None, :] * ND + i * D + d[:, None], F_PAD * ND,
                                       dmask[:, None], NPB)
-            acc = _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP)
+            if SEP:   # few h_res entries (FEW_RES): no chained tensor-core accumulation
+                a0, a1, a2 = _split3(xv, NPA, INTERP)
+                acc = _mm_sep(a0, a1, a2, b0, b1, b2, acc, NPA, NPB, INTERP)
+            else:
+                acc = _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP)
         return acc, ss2
 
     @triton.jit
@@ -390,7 +420,7 @@ if triton is not None:
         N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
         NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr,
-        K: tl.constexpr = 0, NP: tl.constexpr = 1,
+        K: tl.constexpr = 0, NP: tl.constexpr = 1, SEP: tl.constexpr = False,
     ):
         ND: tl.constexpr = N * D
         NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
@@ -410,7 +440,7 @@ if triton is not None:
             c = j // N
             i = j - c * N
             acc, ss2 = _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, c * BLOCK_D + dd, ff, acc,
-                                 ss2, ND, D, F_PAD, NPA, NPB, INTERP)
+                                 ss2, ND, D, F_PAD, NPA, NPB, INTERP, SEP)
         acc = _fwd_acc_sum(acc, F_PAD, NPA, NPB)
 
         ss = tl.sum(ss2, axis=1)
@@ -1119,7 +1149,8 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
     if T > 0:
         dname = _dtype_name(x.dtype)
         npa, npb = _PIECES[dname][0]
-        if T * n * n < FEW_RES:   # few h_res entries: phi*g to fp32 precision (see FEW_RES)
+        few = T * n * n < FEW_RES
+        if few:   # few h_res entries: phi*g to fp32 precision, products added in fp32
             npb = 3
         cfg = _config(n, D, dname, dev)
         g = None if gamma is None else _f32(gamma).reshape(ND)
@@ -1135,7 +1166,8 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
             x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre,
             T, float(norm_eps), float(hc_eps),
             N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=cfg["fwd_bt"], BLOCK_D=cfg["fwd_bd"],
-            BLOCK_D2=cfg.get("fwd_bd2", cfg["fwd_bd"]), NPA=npa, NPB=npb, INTERP=_interpret(), **_sk_kw(k, n), **_launch_kw(cfg, "fwd"))
+            BLOCK_D2=cfg.get("fwd_bd2", cfg["fwd_bd"]), NPA=npa, NPB=npb, INTERP=_interpret(),
+            **_sk_kw(k, n), **_launch_kw(cfg, "fwd"), **({"SEP": True} if few else {}))
     outs = (h_post, h_res, inv_rms, h_mix, h_pre)
     return (h_in,) + tuple(o if o.dtype == pdt else o.to(pdt) for o in outs)
 
@@ -1296,4 +1328,5 @@ def post_backward(x, f_out, h_post, h_res, dx_next):
             NPC=3 if x.dtype == torch.float32 else 1,   # fp32: 3 bf16 pieces per operand
             INTERP=_interpret(), **kw)
     pdt = h_post.dtype
-    return dx, df, (dhp if pdt == dhp.dtype else dhp.to(pdt)), (dhr if pdt == dhr.dtype else dhr.to(pdt))
+    return (dx, df, dhp if pdt == dhp.dtype else dhp.to(pdt),
+            dhr if pdt == dhr.dtype else dhr.to(pdt))
