@@ -79,13 +79,13 @@ def cases():
         npa, npb = tg._PIECES[dt][0]
         yield (f"_pre_fwd_kernel {dt}", tg._pre_fwd_kernel, {k: v.format(dt) for k, v in fwd.items()},
                dict(N=4, D=4096, F=24, F_PAD=32, BLOCK_T=64, BLOCK_D=128, BLOCK_D2=128, NPA=npa,
-                    NPB=npb, INTERP=False, K=0, NP=1, SEP=False))
+                    NPB=npb, INTERP=False, K=0, NP=1, SEP=False, CAT=tg._cat(npa, npb, 32)))
     for dt in ("fp16", "bf16"):   # the few-h_res-entries forward (SEP: separate dots)
         npa = tg._PIECES[dt][0][0]
         yield (f"_pre_fwd_kernel {dt} SEP", tg._pre_fwd_kernel,
                {k: v.format(dt) for k, v in fwd.items()},
                dict(N=1, D=1, F=3, F_PAD=16, BLOCK_T=64, BLOCK_D=16, BLOCK_D2=16, NPA=npa, NPB=3,
-                    INTERP=False, K=0, NP=1, SEP=True))
+                    INTERP=False, K=0, NP=1, SEP=True, CAT=False))
     col = {"x_ptr": "*{0}", "dhin_ptr": "*{0}", "dx_ptr": "*{0}", "dm_ptr": "*bf16", "pp_ptr": "*bf16"}
     for dt in ("bf16", "fp32"):
         (_, _), (nwa, nwb), (npa, npb) = tg._PIECES[dt]
