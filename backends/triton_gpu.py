@@ -128,35 +128,50 @@ if triton is not None:
         return r
 
     @triton.jit
+    def _mm_link(a, b, part, SEP: tl.constexpr, INTERP: tl.constexpr):
+        """part + a @ b, one link of _mm_core's chain: through the tensor cores' accumulator,
+        or (SEP) a dot of its own from zero added in fp32."""
+        if SEP:
+            r = part + _opaque(_dot(a, b, tl.zeros(part.shape, dtype=tl.float32), INTERP),
+                               INTERP)
+        else:
+            r = _dot(a, b, part, INTERP)
+        return r
+
+    @triton.jit
     def _mm_core(a0, a1, a2, b0, b1, b2, acc, NA: tl.constexpr, NB: tl.constexpr,
-                 INTERP: tl.constexpr):
+                 INTERP: tl.constexpr, SEP: tl.constexpr = False):
         """acc + a @ b from bf16 pieces a = a0 + a1 + a2, b = b0 + b1 + b2 (unused pieces are
         ignored).  The products a_i @ b_j with i + j < max(NA, NB) are summed, smallest first.
 
         The dots start from zero and their sum is added to ``acc`` with an ordinary fp32 add:
         the tensor cores truncate when they add the running accumulator, and over a long K loop
         (n*D/16 or T/16 steps) that bias reached 1e-4 relative on the H200 (docs/triton.md).
+        Within the chunk the products chain through that accumulator (a few ulps over five
+        dots); SEP makes every product a dot of its own, added in fp32 (round to nearest), for
+        the few-h_res-entries forward (FEW_RES), where a cancelling h_res amplifies those ulps:
+        the H200 missed 2e-5 in a rare draw of test_cancelling_h_res at (1,1,1,1) fp16.
         """
         NMAX: tl.constexpr = NA if NA > NB else NB
         part = tl.zeros(acc.shape, dtype=tl.float32)
-        # With one dot, Triton folds "acc + dot(a, b, 0)" into "dot(a, b, acc)" and the whole
-        # loop accumulates on the tensor cores (post backward at D = 65536: 8e-5 instead of
-        # 2e-7).  An opaque copy of the product keeps the add in fp32.  With several dots the
-        # last one's accumulator is not zero and nothing folds (checked in the TTGIR).
         if NMAX > 2:
             if NA > 2:
-                part = _dot(a2, b0, part, INTERP)
+                part = _mm_link(a2, b0, part, SEP, INTERP)
             if NB > 2:
-                part = _dot(a0, b2, part, INTERP)
+                part = _mm_link(a0, b2, part, SEP, INTERP)
             if NA > 1:
                 if NB > 1:
-                    part = _dot(a1, b1, part, INTERP)
+                    part = _mm_link(a1, b1, part, SEP, INTERP)
         if NA > 1:
-            part = _dot(a1, b0, part, INTERP)
+            part = _mm_link(a1, b0, part, SEP, INTERP)
         if NB > 1:
-            part = _dot(a0, b1, part, INTERP)
-        part = _dot(a0, b0, part, INTERP)
-        if NMAX == 1:
+            part = _mm_link(a0, b1, part, SEP, INTERP)
+        part = _mm_link(a0, b0, part, SEP, INTERP)
+        # With one chained dot, Triton folds "acc + dot(a, b, 0)" into "dot(a, b, acc)" and the
+        # whole loop accumulates on the tensor cores (post backward at D = 65536: 8e-5 instead
+        # of 2e-7).  An opaque copy of the product keeps the add in fp32.  With several dots
+        # the last one's accumulator is not zero and nothing folds (checked in the TTGIR).
+        if NMAX == 1 and not SEP:
             part = _opaque(part, INTERP)
         return acc + part
 
@@ -169,32 +184,6 @@ if triton is not None:
             r = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=tl.float32,
                                           is_pure=True, pack=1)
         return r
-
-    @triton.jit
-    def _mm_sep(a0, a1, a2, b0, b1, b2, acc, NA: tl.constexpr, NB: tl.constexpr,
-                INTERP: tl.constexpr):
-        """acc + a @ b like _mm_core, but every piece product is a dot of its own from zero and
-        the products are added in fp32 (round to nearest), smallest first.  _mm_core chains the
-        dots through the tensor cores' accumulator, which truncates: a few ulps of m over five
-        chained dots, harmless unless h_res cancels (FEW_RES), where the H200 missed 2e-5 in a
-        rare draw of test_cancelling_h_res at (1,1,1,1) fp16."""
-        NMAX: tl.constexpr = NA if NA > NB else NB
-        z = tl.zeros(acc.shape, dtype=tl.float32)
-        part = z
-        if NMAX > 2:
-            if NA > 2:
-                part += _opaque(_dot(a2, b0, z, INTERP), INTERP)
-            if NB > 2:
-                part += _opaque(_dot(a0, b2, z, INTERP), INTERP)
-            if NA > 1:
-                if NB > 1:
-                    part += _opaque(_dot(a1, b1, z, INTERP), INTERP)
-        if NA > 1:
-            part += _opaque(_dot(a1, b0, z, INTERP), INTERP)
-        if NB > 1:
-            part += _opaque(_dot(a0, b1, z, INTERP), INTERP)
-        part += _opaque(_dot(a0, b0, z, INTERP), INTERP)
-        return acc + part
 
     @triton.jit
     def _split3(a, N: tl.constexpr, INTERP: tl.constexpr):
@@ -247,11 +236,7 @@ if triton is not None:
         else:
             b0, b1, b2 = _load_pieces(pg_ptr, ff[None, :] * ND + i * D + d[:, None], F_PAD * ND,
                                       dmask[:, None], NPB)
-            if SEP:   # few h_res entries (FEW_RES): no chained tensor-core accumulation
-                a0, a1, a2 = _split3(xv, NPA, INTERP)
-                acc = _mm_sep(a0, a1, a2, b0, b1, b2, acc, NPA, NPB, INTERP)
-            else:
-                acc = _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP)
+            acc = _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP, SEP)
         return acc, ss2
 
     @triton.jit
@@ -266,10 +251,10 @@ if triton is not None:
 
     @triton.jit
     def _mm_pieces(a, b0, b1, b2, acc, NA: tl.constexpr, NB: tl.constexpr,
-                   INTERP: tl.constexpr):
+                   INTERP: tl.constexpr, SEP: tl.constexpr = False):
         """acc + a @ b, b given as bf16 pieces, a split here into NA pieces."""
         a0, a1, a2 = _split3(a, NA, INTERP)
-        return _mm_core(a0, a1, a2, b0, b1, b2, acc, NA, NB, INTERP)
+        return _mm_core(a0, a1, a2, b0, b1, b2, acc, NA, NB, INTERP, SEP)
 
     @triton.jit
     def _round_out(v, dtype: tl.constexpr, INTERP: tl.constexpr):
@@ -1178,7 +1163,7 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
             N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=cfg["fwd_bt"], BLOCK_D=cfg["fwd_bd"],
             BLOCK_D2=cfg.get("fwd_bd2", cfg["fwd_bd"]), NPA=npa, NPB=npb, INTERP=_interpret(),
             CAT=_cat(npa, npb, F_pad), **_sk_kw(k, n), **_launch_kw(cfg, "fwd"),
-            **({"SEP": True} if few else {}))
+            SEP=few)
     outs = (h_post, h_res, inv_rms, h_mix, h_pre)
     return (h_in,) + tuple(o if o.dtype == pdt else o.to(pdt) for o in outs)
 
