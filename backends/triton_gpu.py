@@ -523,11 +523,18 @@ if triton is not None:
     def _pre_hin_kernel(
         x_ptr, hpre_ptr, hin_ptr, T,
         N: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-        INTERP: tl.constexpr,
+        INTERP: tl.constexpr, REV: tl.constexpr = False,
     ):
         ND: tl.constexpr = N * D
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        if REV:   # grid (D chunks, token blocks): token blocks last first, the tail of x that
+            #       the first pass read last is still in L2
+            blk = tl.num_programs(1) - 1 - tl.program_id(1)
+            c = tl.program_id(0)
+        else:     # grid (token blocks, D chunks)
+            blk = tl.program_id(0)
+            c = tl.program_id(1)
+        rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = c * BLOCK_D + tl.arange(0, BLOCK_D)
         rmask = rows < T
         rows64 = rows.to(tl.int64)
         m2 = rmask[:, None] & (d < D)[None, :]
@@ -1118,8 +1125,10 @@ def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pr
         **_sk_kw(k, n), num_warps=4)
     hbt = cfg.get("hin_bt", 8 if cuda else 4)
     hbd = min(cfg.get("hin_bd", 512 if cuda else 32), max(16, _next_pow2(D)))
-    _pre_hin_kernel[(_cdiv(T, hbt), _cdiv(D, hbd))](
-        x, h_pre, h_in, T, N=n, D=D, BLOCK_T=hbt, BLOCK_D=hbd, INTERP=_interpret(),
+    rev = bool(cfg.get("hin_rev", True))
+    grid = (_cdiv(T, hbt), _cdiv(D, hbd))
+    _pre_hin_kernel[grid[::-1] if rev else grid](
+        x, h_pre, h_in, T, N=n, D=D, BLOCK_T=hbt, BLOCK_D=hbd, INTERP=_interpret(), REV=rev,
         num_warps=4)
 
 

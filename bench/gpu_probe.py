@@ -232,14 +232,14 @@ def post_accuracy():
 
 def tune(bw, left):
     """Library launch configurations (set_config) at the three realistic shapes, bf16."""
-    fwd_c = [dict(), dict(fwd_bt=128, fwd_warps=8), dict(fwd_bt=128, fwd_warps=8, fwd_stages=3),
-             dict(fwd_bt=128, fwd_bd=64, fwd_bd2=128, fwd_warps=8)]
-    col_c = []
+    fwd_c = [dict(), dict(hin_rev=False)]
+    col_c = [dict(), dict(col_cat=False), dict(colc_warps=4), dict(colc_stages=4),
+             dict(colc_stages=2), dict(colc_bd=128), dict(colc_bt=128), dict(col_waves=2),
+             dict(col_waves=8)]
     post_c = []
     out = []
     for shape in [(4, 4096, 4, 4096), (1, 4096, 4, 2560), (2, 4096, 4, 7168)]:
         B, S, n, D = shape
-        realistic = n == 4
         x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(B, S, n, D, torch.bfloat16,
                                                                      seed=5)
         kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS)
@@ -253,7 +253,7 @@ def tune(bw, left):
         for kind, cands, fn, fl, ref in (
                 ("fwd", fwd_c, lambda: tg.forward(x, phi, alpha, bias, g, **kw), ff, fo),
                 ("bwd", col_c, lambda: tg.backward(*bargs, **kw), bf, bo)):
-            for c in (cands if realistic else cands[:2]):
+            for c in cands:
                 if left() < 45:
                     break
                 tg.set_config(**c)
