@@ -589,7 +589,7 @@ if triton is not None:
         dhpost_ptr,  # [T, n] fp32
         dhres_ptr,   # [T, n*n] fp32
         alpha_ptr,   # [3] fp32
-        dm_ptr,      # [T, NSLOT, F_PAD] bf16 scratch (out): pieces of dm = r * e, zero past F
+        dm_ptr,      # [NSLOT, T, F_PAD] bf16 scratch (out): pieces of dm = r * e, zero past F
         coef_ptr,    # [T] fp32 scratch (out)
         wsrow_ptr,   # [P, 2, F_PAD] fp32 (out): per-program sum raw, sum raw*u
         T, NBLK, hc_eps,
@@ -673,14 +673,14 @@ if triton is not None:
             dr = tl.sum(e * m, axis=1)
             coef = dr * (r * r * r) / ND
             dm0, dm1, dm2 = _split3(dm, NDM, INTERP)
-            doff = rows64[:, None] * (NSLOT * F_PAD) + ff[None, :]
+            doff = rows64[:, None] * F_PAD + ff[None, :]
             tl.store(dm_ptr + doff, dm0, mask=rm2)
             if NDM > 1:
-                tl.store(dm_ptr + F_PAD + doff, dm1, mask=rm2)
+                tl.store(dm_ptr + T * F_PAD + doff, dm1, mask=rm2)
             if NDM > 2:
-                tl.store(dm_ptr + 2 * F_PAD + doff, dm2, mask=rm2)
-            if NSLOT > 3:   # the column kernel's one-dot layout (CAT): a0 again in slot 3
-                tl.store(dm_ptr + 3 * F_PAD + doff, dm0, mask=rm2)
+                tl.store(dm_ptr + 2 * T * F_PAD + doff, dm2, mask=rm2)
+            if NSLOT > 3:   # the column kernel's one-dot form (CAT): a0 again in slot 3
+                tl.store(dm_ptr + 3 * T * F_PAD + doff, dm0, mask=rm2)
             tl.store(coef_ptr + rows, coef, mask=rmask)
             sum_raw += tl.sum(raw, axis=0)
             sum_ru += tl.sum(raw * (r[:, None] * m), axis=0)
@@ -689,9 +689,8 @@ if triton is not None:
 
     @triton.jit
     def _dx_exact(dm_ptr, rms_ptr, hmix_ptr, phi_ptr, g_ptr, xv, dh, hp, rows64, rmask, col,
-                  dmask, N: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
-                  F_PAD: tl.constexpr, NDM: tl.constexpr, NSLOT: tl.constexpr,
-                  HAS_G: tl.constexpr):
+                  dmask, T, N: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+                  F_PAD: tl.constexpr, NDM: tl.constexpr, HAS_G: tl.constexpr):
         """dx of short rows (n*D <= SMALL_ND) in float64, one gate column f at a time (then fp32,
         rounded once more to x's dtype by the caller).
 
@@ -704,7 +703,7 @@ if triton is not None:
         w = tl.zeros(xv.shape, dtype=tl.float64)
         dr = tl.zeros(r.shape, dtype=tl.float64)
         for f in range(F):
-            a0, a1, a2 = _load_pieces(dm_ptr, rows64 * (NSLOT * F_PAD) + f, F_PAD, rmask, NDM)
+            a0, a1, a2 = _load_pieces(dm_ptr, rows64 * F_PAD + f, T * F_PAD, rmask, NDM)
             dmf = a0.to(tl.float64)
             if NDM > 1:
                 dmf += a1.to(tl.float64)
@@ -728,7 +727,7 @@ if triton is not None:
         x_ptr,       # [T, n, D] x dtype
         dhin_ptr,    # [T, D] x dtype
         hpre_ptr,    # [T, n] fp32
-        dm_ptr,      # [T, NSLOT, F_PAD] bf16 scratch: pieces of dm (CAT: a0, a1, a2, a0)
+        dm_ptr,      # [NSLOT, T, F_PAD] bf16 scratch: pieces of dm (CAT: a0, a1, a2, a0)
         coef_ptr,    # [T] fp32 scratch
         pp_ptr,      # [NPW, F_PAD, ND] bf16 pieces of phi
         g_ptr,       # [ND] fp32 (unused unless HAS_G)
@@ -752,20 +751,18 @@ if triton is not None:
         dmask = d < D
         col = i * D + d
         ff = tl.arange(0, F_PAD)
-        NSLOT: tl.constexpr = 4 if CAT else NDM
-        DMROW: tl.constexpr = NSLOT * F_PAD
         if CAT:
             # One dot each for w and P over a K (or M) of all four dm slots a0 | a1 | a2 | a0:
             #   w = [a0 a1 a2 a0] @ [p0; p0; p0; p1]   (a0 p0 + a1 p0 + a2 p0 + a0 p1)
             #   [P0; P1; P2; P3] += [a0 a1 a2 a0]^T @ x_j   (slot 3 repeats slot 0, not summed)
-            kk = tl.arange(0, DMROW)
+            kk = tl.arange(0, 4 * F_PAD)
             kf = kk % F_PAD
             kslot = kk // F_PAD
             bw = tl.load(pp_ptr + (kslot == 3).to(tl.int64)[:, None] * (F_PAD * ND)
                          + kf[:, None] * ND + col[None, :], mask=dmask[None, :], other=0.0)
-            P4 = tl.zeros([DMROW, BLOCK_D], dtype=tl.float32)
+            kslot_off = kslot.to(tl.int64) * T * F_PAD + kf   # slot planes of the dm scratch
+            P4 = tl.zeros([4 * F_PAD, BLOCK_D], dtype=tl.float32)
         else:
-            kk = ff
             # loop-invariant B operand of w: phi pieces [F_PAD, BLOCK_D]
             p0, p1, p2 = _load_pieces(pp_ptr, ff[:, None] * ND + col[None, :], F_PAD * ND,
                                       dmask[None, :], NWB)
@@ -780,18 +777,19 @@ if triton is not None:
             rows64 = rows.to(tl.int64)
             rm2 = rmask[:, None]
             m2 = rm2 & dmask[None, :]
-            doff = rows64[:, None] * DMROW + kk[None, :]
             if CAT:
-                a = tl.load(dm_ptr + doff, mask=rm2, other=0.0)
+                a = tl.load(dm_ptr + rows64[:, None] * F_PAD + kslot_off[None, :], mask=rm2,
+                            other=0.0)
             else:
-                a0, a1, a2 = _load_pieces(dm_ptr, doff, F_PAD, rm2, NDM)
+                a0, a1, a2 = _load_pieces(dm_ptr, rows64[:, None] * F_PAD + ff[None, :],
+                                          T * F_PAD, rm2, NDM)
             coef = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
             hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
             xv = tl.load(x_ptr + rows64[:, None] * ND + col[None, :], mask=m2, other=0.0)
             dh = tl.load(dhin_ptr + rows64[:, None] * D + d[None, :], mask=m2, other=0.0)
             if EXACT:
                 dx = _dx_exact(dm_ptr, rms_ptr, hmix_ptr, phi_ptr, g_ptr, xv, dh, hp, rows64,
-                               rmask, col, dmask, N, D, F, F_PAD, NDM, NSLOT, HAS_G)
+                               rmask, col, dmask, T, N, D, F, F_PAD, NDM, HAS_G)
             else:
                 w = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
                 if CAT:
@@ -808,7 +806,7 @@ if triton is not None:
             if CAT:
                 # from zero, added in fp32 (_opaque: no fold into a loop-carried accumulator)
                 at = tl.trans(a)
-                part = _dot(at, x0, tl.zeros([DMROW, BLOCK_D], dtype=tl.float32), INTERP)
+                part = _dot(at, x0, tl.zeros([4 * F_PAD, BLOCK_D], dtype=tl.float32), INTERP)
                 if NPB > 1:
                     part = _dot(at, x1, part, INTERP)
                 P4 = P4 + _opaque(part, INTERP)
@@ -816,8 +814,8 @@ if triton is not None:
                 # P += dm^T @ x: the transposed dm pieces are loaded as [F_PAD, BLOCK_T] tiles
                 # (an in-register tl.trans of the tiles above, or P^T = x^T @ dm with the x tile
                 # as the big operand, measured 1.1-2.3x and 1.15x slower on the H200)
-                t0_, t1_, t2_ = _load_pieces(dm_ptr, rows64[None, :] * DMROW + ff[:, None],
-                                             F_PAD, rmask[None, :], NPA)
+                t0_, t1_, t2_ = _load_pieces(dm_ptr, rows64[None, :] * F_PAD + ff[:, None],
+                                             T * F_PAD, rmask[None, :], NPA)
                 P = _mm_core(t0_, t1_, t2_, x0, x1, x2, P, NPA, NPB, INTERP)
         if CAT:   # P = P0 + P1 + P2 (slot 3 is a copy of slot 0)
             P3 = tl.reshape(P4, [4, F_PAD, BLOCK_D])
@@ -1254,7 +1252,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         prow = max(1, min(nblk, sms * cfg["row_waves"]))
         ndm = max(nwa, npa)
         cat = bool(cfg.get("col_cat")) and _col_cat(nwa, nwb, npa, F_pad)
-        dm = torch.empty((T, 4 if cat else ndm, F_pad), dtype=torch.bfloat16, device=dev)
+        dm = torch.empty((4 if cat else ndm, T, F_pad), dtype=torch.bfloat16, device=dev)
         coef = torch.empty((T,), dtype=torch.float32, device=dev)
         wsrow = torch.empty((prow, 2, F_pad), dtype=torch.float32, device=dev)
         sk = _sk_kw(k, n)
@@ -1280,7 +1278,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
             dhr, _f32(alpha), dm, coef, wsrow,
             T, nblk, float(hc_eps),
             N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=cfg["row_bd"], NDM=ndm,
-            NSLOT=dm.shape[1], INTERP=_interpret(), **sk, **_launch_kw(cfg, "row"))
+            NSLOT=dm.shape[0], INTERP=_interpret(), **sk, **_launch_kw(cfg, "row"))
         # column kernel: grid (n, D chunks, token splits); splits fixed by (n, D, T-blocks)
         pre = "colc" if cat else "col"
         bt = cfg[pre + "_bt"]
