@@ -589,13 +589,13 @@ if triton is not None:
         dhpost_ptr,  # [T, n] fp32
         dhres_ptr,   # [T, n*n] fp32
         alpha_ptr,   # [3] fp32
-        dm_ptr,      # [NSLOT, T, F_PAD] bf16 scratch (out): pieces of dm = r * e, zero past F
+        dm_ptr,      # [NDM, T, F_PAD] bf16 scratch (out): pieces of dm = r * e, zero past F
         coef_ptr,    # [T] fp32 scratch (out)
         wsrow_ptr,   # [P, 2, F_PAD] fp32 (out): per-program sum raw, sum raw*u
         T, NBLK, hc_eps,
         N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NDM: tl.constexpr, NSLOT: tl.constexpr,
-        INTERP: tl.constexpr, K: tl.constexpr = 0, NP: tl.constexpr = 1,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NDM: tl.constexpr, INTERP: tl.constexpr,
+        K: tl.constexpr = 0, NP: tl.constexpr = 1,
         bias_ptr=None,   # [F] fp32 (K > 0): to rebuild the logits
         dlog_ptr=None,   # [T, n*n] fp32 scratch (K > 0): d(logits) of the block's tokens
     ):
@@ -679,8 +679,6 @@ if triton is not None:
                 tl.store(dm_ptr + T * F_PAD + doff, dm1, mask=rm2)
             if NDM > 2:
                 tl.store(dm_ptr + 2 * T * F_PAD + doff, dm2, mask=rm2)
-            if NSLOT > 3:   # the column kernel's one-dot form (CAT): a0 again in slot 3
-                tl.store(dm_ptr + 3 * T * F_PAD + doff, dm0, mask=rm2)
             tl.store(coef_ptr + rows, coef, mask=rmask)
             sum_raw += tl.sum(raw, axis=0)
             sum_ru += tl.sum(raw * (r[:, None] * m), axis=0)
@@ -727,7 +725,7 @@ if triton is not None:
         x_ptr,       # [T, n, D] x dtype
         dhin_ptr,    # [T, D] x dtype
         hpre_ptr,    # [T, n] fp32
-        dm_ptr,      # [NSLOT, T, F_PAD] bf16 scratch: pieces of dm (CAT: a0, a1, a2, a0)
+        dm_ptr,      # [NDM, T, F_PAD] bf16 scratch: pieces of dm
         coef_ptr,    # [T] fp32 scratch
         pp_ptr,      # [NPW, F_PAD, ND] bf16 pieces of phi
         g_ptr,       # [ND] fp32 (unused unless HAS_G)
@@ -737,7 +735,7 @@ if triton is not None:
         N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
         NWA: tl.constexpr, NWB: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr,
-        NDM: tl.constexpr, INTERP: tl.constexpr, CAT: tl.constexpr = False,
+        NDM: tl.constexpr, INTERP: tl.constexpr,
         EXACT: tl.constexpr = False,
         rms_ptr=None,    # [T] fp32 (EXACT)
         hmix_ptr=None,   # [T, F] fp32 (EXACT)
@@ -751,24 +749,12 @@ if triton is not None:
         dmask = d < D
         col = i * D + d
         ff = tl.arange(0, F_PAD)
-        if CAT:
-            # One dot each for w and P over a K (or M) of all four dm slots a0 | a1 | a2 | a0:
-            #   w = [a0 a1 a2 a0] @ [p0; p0; p0; p1]   (a0 p0 + a1 p0 + a2 p0 + a0 p1)
-            #   [P0; P1; P2; P3] += [a0 a1 a2 a0]^T @ x_j   (slot 3 repeats slot 0, not summed)
-            kk = tl.arange(0, 4 * F_PAD)
-            kf = kk % F_PAD
-            kslot = kk // F_PAD
-            bw = tl.load(pp_ptr + (kslot == 3).to(tl.int64)[:, None] * (F_PAD * ND)
-                         + kf[:, None] * ND + col[None, :], mask=dmask[None, :], other=0.0)
-            kslot_off = kslot.to(tl.int64) * T * F_PAD + kf   # slot planes of the dm scratch
-            P4 = tl.zeros([4 * F_PAD, BLOCK_D], dtype=tl.float32)
-        else:
-            # loop-invariant B operand of w: phi pieces [F_PAD, BLOCK_D]
-            p0, p1, p2 = _load_pieces(pp_ptr, ff[:, None] * ND + col[None, :], F_PAD * ND,
-                                      dmask[None, :], NWB)
-            P = tl.zeros([F_PAD, BLOCK_D], dtype=tl.float32)
+        # loop-invariant B operand of w: phi pieces [F_PAD, BLOCK_D]
+        p0, p1, p2 = _load_pieces(pp_ptr, ff[:, None] * ND + col[None, :], F_PAD * ND,
+                                  dmask[None, :], NWB)
         if HAS_G:
             g = tl.load(g_ptr + col, mask=dmask, other=0.0)
+        P = tl.zeros([F_PAD, BLOCK_D], dtype=tl.float32)
         t_lo = s * TOK_PER_SPLIT
         t_hi = tl.minimum(t_lo + TOK_PER_SPLIT, T)
         for t0 in range(t_lo, t_hi, BLOCK_T):
@@ -777,12 +763,8 @@ if triton is not None:
             rows64 = rows.to(tl.int64)
             rm2 = rmask[:, None]
             m2 = rm2 & dmask[None, :]
-            if CAT:
-                a = tl.load(dm_ptr + rows64[:, None] * F_PAD + kslot_off[None, :], mask=rm2,
-                            other=0.0)
-            else:
-                a0, a1, a2 = _load_pieces(dm_ptr, rows64[:, None] * F_PAD + ff[None, :],
-                                          T * F_PAD, rm2, NDM)
+            a0, a1, a2 = _load_pieces(dm_ptr, rows64[:, None] * F_PAD + ff[None, :], T * F_PAD,
+                                      rm2, NDM)
             coef = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
             hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
             xv = tl.load(x_ptr + rows64[:, None] * ND + col[None, :], mask=m2, other=0.0)
@@ -792,34 +774,20 @@ if triton is not None:
                                rmask, col, dmask, T, N, D, F, F_PAD, NDM, HAS_G)
             else:
                 w = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-                if CAT:
-                    w = _dot(a, bw, w, INTERP)
-                else:
-                    w = _mm_core(a0, a1, a2, p0, p1, p2, w, NWA, NWB, INTERP)
+                w = _mm_core(a0, a1, a2, p0, p1, p2, w, NWA, NWB, INTERP)
                 if HAS_G:
                     w = w * g[None, :]
                 xf = xv.to(tl.float32)
                 dx = w - coef[:, None] * xf + hp[:, None] * dh.to(tl.float32)
             tl.store(dx_ptr + rows64[:, None] * ND + col[None, :],
                      _round_out(dx, dx_ptr.dtype.element_ty, INTERP), mask=m2)
+            # P += dm^T @ x: the transposed dm pieces are loaded as [F_PAD, BLOCK_T] tiles
+            # (an in-register tl.trans of the tiles above, or P^T = x^T @ dm with the x tile as
+            # the big operand, measured 1.1-2.3x and 1.15x slower on the H200)
+            t0_, t1_, t2_ = _load_pieces(dm_ptr, rows64[None, :] * F_PAD + ff[:, None],
+                                         T * F_PAD, rmask[None, :], NPA)
             x0, x1, x2 = _split3(xv, NPB, INTERP)
-            if CAT:
-                # from zero, added in fp32 (_opaque: no fold into a loop-carried accumulator)
-                at = tl.trans(a)
-                part = _dot(at, x0, tl.zeros([4 * F_PAD, BLOCK_D], dtype=tl.float32), INTERP)
-                if NPB > 1:
-                    part = _dot(at, x1, part, INTERP)
-                P4 = P4 + _opaque(part, INTERP)
-            else:
-                # P += dm^T @ x: the transposed dm pieces are loaded as [F_PAD, BLOCK_T] tiles
-                # (an in-register tl.trans of the tiles above, or P^T = x^T @ dm with the x tile
-                # as the big operand, measured 1.1-2.3x and 1.15x slower on the H200)
-                t0_, t1_, t2_ = _load_pieces(dm_ptr, rows64[None, :] * F_PAD + ff[:, None],
-                                             T * F_PAD, rmask[None, :], NPA)
-                P = _mm_core(t0_, t1_, t2_, x0, x1, x2, P, NPA, NPB, INTERP)
-        if CAT:   # P = P0 + P1 + P2 (slot 3 is a copy of slot 0)
-            P3 = tl.reshape(P4, [4, F_PAD, BLOCK_D])
-            P = tl.sum(tl.where((tl.arange(0, 4) < 3)[:, None, None], P3, 0.0), axis=0)
+            P = _mm_core(t0_, t1_, t2_, x0, x1, x2, P, NPA, NPB, INTERP)
         tl.store(wscol_ptr + s * (F * ND) + ff[:, None] * ND + col[None, :], P,
                  mask=(ff < F)[:, None] & dmask[None, :])
 
@@ -1053,14 +1021,12 @@ def _config(n: int, D: int, dtype_name: str, device) -> dict:
     cpu = device.type != "cuda"
     if cpu:   # the interpreter: small blocks keep it quick
         cfg = dict(fwd_bt=16, fwd_bd=16, fwd_warps=4, row_bt=16, row_bd=32, row_warps=4,
-                   col_bt=16, col_bd=16, col_warps=4, col_waves=2, row_waves=2,
-                   col_cat=True, colc_bt=16, colc_bd=16, colc_warps=4)
+                   col_bt=16, col_bd=16, col_warps=4, col_waves=2, row_waves=2)
     else:
         cfg = dict(
             fwd_bt=64, fwd_bd=128, fwd_bd2=128, fwd_warps=4, fwd_stages=3,
             row_bt=16, row_bd=256, row_warps=8, row_stages=2, row_waves=4,
             col_bt=32, col_bd=64, col_warps=4, col_stages=3, col_waves=4,
-            col_cat=True, colc_bt=64, colc_bd=64, colc_warps=8, colc_stages=3,
         )
         if n * n + 2 * n > 16:     # F_PAD = 32 (n = 3, 4): one more stage (H200: 3-5 %)
             cfg.update(fwd_stages=4)
@@ -1071,7 +1037,7 @@ def _config(n: int, D: int, dtype_name: str, device) -> dict:
         if D <= 64:
             p2 = max(16, _next_pow2(D))
             cfg.update(fwd_bd=min(cfg["fwd_bd"], p2), fwd_bd2=min(cfg["fwd_bd2"], p2),
-                       col_bd=min(cfg["col_bd"], p2), colc_bd=min(cfg["colc_bd"], p2),
+                       col_bd=min(cfg["col_bd"], p2),
                        row_bd=min(cfg["row_bd"], p2))
     cfg.update(_CONFIG_OVERRIDES)
     return cfg
@@ -1128,12 +1094,6 @@ def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pr
     _pre_hin_kernel[grid[::-1] if rev else grid](
         x, h_pre, h_in, T, N=n, D=D, BLOCK_T=hbt, BLOCK_D=hbd, INTERP=_interpret(), REV=rev,
         num_warps=4)
-
-
-def _col_cat(nwa: int, nwb: int, npa: int, F_pad: int) -> bool:
-    """The column kernel's one-dot form (CAT): w's pieces within (a0, a1) x (p0, p1), P's dm in
-    at most 3 pieces, and the four dm slots (K = 4 * F_PAD <= 128) in one tile."""
-    return nwa <= 2 and nwb <= 2 and npa <= 3 and F_pad <= 32
 
 
 def _cat(npa: int, npb: int, F_pad: int) -> bool:
@@ -1251,8 +1211,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         nblk = _cdiv(T, bt)
         prow = max(1, min(nblk, sms * cfg["row_waves"]))
         ndm = max(nwa, npa)
-        cat = bool(cfg.get("col_cat")) and _col_cat(nwa, nwb, npa, F_pad)
-        dm = torch.empty((4 if cat else ndm, T, F_pad), dtype=torch.bfloat16, device=dev)
+        dm = torch.empty((ndm, T, F_pad), dtype=torch.bfloat16, device=dev)
         coef = torch.empty((T,), dtype=torch.float32, device=dev)
         wsrow = torch.empty((prow, 2, F_pad), dtype=torch.float32, device=dev)
         sk = _sk_kw(k, n)
@@ -1278,14 +1237,13 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
             dhr, _f32(alpha), dm, coef, wsrow,
             T, nblk, float(hc_eps),
             N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=cfg["row_bd"], NDM=ndm,
-            NSLOT=dm.shape[0], INTERP=_interpret(), **sk, **_launch_kw(cfg, "row"))
+            INTERP=_interpret(), **sk, **_launch_kw(cfg, "row"))
         # column kernel: grid (n, D chunks, token splits); splits fixed by (n, D, T-blocks)
-        pre = "colc" if cat else "col"
-        bt = cfg[pre + "_bt"]
-        bd = cfg[pre + "_bd"]
+        bt = cfg["col_bt"]
+        bd = cfg["col_bd"]
         nch = _cdiv(D, bd)
         nblk = _cdiv(T, bt)
-        want = _cdiv(sms * cfg["col_waves"], n * nch)
+        want = cfg.get("col_splits") or _cdiv(sms * cfg["col_waves"], n * nch)
         splits = max(1, min(nblk, want))
         tok_per_split = _cdiv(nblk, splits) * bt
         splits = _cdiv(T, tok_per_split)
@@ -1298,8 +1256,8 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
             x, dh_in, hp32, dm, coef, pp, g if g is not None else phi32, dx, wscol,
             T, tok_per_split,
             N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd, HAS_G=g is not None,
-            NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(), CAT=cat, **exact,
-            **_launch_kw(cfg, pre))
+            NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(), **exact,
+            **_launch_kw(cfg, "col"))
         BLOCK = max(16, min(64, 2048 // F_pad)) if dev.type == "cuda" else 64
         _reduce_partials_kernel[(_cdiv(ND, BLOCK),)](
             wscol, wsrow, phi32, g if g is not None else phi32, dphi,

@@ -233,9 +233,8 @@ def post_accuracy():
 def tune(bw, left):
     """Library launch configurations (set_config) at the three realistic shapes, bf16."""
     fwd_c = [dict()]
-    col_c = [dict(), dict(col_cat=False), dict(colc_bd=128, colc_stages=2), dict(colc_stages=4),
-             dict(col_waves=2), dict(colc_bt=32, colc_warps=4), dict(row_bt=8, row_warps=4),
-             dict(row_bt=8, row_bd=512, row_warps=8, row_stages=3)]
+    col_c = [dict(), dict(col_splits=1), dict(col_splits=2), dict(col_splits=3),
+             dict(col_splits=4), dict(col_splits=6), dict(col_splits=8)]
     post_c = []
     out = []
     for shape in [(4, 4096, 4, 4096), (1, 4096, 4, 2560), (2, 4096, 4, 7168)]:

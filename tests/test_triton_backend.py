@@ -252,11 +252,11 @@ def test_post_through_front_end():
 
 # ---------------------------------------------------------------------------------------------
 # Switchable variants (set_config): the split forward (fwd_split, its h_in pass in either
-# token order), the separate Sinkhorn backward kernel (sk_bwd="sep") and the column kernel's
-# six-dot form for 16-bit x (col_cat=False), against float64 and bitwise repeatable.
+# token order) and the separate Sinkhorn backward kernel (sk_bwd="sep"), against float64 and
+# bitwise repeatable.
 
 VARIANTS = [dict(fwd_split=2), dict(fwd_split=3, hin_rev=False), dict(fwd_split=-1),
-            dict(sk_bwd="sep"), dict(fwd_split=2, sk_bwd="sep"), dict(col_cat=False)]
+            dict(sk_bwd="sep"), dict(fwd_split=2, sk_bwd="sep")]
 VAR_CASES = [(37, 4, 130, "bf16", True, 0), (19, 4, 130, "fp16", False, 20),
              (9, 3, 7, "fp32", True, 3), (3, 1, 1, "bf16", True, 20), (6, 8, 33, "bf16", True, 1)]
 

@@ -90,15 +90,13 @@ def cases():
                dict(N=1, D=1, F=3, F_PAD=16, BLOCK_T=64, BLOCK_D=16, BLOCK_D2=16, NPA=npa, NPB=3,
                     INTERP=False, K=0, NP=1, SEP=True, CAT=False))
     col = {"x_ptr": "*{0}", "dhin_ptr": "*{0}", "dx_ptr": "*{0}", "dm_ptr": "*bf16", "pp_ptr": "*bf16"}
-    for dt, cat in (("bf16", True), ("fp16", True), ("bf16", False), ("fp32", False)):
+    for dt in ("bf16", "fp32"):
         (_, _), (nwa, nwb), (npa, npb) = tg._PIECES[dt]
-        assert not cat or tg._col_cat(nwa, nwb, npa, 32)
-        yield (f"_pre_bwd_col_kernel {dt}{' CAT' if cat else ''}", tg._pre_bwd_col_kernel,
+        yield (f"_pre_bwd_col_kernel {dt}", tg._pre_bwd_col_kernel,
                {k: v.format(dt) for k, v in col.items()},
-               dict(N=4, D=4096, F=24, F_PAD=32, BLOCK_T=64 if cat else 32, BLOCK_D=64,
-                    HAS_G=True, NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=max(nwa, npa),
-                    INTERP=False, CAT=cat, EXACT=False, rms_ptr=None, hmix_ptr=None,
-                    phi_ptr=None))
+               dict(N=4, D=4096, F=24, F_PAD=32, BLOCK_T=32, BLOCK_D=64, HAS_G=True, NWA=nwa,
+                    NWB=nwb, NPA=npa, NPB=npb, NDM=max(nwa, npa), INTERP=False, EXACT=False,
+                    rms_ptr=None, hmix_ptr=None, phi_ptr=None))
 
 def main():
     failed = 0
