@@ -987,11 +987,13 @@ if triton is not None:
 
 _CONFIG_OVERRIDES: dict = {}
 _SM_COUNT: dict = {}
+_CONFIG_CACHE: dict = {}   # (n, D, dtype name, device type) -> the launch rule's dict
 
 
 def set_config(**kw) -> None:
     """Override launch parameters (keys: fwd_bt, fwd_bd, fwd_bd2, fwd_warps, fwd_stages, row_bt,
-    row_bd, row_warps, col_bt, col_bd, col_warps, col_stages, col_waves, row_waves; the post
+    row_bd, row_warps, col_bt, col_bd, col_warps, col_stages, col_waves, col_occ, col_splits,
+    row_waves, hin_rev; the post
     operator's with a ``post_`` prefix: post_pf_bt, post_pf_bd, post_pb_bt, post_pb_bd,
     post_pb_warps, post_pb_stages); {} restores the rules.
 
@@ -1002,6 +1004,7 @@ def set_config(**kw) -> None:
     kernel; "fused": inside the row kernel; sk_bt, sk_warps)."""
     _CONFIG_OVERRIDES.clear()
     _CONFIG_OVERRIDES.update(kw)
+    _CONFIG_CACHE.clear()
 
 
 def _sm_count(device) -> int:
@@ -1016,8 +1019,16 @@ def _sm_count(device) -> int:
 def _config(n: int, D: int, dtype_name: str, device) -> dict:
     """Launch parameters by rule, from the sweeps of bench/gpu_suite.py on an H200 (2026-11-29).
 
-    Keyed on (n, D, dtype), never on T (no recompilation per batch size).
+    Keyed on (n, D, dtype), never on T (no recompilation per batch size); cached (read-only).
     """
+    key = (n, D, dtype_name, device.type)
+    cfg = _CONFIG_CACHE.get(key)
+    if cfg is None:
+        cfg = _CONFIG_CACHE[key] = _make_config(n, D, dtype_name, device)
+    return cfg
+
+
+def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
     cpu = device.type != "cuda"
     if cpu:   # the interpreter: small blocks keep it quick
         cfg = dict(fwd_bt=16, fwd_bd=16, fwd_warps=4, row_bt=16, row_bd=32, row_warps=4,
@@ -1028,6 +1039,9 @@ def _config(n: int, D: int, dtype_name: str, device) -> dict:
             row_bt=16, row_bd=256, row_warps=8, row_stages=2, row_waves=4,
             col_bt=32, col_bd=64, col_warps=4, col_stages=3, col_waves=4,
         )
+        if dtype_name == "bf16" and n * n + 2 * n <= 32:
+            # four programs per multiprocessor (127 registers, 39 KB shared; Nsight Compute)
+            cfg.update(col_occ=4)
         if n * n + 2 * n > 16:     # F_PAD = 32 (n = 3, 4): one more stage (H200: 3-5 %)
             cfg.update(fwd_stages=4)
         if dtype_name == "fp32":
@@ -1041,6 +1055,31 @@ def _config(n: int, D: int, dtype_name: str, device) -> dict:
                        row_bd=min(cfg["row_bd"], p2))
     cfg.update(_CONFIG_OVERRIDES)
     return cfg
+
+
+def _col_splits(cfg, programs: int, nblk: int, sms: int) -> int:
+    """Token splits of the column kernel, whose grid is (n, D chunks, splits): every program
+    walks its split's tokens, so all run equally long and a partly filled last wave of programs
+    is time lost (Nsight Compute at (4,4096,4,4096), 3 splits: 768 programs for 528 slots,
+    "a partial wave ... up to 50 % of the runtime").  With ``col_occ`` (programs resident per
+    multiprocessor, measured) the rule takes the fewest splits >= 2 whose waves are >= 90 %
+    full, else the fullest; without it, ~col_waves programs per multiprocessor.  Depends only
+    on (n, D, T, SMs): the split of the dphi sums, hence the bits, is fixed per shape."""
+    if cfg.get("col_splits"):
+        return max(1, min(nblk, int(cfg["col_splits"])))
+    occ = cfg.get("col_occ")
+    if not occ:
+        return max(1, min(nblk, _cdiv(sms * cfg["col_waves"], programs)))
+    slots = sms * occ
+    best, best_fill = 1, 0.0
+    for s in range(min(2, nblk), min(8, nblk) + 1):
+        waves = s * programs / slots
+        fill = waves / -(-waves // 1)
+        if fill >= 0.9:
+            return s
+        if fill > best_fill + 1e-9:
+            best, best_fill = s, fill
+    return best
 
 
 def _fwd_splits(cfg, T, D, device, F_pad, dname) -> int:
@@ -1122,6 +1161,8 @@ def _prep_phi(phi, g, F_pad, npieces):
 
 
 def _f32(a):
+    if a.dtype is torch.float32 and a.is_contiguous():   # no dispatch: host time per call
+        return a
     return a.to(torch.float32).contiguous()
 
 
@@ -1243,8 +1284,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         bd = cfg["col_bd"]
         nch = _cdiv(D, bd)
         nblk = _cdiv(T, bt)
-        want = cfg.get("col_splits") or _cdiv(sms * cfg["col_waves"], n * nch)
-        splits = max(1, min(nblk, want))
+        splits = _col_splits(cfg, n * nch, nblk, sms)
         tok_per_split = _cdiv(nblk, splits) * bt
         splits = _cdiv(T, tok_per_split)
         pp = _prep_phi(phi32, None, F_pad, nwb)

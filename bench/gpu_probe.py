@@ -233,8 +233,7 @@ def post_accuracy():
 def tune(bw, left):
     """Library launch configurations (set_config) at the three realistic shapes, bf16."""
     fwd_c = [dict()]
-    col_c = [dict(), dict(col_splits=1), dict(col_splits=2), dict(col_splits=3),
-             dict(col_splits=4), dict(col_splits=6), dict(col_splits=8)]
+    col_c = [dict(), dict(col_splits=2), dict(col_splits=7), dict(col_occ=None)]
     post_c = []
     out = []
     for shape in [(4, 4096, 4, 4096), (1, 4096, 4, 2560), (2, 4096, 4, 7168)]:
