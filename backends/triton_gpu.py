@@ -993,9 +993,8 @@ _CONFIG_CACHE: dict = {}   # (n, D, dtype name, device type) -> the launch rule'
 def set_config(**kw) -> None:
     """Override launch parameters (keys: fwd_bt, fwd_bd, fwd_bd2, fwd_warps, fwd_stages, row_bt,
     row_bd, row_warps, col_bt, col_bd, col_warps, col_stages, col_waves, col_occ, col_splits,
-    row_waves, hin_rev; the post
-    operator's with a ``post_`` prefix: post_pf_bt, post_pf_bd, post_pb_bt, post_pb_bd,
-    post_pb_warps, post_pb_stages); {} restores the rules.
+    row_waves, hin_rev; the post operator's with a ``post_`` prefix: post_pf_bt, post_pf_bd,
+    post_pb_bt, post_pb_bd, post_pb_warps, post_pb_stages); {} restores the rules.
 
     Variants: ``fwd_split`` ("auto" default: the rule in _fwd_splits; 0: always the fused
     forward; S >= 1, or -1 for ~4 programs per SM: the split forward, with
