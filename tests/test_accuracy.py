@@ -137,7 +137,7 @@ def test_sinkhorn_and_post_accuracy(backend, shape, sinkhorn_iters, x_dtype, poi
 def test_sinkhorn_zero_is_the_plain_contract(backend, seed):
     """k = 0 is the contract without Sinkhorn, bit for bit (the default path)."""
     import mhc_multi
-    inputs = random_inputs((2, 7, 4, 40), "bf16", seed=seed)
+    inputs = random_inputs((2, 7, 4, 40), "bf16", seed=seed, device=_device(backend))
     a = mhc_multi.forward(*inputs, backend=backend)
     b = mhc_multi.forward(*inputs, backend=backend, sinkhorn_iters=0)
     for u, v in zip(a, b):
