@@ -791,68 +791,6 @@ if triton is not None:
         tl.store(wscol_ptr + s * (F * ND) + ff[:, None] * ND + col[None, :], P,
                  mask=(ff < F)[:, None] & dmask[None, :])
 
-    # The same program, transposed (set_config(col_tr=True)): w^T = phi^T @ dm^T with phi's
-    # pieces as the loop-invariant A operand ([BLOCK_D, F_PAD], M = BLOCK_D: wgmma, A held in
-    # registers) and P^T = x^T @ dm, both B operands being views of the one dm tile, so the
-    # tensor cores read each operand from shared memory once per warpgroup instead of once per
-    # warp (the six-dot kernel above is bound by shared-memory traffic: docs/triton.md).
-    @triton.jit(do_not_specialize=["T", "TOK_PER_SPLIT"])
-    def _pre_bwd_colt_kernel(
-        x_ptr, dhin_ptr, hpre_ptr, dm_ptr, coef_ptr, pp_ptr, g_ptr, dx_ptr, wscol_ptr,
-        T, TOK_PER_SPLIT,
-        N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
-        NWA: tl.constexpr, NWB: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr,
-        NDM: tl.constexpr, INTERP: tl.constexpr,
-        EXACT: tl.constexpr = False, rms_ptr=None, hmix_ptr=None, phi_ptr=None,
-    ):
-        ND: tl.constexpr = N * D
-        i = tl.program_id(0)
-        c = tl.program_id(1)
-        s = tl.program_id(2)
-        d = c * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = d < D
-        col = i * D + d
-        ff = tl.arange(0, F_PAD)
-        q0, q1, q2 = _load_pieces(pp_ptr, ff[None, :] * ND + col[:, None], F_PAD * ND,
-                                  dmask[:, None], NWB)          # phi^T pieces [BLOCK_D, F_PAD]
-        if HAS_G:
-            g = tl.load(g_ptr + col, mask=dmask, other=0.0)
-        PT = tl.zeros([BLOCK_D, F_PAD], dtype=tl.float32)
-        t_lo = s * TOK_PER_SPLIT
-        t_hi = tl.minimum(t_lo + TOK_PER_SPLIT, T)
-        for t0 in range(t_lo, t_hi, BLOCK_T):
-            rows = t0 + tl.arange(0, BLOCK_T)
-            rmask = rows < t_hi
-            rows64 = rows.to(tl.int64)
-            m2 = rmask[:, None] & dmask[None, :]
-            mT = dmask[:, None] & rmask[None, :]
-            a0, a1, a2 = _load_pieces(dm_ptr, rows64[:, None] * F_PAD + ff[None, :], T * F_PAD,
-                                      rmask[:, None], NDM)      # dm pieces [BLOCK_T, F_PAD]
-            coef = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
-            hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
-            xv = tl.load(x_ptr + rows64[:, None] * ND + col[None, :], mask=m2, other=0.0)
-            dhT = tl.load(dhin_ptr + rows64[None, :] * D + d[:, None], mask=mT, other=0.0)
-            if EXACT:
-                dxT = tl.trans(_dx_exact(dm_ptr, rms_ptr, hmix_ptr, phi_ptr, g_ptr, xv,
-                                         tl.trans(dhT), hp, rows64, rmask, col, dmask, T, N, D,
-                                         F, F_PAD, NDM, HAS_G))
-            else:
-                wT = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
-                wT = _mm_core(q0, q1, q2, tl.trans(a0), tl.trans(a1), tl.trans(a2), wT, NWB, NWA,
-                              INTERP)
-                if HAS_G:
-                    wT = wT * g[:, None]
-                dxT = (wT - coef[None, :] * tl.trans(xv).to(tl.float32)
-                       + hp[None, :] * dhT.to(tl.float32))
-            tl.store(dx_ptr + rows64[None, :] * ND + col[:, None],
-                     _round_out(dxT, dx_ptr.dtype.element_ty, INTERP), mask=mT)
-            x0, x1, x2 = _split3(xv, NPB, INTERP)
-            PT = _mm_core(tl.trans(x0), tl.trans(x1), tl.trans(x2), a0, a1, a2, PT, NPB, NPA,
-                          INTERP)
-        tl.store(wscol_ptr + s * (F * ND) + ff[None, :] * ND + col[:, None], PT,
-                 mask=dmask[:, None] & (ff < F)[None, :])
-
     # -----------------------------------------------------------------------------------------
     # Fixed-order reduction of the workspaces:
     #   Q[f, k] = sum_s wscol[s, f, k];  dphi = g*Q;  dgamma[k] = sum_f phi[f, k]*Q[f, k]
@@ -1114,10 +1052,6 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
             cfg.update(fwd_bd=min(cfg["fwd_bd"], p2), fwd_bd2=min(cfg["fwd_bd2"], p2),
                        col_bd=min(cfg["col_bd"], p2),
                        row_bd=min(cfg["row_bd"], p2))
-    if dtype_name != "fp32" and n * n + 2 * n <= 32:
-        # 16-bit x, F_PAD <= 32: the transposed column kernel (wgmma, operands read once per
-        # warpgroup); fp32 x (BLOCK_D 32) and F_PAD >= 64 keep the six-dot kernel
-        cfg.update(col_tr=True)
     cfg.update(_CONFIG_OVERRIDES)
     return cfg
 
@@ -1357,8 +1291,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         exact = {}
         if ND <= SMALL_ND:   # short rows: dx in float64 (_dx_exact)
             exact = dict(EXACT=True, rms_ptr=_f32(inv_rms), hmix_ptr=_f32(h_mix), phi_ptr=phi32)
-        col_kernel = _pre_bwd_colt_kernel if cfg.get("col_tr") else _pre_bwd_col_kernel
-        col_kernel[(n, nch, splits)](
+        _pre_bwd_col_kernel[(n, nch, splits)](
             x, dh_in, hp32, dm, coef, pp, g if g is not None else phi32, dx, wscol,
             T, tok_per_split,
             N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd, HAS_G=g is not None,

@@ -232,9 +232,8 @@ def post_accuracy():
 
 def tune(bw, left):
     """Library launch configurations (set_config) at the three realistic shapes, bf16."""
-    fwd_c = []
-    col_c = [dict(), dict(col_tr=False), dict(col_bt=64), dict(col_warps=8),
-             dict(col_stages=2), dict(col_occ=None)]
+    fwd_c = [dict()]
+    col_c = [dict(), dict(col_splits=2), dict(col_splits=7), dict(col_occ=None)]
     post_c = []
     out = []
     for shape in [(4, 4096, 4, 4096), (1, 4096, 4, 2560), (2, 4096, 4, 7168)]:
