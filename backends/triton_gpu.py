@@ -526,8 +526,8 @@ if triton is not None:
         INTERP: tl.constexpr, REV: tl.constexpr = False,
     ):
         ND: tl.constexpr = N * D
-        if REV:   # grid (D chunks, token blocks): token blocks last first, the tail of x that
-            #       the first pass read last is still in L2
+        if REV:   # grid (D chunks, token blocks), token blocks last first: the x that pass 1
+            #       read last is still in L2 when it is read again here
             blk = tl.num_programs(1) - 1 - tl.program_id(1)
             c = tl.program_id(0)
         else:     # grid (token blocks, D chunks)

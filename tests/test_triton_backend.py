@@ -153,7 +153,7 @@ def test_column_splits_fill_the_waves():
 
 
 def test_batch_size_does_not_recompile():
-    """T is a runtime argument: a second batch size reuses the compiled forward kernel."""
+    """T is a runtime argument: new batch sizes reuse the compiled forward kernel."""
     if triton_gpu._interpret():
         pytest.skip("the interpreter compiles nothing")
     kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS)

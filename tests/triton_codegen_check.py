@@ -98,6 +98,7 @@ def cases():
                     NWB=nwb, NPA=npa, NPB=npb, NDM=max(nwa, npa), INTERP=False, EXACT=False,
                     rms_ptr=None, hmix_ptr=None, phi_ptr=None))
 
+
 def main():
     failed = 0
     for name, fn, types, consts in cases():
