@@ -26,6 +26,7 @@ reach fp32.  bf16 x is exact in one piece.  See docs/triton.md for the measureme
 """
 from __future__ import annotations
 
+import math
 import os
 
 from ._common import SMALL_ND, empty_torch
@@ -1031,10 +1032,12 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
     cpu = device.type != "cuda"
     if cpu:   # the interpreter: small blocks keep it quick
         cfg = dict(fwd_bt=16, fwd_bd=16, fwd_warps=4, row_bt=16, row_bd=32, row_warps=4,
-                   col_bt=16, col_bd=16, col_warps=4, col_waves=2, row_waves=2)
+                   col_bt=16, col_bd=16, col_warps=4, col_waves=2, row_waves=2,
+                   fwd_split_bt=16, fwd_split_bd=16)
     else:
         cfg = dict(
             fwd_bt=64, fwd_bd=128, fwd_bd2=128, fwd_warps=4, fwd_stages=3,
+            fwd_split_bt=64, fwd_split_bd=128,
             row_bt=16, row_bd=256, row_warps=8, row_stages=2, row_waves=4,
             col_bt=32, col_bd=64, col_warps=4, col_stages=3, col_waves=4,
         )
@@ -1073,7 +1076,7 @@ def _col_splits(cfg, programs: int, nblk: int, sms: int) -> int:
     best, best_fill = 1, 0.0
     for s in range(min(2, nblk), min(8, nblk) + 1):
         waves = s * programs / slots
-        fill = waves / -(-waves // 1)
+        fill = waves / math.ceil(waves)
         if fill >= 0.9:
             return s
         if fill > best_fill + 1e-9:
@@ -1089,20 +1092,17 @@ def _fwd_splits(cfg, T, D, device, F_pad, dname) -> int:
     0.317 -> 0.270 ms; equal at T = 16384).  Not below T = 2048, where three launches cost more
     host time than the GPU saves.  -1: S for ~4 programs per multiprocessor."""
     S = cfg.get("fwd_split", "auto")
-    cuda = device.type == "cuda"
-    bt = cfg.get("fwd_split_bt", 64 if cuda else 16)
-    bd = cfg.get("fwd_split_bd", 128 if cuda else 16)
     if S == "auto":
         S = 0
-        if cuda and dname != "fp32" and F_pad <= 32 and T >= 2048:
+        if device.type == "cuda" and dname != "fp32" and F_pad <= 32 and T >= 2048:
             nblk, sms = _cdiv(T, cfg["fwd_bt"]), _sm_count(device)
             S = 4 if 2 * nblk <= sms else (2 if 2 * nblk < 3 * sms else 0)
     S = int(S)
     if S == 0:
         return 0
-    nch = _cdiv(D, bd)
+    nch = _cdiv(D, cfg["fwd_split_bd"])
     if S < 0:
-        S = _cdiv(4 * _sm_count(device), _cdiv(T, bt))
+        S = _cdiv(4 * _sm_count(device), _cdiv(T, cfg["fwd_split_bt"]))
     return max(1, min(S, nch))
 
 
@@ -1110,8 +1110,7 @@ def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pr
                    F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps):
     dev = x.device
     cuda = dev.type == "cuda"
-    bt = cfg.get("fwd_split_bt", 64 if cuda else 16)
-    bd = cfg.get("fwd_split_bd", 128 if cuda else 16)
+    bt, bd = cfg["fwd_split_bt"], cfg["fwd_split_bd"]
     mpart = torch.empty((S, T, F_pad), dtype=torch.float32, device=dev)
     spart = torch.empty((S, T), dtype=torch.float32, device=dev)
     kw = {"num_warps": cfg.get("fwd_split_warps", 4)}
