@@ -19,6 +19,16 @@ POISON = os.environ.get("MHC_MULTI_POISON") == "1"
 #: random (1,1,1,1) cases did). Beyond a few elements such cancellation needs u nearly parallel
 #: to x, which random rows almost never are; 16 leaves a wide margin at negligible cost.
 SMALL_ND = 16
+
+#: Below this many h_res entries (T*n*n) the forward computes m = v @ (phi*g)^T more precisely
+#: than fp32 arithmetic gives (triton: phi*g in 3 bf16 pieces, products added in fp32; numba:
+#: float64). h_res = a_res*r*m + bias can cancel (|h_res| << |a_res*r*m|), which multiplies the
+#: relative error of m, and when a handful of entries make up the whole norm nothing averages it
+#: out: test_cancelling_h_res (99 % cancelled) missed 2e-5 with triton's 2 pieces (interpreter,
+#: (1,1,1,1) fp16: 3 of 150 draws, up to 3.5e-5) and with numba's fp32 (2.1e-5 at (1,1,3,50)
+#: fp16, seed 1351235026). Over many entries the error averages out, so large batches keep the
+#: cheaper arithmetic.
+FEW_RES = 256
 _BF16_NAN = 0x7FC0
 
 

@@ -22,7 +22,7 @@ import threading
 
 import numpy as np
 
-from ._common import SMALL_ND, empty
+from ._common import FEW_RES, SMALL_ND, empty
 
 ARRAY_KIND = "numpy"
 SUPPORTS_SINKHORN = True
@@ -689,6 +689,8 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
     F = phi.shape[0]
     pd = phi.dtype
     cd = _compute_dtype(x.dtype, pd)
+    if T * n * n < FEW_RES:   # few h_res entries: m in float64 (a cancelling h_res, _common)
+        cd = np.float64
     h_in = empty((T, D), x.dtype)
     h_post = empty((T, n), pd)
     h_res = empty((T, n, n), pd)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 
-from ._common import SMALL_ND, empty_torch
+from ._common import FEW_RES, SMALL_ND, empty_torch
 
 try:  # importing this module must never fail where triton is missing
     import triton
@@ -88,15 +88,6 @@ _PIECES = {
     "fp16":     ((2, 2),   (2, 2),  (3, 2)),
     "fp32":     ((3, 3),   (3, 3),  (3, 3)),
 }
-
-
-#: Below this many h_res entries (T*n*n) the forward splits phi*g into 3 bf16 pieces whatever x's
-#: dtype. h_res = a_res*r*m + bias can cancel (|h_res| << |a_res*r*m|), which multiplies the
-#: relative error of m; 2 pieces leave m off by up to 2^-17 (7.6e-6) per product, so when a
-#: handful of entries make up the whole norm one cancelling token exceeds 2e-5 (interpreter,
-#: (1,1,1,1) fp16: 3 of 150 draws, up to 3.5e-5). Over many entries the error averages to the
-#: 2-piece level (~4e-6), so large batches keep the cheaper 2-piece forward.
-FEW_RES = 256
 
 
 def _dtype_name(dt) -> str:
