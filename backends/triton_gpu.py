@@ -1046,6 +1046,7 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
             cfg.update(fwd_bd=min(cfg["fwd_bd"], p2), fwd_bd2=min(cfg["fwd_bd2"], p2),
                        col_bd=min(cfg["col_bd"], p2),
                        row_bd=min(cfg["row_bd"], p2))
+    _, cfg["w_pieces"], cfg["p_pieces"] = _PIECES[dtype_name]
     cfg.update(_CONFIG_OVERRIDES)
     return cfg
 
@@ -1229,8 +1230,8 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
             dgamma.zero_()
     else:
         dname = _dtype_name(x.dtype)
-        (_, _), (nwa, nwb), (npa, npb) = _PIECES[dname]
         cfg = _config(n, D, dname, dev)
+        (nwa, nwb), (npa, npb) = cfg["w_pieces"], cfg["p_pieces"]
         sms = _sm_count(dev)
         phi32 = _f32(phi)
         g = None if gamma is None else _f32(gamma).reshape(ND)
