@@ -1,13 +1,15 @@
 """Precision pieces of the backward column kernel against its time, in one device call.
 
-    python3 bench/gpu_pieces.py [--deadline S]
+    python3 bench/gpu_pieces.py [--deadline S] [--no-accuracy] [--variants JSON]
 
 For each variant of ``w_pieces`` / ``p_pieces`` (bf16 pieces of dm and phi for ``w = dm @ phi``,
 of dm and x for ``P = dm^T @ x``; docs/triton.md, "Precision") and a few column-kernel blocks:
 the errors of every backward output against float64 at the realistic shapes and at short rows,
 bitwise repeatability, the CUDA-graph time of the backward, each kernel's time, and the column
 kernel's registers / spills / shared memory. Prints one line per (variant, shape) and writes
-$OUT/gpu_pieces.json (or bench/results/ when $OUT is unset).
+$OUT/gpu_pieces.json (or bench/results/ when $OUT is unset). ``--variants '{"name": {...}}'``
+replaces the built-in list (any set_config keys); ``--no-accuracy`` times the realistic shapes
+only.
 """
 from __future__ import annotations
 
@@ -40,37 +42,47 @@ VARIANTS = {
 }
 
 
-def col_kernel_stats():
-    """(n_regs, n_spills, shared bytes) of every compiled column-kernel variant."""
-    out = []
-    try:
-        for cache in tg._pre_bwd_col_kernel.device_caches.values():
-            for k in cache[0].values():
-                out.append((k.n_regs, k.n_spills, k.metadata.shared))
-    except Exception as exc:   # the attribute names of another Triton version
-        out.append(repr(exc)[:120])
+def kernel_stats():
+    """{kernel: [(n_regs, n_spills, shared bytes), ...]} of every compiled backward variant, in
+    compile order."""
+    out = {}
+    for name in ("_pre_bwd_row_kernel", "_pre_bwd_col_kernel"):
+        try:
+            out[name] = [(k.n_regs, k.n_spills, k.metadata.shared)
+                         for cache in getattr(tg, name).device_caches.values()
+                         for k in cache[0].values()]
+        except Exception as exc:   # the attribute names of another Triton version
+            out[name] = [repr(exc)[:120]]
     return out
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--deadline", type=float, default=1e9)
+    ap.add_argument("--no-accuracy", action="store_true")
+    ap.add_argument("--variants", help="JSON object: name -> set_config keywords")
     args = ap.parse_args()
+    variants = VARIANTS if not args.variants else {
+        k: {kk: tuple(vv) if isinstance(vv, list) else vv for kk, vv in v.items()}
+        for k, v in json.loads(args.variants).items()}
     t0 = time.time()
     rows = []
     out = os.path.join(os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"),
                        "gpu_pieces.json")
     kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS)
-    for vname, cfg in VARIANTS.items():
-        for shape in SHAPES + SHORT:
+    for vname, cfg in variants.items():
+        seen = {k: len(v) for k, v in kernel_stats().items()}
+        for shape in SHAPES + ([] if args.no_accuracy else SHORT):
             if time.time() - t0 > args.deadline:
                 print("deadline", flush=True)
                 break
             tg.set_config(**cfg)
             try:
-                errs, ok, same = accuracy(shape, "bf16")
-                r = dict(variant=vname, shape=shape, ok=ok, bitwise=same,
-                         errs={k: errs[k] for k in ("dx", "dphi", "dgamma", "dalpha", "dbias")})
+                r = dict(variant=vname, shape=shape)
+                if not args.no_accuracy:
+                    errs, ok, same = accuracy(shape, "bf16")
+                    r.update(ok=ok, bitwise=same, errs={
+                        k: errs[k] for k in ("dx", "dphi", "dgamma", "dalpha", "dbias")})
                 if shape in SHAPES:
                     x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(
                         *shape, torch.bfloat16, seed=5)
@@ -88,8 +100,9 @@ def main():
             rows.append(r)
             print(vname, shape, {k: v for k, v in r.items() if k not in ("variant", "shape")},
                   flush=True)
-        print(vname, "column kernel (regs, spills, shared):", col_kernel_stats(), flush=True)
-        rows.append(dict(variant=vname, col_stats=col_kernel_stats()))
+        new = {k: v[seen[k]:] for k, v in kernel_stats().items()}
+        print(vname, "new compiles (regs, spills, shared):", new, flush=True)
+        rows.append(dict(variant=vname, kernel_stats=new))
         with open(out, "w") as f:
             json.dump(rows, f, indent=1)
     print(f"done in {time.time() - t0:.0f} s")
