@@ -90,6 +90,14 @@ _PIECES = {
 }
 
 
+#: bf16 x with rows of n*D >= LONG_ROW_ND: w and P take two pieces of dm and one of phi / x
+#: (H200, bench/gpu_pieces.py: column kernel 0.523 -> 0.479 ms at (4,4096,4,4096); errors in
+#: docs/triton.md).  Shorter rows keep _PIECES: with few elements one token's rounding of dm
+#: is the whole error.
+LONG_ROW_ND = 256
+_PIECES_LONG_BF16 = ((2, 1), (2, 1))
+
+
 def _dtype_name(dt) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dt]
 
@@ -799,7 +807,7 @@ if triton is not None:
         dbias_ptr,   # [F] fp32 (out)
         SPLITS, PROW,
         N: tl.constexpr, ND: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
-        HAS_G: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_G: tl.constexpr, BLOCK: tl.constexpr, RB: tl.constexpr,
     ):
         pid = tl.program_id(0)
         k = pid * BLOCK + tl.arange(0, BLOCK)
@@ -817,11 +825,11 @@ if triton is not None:
             tl.store(dgamma_ptr + k, tl.sum(q * ph, axis=0), mask=km)
         else:
             tl.store(dphi_ptr + off, q, mask=m2)
-        if pid == 0:
-            pp = tl.arange(0, 32)
-            sb2 = tl.zeros([32, F_PAD], dtype=tl.float32)
-            su2 = tl.zeros([32, F_PAD], dtype=tl.float32)
-            for p0 in range(0, PROW, 32):
+        if pid == 0:   # the row kernel's partials, RB rows at a time (one serial loop)
+            pp = tl.arange(0, RB)
+            sb2 = tl.zeros([RB, F_PAD], dtype=tl.float32)
+            su2 = tl.zeros([RB, F_PAD], dtype=tl.float32)
+            for p0 in range(0, PROW, RB):
                 pm = (p0 + pp < PROW)[:, None]
                 poff = (p0 + pp)[:, None] * (2 * F_PAD) + ff[None, :]
                 sb2 += tl.load(wsrow_ptr + poff, mask=pm, other=0.0)
@@ -1047,6 +1055,8 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
                        col_bd=min(cfg["col_bd"], p2),
                        row_bd=min(cfg["row_bd"], p2))
     _, cfg["w_pieces"], cfg["p_pieces"] = _PIECES[dtype_name]
+    if dtype_name == "bf16" and n * D >= LONG_ROW_ND:
+        cfg["w_pieces"], cfg["p_pieces"] = _PIECES_LONG_BF16
     cfg.update(_CONFIG_OVERRIDES)
     return cfg
 
@@ -1292,7 +1302,8 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         _reduce_partials_kernel[(_cdiv(ND, BLOCK),)](
             wscol, wsrow, phi32, g if g is not None else phi32, dphi,
             dgamma if dgamma is not None else dphi, dalpha, dbias, splits, prow,
-            N=n, ND=ND, F=F, F_PAD=F_pad, HAS_G=g is not None, BLOCK=BLOCK, num_warps=4)
+            N=n, ND=ND, F=F, F_PAD=F_pad, HAS_G=g is not None, BLOCK=BLOCK,
+            RB=max(16, 4096 // F_pad) if dev.type == "cuda" else 32, num_warps=4)
     outs = (dphi, dalpha, dbias, dgamma)
     return (dx,) + tuple(None if o is None else (o if o.dtype == pdt else o.to(pdt))
                          for o in outs)

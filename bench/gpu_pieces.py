@@ -8,7 +8,8 @@ the errors of every backward output against float64 at the realistic shapes and 
 bitwise repeatability, the CUDA-graph time of the backward, each kernel's time, and the column
 kernel's registers / spills / shared memory. Prints one line per (variant, shape) and writes
 $OUT/gpu_pieces.json (or bench/results/ when $OUT is unset). ``--variants '{"name": {...}}'``
-replaces the built-in list (any set_config keys); ``--no-accuracy`` times the realistic shapes
+replaces the built-in list (any set_config keys, and "dtype": "fp16" or "fp32" for x; bf16
+by default); ``--no-accuracy`` times the realistic shapes
 only.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_suite import (tg, accuracy, bench_graph, kernel_times,  # noqa: E402
-                       make_inputs, NORM_EPS, HC_EPS, ROOT)
+                       make_inputs, NORM_EPS, HC_EPS, ROOT, DT)
 
 SHAPES = [(4, 4096, 4, 4096), (1, 4096, 4, 2560), (2, 4096, 4, 7168)]
 SHORT = [(1, 3, 4, 64), (1, 1, 2, 130), (1, 5, 3, 1000), (1, 37, 4, 130), (1, 2, 8, 36)]
@@ -76,16 +77,18 @@ def main():
             if time.time() - t0 > args.deadline:
                 print("deadline", flush=True)
                 break
+            cfg = dict(cfg)
+            dname = cfg.pop("dtype", "bf16")
             tg.set_config(**cfg)
             try:
-                r = dict(variant=vname, shape=shape)
+                r = dict(variant=vname, shape=shape, dtype=dname)
                 if not args.no_accuracy:
-                    errs, ok, same = accuracy(shape, "bf16")
+                    errs, ok, same = accuracy(shape, dname)
                     r.update(ok=ok, bitwise=same, errs={
                         k: errs[k] for k in ("dx", "dphi", "dgamma", "dalpha", "dbias")})
                 if shape in SHAPES:
                     x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(
-                        *shape, torch.bfloat16, seed=5)
+                        *shape, DT[dname], seed=5)
                     fo = tg.forward(x, phi, alpha, bias, g, **kw)
                     bargs = (x, phi, alpha, bias, *fo[3:6], fo[1], dh_in, dh_post, dh_res, g)
                     fn = lambda: tg.backward(*bargs, **kw)  # noqa: E731

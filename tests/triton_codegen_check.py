@@ -25,6 +25,8 @@ except ImportError as exc:  # exit 77: this environment cannot run the check (th
     print(f"triton unavailable: {exc}")
     sys.exit(77)
 
+import torch  # noqa: E402
+
 try:
     from mhc_multi.backends import triton_gpu as tg
 except ImportError:  # a checkout that is not installed
@@ -90,18 +92,20 @@ def cases():
                dict(N=1, D=1, F=3, F_PAD=16, BLOCK_T=64, BLOCK_D=16, BLOCK_D2=16, NPA=npa, NPB=3,
                     INTERP=False, K=0, NP=1, SEP=True, CAT=False))
     col = {"x_ptr": "*{0}", "dhin_ptr": "*{0}", "dx_ptr": "*{0}", "dm_ptr": "*bf16", "pp_ptr": "*bf16"}
-    for dt in ("bf16", "fp32"):
-        (_, _), (nwa, nwb), (npa, npb) = tg._PIECES[dt]
-        yield (f"_pre_bwd_col_kernel {dt}", tg._pre_bwd_col_kernel,
+    for dt, D in (("bf16", 4096), ("bf16", 16), ("fp32", 4096)):
+        cfg = tg._make_config(4, D, dt, torch.device("cuda"))   # the launch rule's pieces
+        (nwa, nwb), (npa, npb) = cfg["w_pieces"], cfg["p_pieces"]
+        yield (f"_pre_bwd_col_kernel {dt} D={D} w{nwa}{nwb} P{npa}{npb}", tg._pre_bwd_col_kernel,
                {k: v.format(dt) for k, v in col.items()},
-               dict(N=4, D=4096, F=24, F_PAD=32, BLOCK_T=32, BLOCK_D=64, HAS_G=True, NWA=nwa,
+               dict(N=4, D=D, F=24, F_PAD=32, BLOCK_T=32, BLOCK_D=64, HAS_G=True, NWA=nwa,
                     NWB=nwb, NPA=npa, NPB=npb, NDM=max(nwa, npa), INTERP=False, EXACT=False,
                     rms_ptr=None, hmix_ptr=None, phi_ptr=None))
 
 
 def main():
-    failed = 0
+    failed = ncases = 0
     for name, fn, types, consts in cases():
+        ncases += 1
         ttgir = compile_ttgir(fn, types, consts)
         ndots = len(DOT.findall(ttgir))
         bad = bad_accumulators(ttgir)
@@ -109,6 +113,7 @@ def main():
         for line in bad:
             print("   ", line)
         failed += bool(bad) or ndots == 0
+    print(f"cases checked: {ncases}")
     return 1 if failed else 0
 
 
