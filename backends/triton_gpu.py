@@ -988,6 +988,7 @@ if triton is not None:
 _CONFIG_OVERRIDES: dict = {}
 _SM_COUNT: dict = {}
 _CONFIG_CACHE: dict = {}   # (n, D, dtype name, device type) -> the launch rule's dict
+_RESIDENT: dict = {}       # compiled kernel variant -> programs per multiprocessor (_resident)
 
 
 def set_config(**kw) -> None:
@@ -995,6 +996,10 @@ def set_config(**kw) -> None:
     row_bd, row_warps, col_bt, col_bd, col_warps, col_stages, col_waves, col_occ, col_splits,
     row_waves, hin_rev; the post operator's with a ``post_`` prefix: post_pf_bt, post_pf_bd,
     post_pb_bt, post_pb_bd, post_pb_warps, post_pb_stages); {} restores the rules.
+
+    ``row_waves`` and ``col_occ`` take "auto" (the CUDA default; programs per SM as many as fit,
+    from the compiled kernel, see _resident) or a number; ``w_pieces`` / ``p_pieces`` the bf16
+    pieces (A, B) of the backward's two products (docs/triton.md, "Precision").
 
     Variants: ``fwd_split`` ("auto" default: the rule in _fwd_splits; 0: always the fused
     forward; S >= 1, or -1 for ~4 programs per SM: the split forward, with
@@ -1013,6 +1018,37 @@ def _sm_count(device) -> int:
     if key not in _SM_COUNT:
         _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
     return _SM_COUNT[key]
+
+
+def _resident(kernel, key, device, args, kwargs):
+    """Programs of ``kernel`` that fit on one multiprocessor at once, from its compiled binary
+    (registers, warps, shared memory) and the device's limits; None where unknown (the
+    interpreter, or a Triton whose internals differ).  Persistent grids are sized by it: at
+    one program more than fits, the last wave runs alone (the row kernel at 80 registers, 3
+    programs per SM for a grid of 4 per SM: 0.29 instead of 0.17 ms on the H200).
+
+    ``key`` names the compiled variant (kernel constexprs and launch options); the kernel is
+    compiled here, before its first launch, so the grid and with it the split of the sums
+    (hence the bits) is the same from the first call on."""
+    if device.type != "cuda":
+        return None
+    if key not in _RESIDENT:
+        try:
+            ck = kernel.warmup(*args, grid=(1,), **kwargs)
+            ck._init_handles()
+            props = torch.cuda.get_device_properties(device)
+            regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
+            threads_sm = getattr(props, "max_threads_per_multi_processor", 2048)
+            smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
+            warps = ck.metadata.num_warps
+            regs_warp = _cdiv(max(ck.n_regs, 1) * 32, 256) * 256     # allocation unit: 256
+            fit = min((regs_sm // regs_warp) // warps,
+                      smem_sm // (ck.metadata.shared + 1024),        # 1 KB reserved per block
+                      threads_sm // (32 * warps), 32)
+            _RESIDENT[key] = max(1, fit)
+        except Exception:   # noqa: BLE001 -- the rule's fixed value is used instead
+            _RESIDENT[key] = None
+    return _RESIDENT[key]
 
 
 def _config(n: int, D: int, dtype_name: str, device) -> dict:
@@ -1037,12 +1073,18 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
         cfg = dict(
             fwd_bt=64, fwd_bd=128, fwd_bd2=128, fwd_warps=4, fwd_stages=3,
             fwd_split_bt=64, fwd_split_bd=128,
-            row_bt=16, row_bd=256, row_warps=8, row_stages=2, row_waves=4,
+            row_bt=16, row_bd=256, row_warps=8, row_stages=2, row_waves="auto",
             col_bt=32, col_bd=64, col_warps=4, col_stages=3, col_waves=4,
         )
+        if dtype_name != "fp32" and n * n + 2 * n <= 32:
+            # 8-token row blocks: 64 registers (4 programs per SM) where 16 took 80 (3 per SM);
+            # H200 (bench/gpu_pieces.py): 0.287 -> 0.173 ms at (4,4096,4,4096) bf16, 0.053 ->
+            # 0.035 at (1,4096,4,2560), 0.247 -> 0.147 at (2,4096,4,7168); fp16 alike
+            cfg.update(row_bt=8)
         if dtype_name == "bf16" and n * n + 2 * n <= 32:
-            # four programs per multiprocessor (127 registers, 39 KB shared; Nsight Compute)
-            cfg.update(col_occ=4)
+            # the column splits fill waves of the programs that fit on an SM (4 on the H200:
+            # 121-127 registers, 27-39 KB shared)
+            cfg.update(col_occ="auto")
         if n * n + 2 * n > 16:     # F_PAD = 32 (n = 3, 4): one more stage (H200: 3-5 %)
             cfg.update(fwd_stages=4)
         if dtype_name == "fp32":
@@ -1061,17 +1103,24 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
     return cfg
 
 
-def _col_splits(cfg, programs: int, nblk: int, sms: int) -> int:
+def _cfg_key(cfg: dict) -> tuple:
+    return tuple(sorted(cfg.items()))
+
+
+def _col_splits(cfg, programs: int, nblk: int, sms: int, occ: int | None = None) -> int:
     """Token splits of the column kernel, whose grid is (n, D chunks, splits): every program
     walks its split's tokens, so all run equally long and a partly filled last wave of programs
     is time lost (Nsight Compute at (4,4096,4,4096), 3 splits: 768 programs for 528 slots,
-    "a partial wave ... up to 50 % of the runtime").  With ``col_occ`` (programs resident per
-    multiprocessor, measured) the rule takes the fewest splits >= 2 whose waves are >= 90 %
-    full, else the fullest; without it, ~col_waves programs per multiprocessor.  Depends only
-    on (n, D, T, SMs): the split of the dphi sums, hence the bits, is fixed per shape."""
+    "a partial wave ... up to 50 % of the runtime").  With ``occ`` (programs resident per
+    multiprocessor: the compiled kernel's, from _resident, or ``col_occ`` when that is a
+    number) the rule takes the fewest splits >= 2 whose waves are >= 90 % full, else the
+    fullest; without it, ~col_waves programs per multiprocessor.  Depends only on (n, D, T,
+    SMs) and the compiled kernel: the split of the dphi sums, hence the bits, is fixed per
+    shape."""
     if cfg.get("col_splits"):
         return max(1, min(nblk, int(cfg["col_splits"])))
-    occ = cfg.get("col_occ")
+    if occ is None and cfg.get("col_occ") != "auto":
+        occ = cfg.get("col_occ")
     if not occ:
         return max(1, min(nblk, _cdiv(sms * cfg["col_waves"], programs)))
     slots = sms * occ
@@ -1250,11 +1299,9 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         # row kernel: persistent, P programs
         bt = cfg["row_bt"]
         nblk = _cdiv(T, bt)
-        prow = max(1, min(nblk, sms * cfg["row_waves"]))
         ndm = max(nwa, npa)
         dm = torch.empty((ndm, T, F_pad), dtype=torch.bfloat16, device=dev)
         coef = torch.empty((T,), dtype=torch.float32, device=dev)
-        wsrow = torch.empty((prow, 2, F_pad), dtype=torch.float32, device=dev)
         sk = _sk_kw(k, n)
         dhr = _f32(dh_res).reshape(T, n * n)
         sk_mode = cfg.get("sk_bwd", "auto")
@@ -1273,31 +1320,41 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         elif k > 0:   # d(logits) scratch, [T, n*n] (the size class of dh_res)
             sk.update(bias_ptr=_f32(bias),
                       dlog_ptr=torch.empty((T, n * n), dtype=torch.float32, device=dev))
-        _pre_bwd_row_kernel[(prow,)](
-            x, dh_in, _f32(inv_rms), _f32(h_mix), hp32, _f32(h_post), _f32(dh_post),
-            dhr, _f32(alpha), dm, coef, wsrow,
-            T, nblk, float(hc_eps),
-            N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=cfg["row_bd"], NDM=ndm,
-            INTERP=_interpret(), **sk, **_launch_kw(cfg, "row"))
+        row_args = [x, dh_in, _f32(inv_rms), _f32(h_mix), hp32, _f32(h_post), _f32(dh_post),
+                    dhr, _f32(alpha), dm, coef, coef, T, nblk, float(hc_eps)]
+        row_kw = dict(N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=cfg["row_bd"], NDM=ndm,
+                      INTERP=_interpret(), **sk, **_launch_kw(cfg, "row"))
+        waves = cfg["row_waves"]
+        if waves == "auto":   # one program per slot (coef stands in for wsrow: same dtype)
+            waves = _resident(_pre_bwd_row_kernel, ("row", dname, bool(sk), _cfg_key(cfg), dev),
+                              dev, row_args, row_kw) or 4
+        prow = max(1, min(nblk, sms * waves))
+        row_args[11] = wsrow = torch.empty((prow, 2, F_pad), dtype=torch.float32, device=dev)
+        _pre_bwd_row_kernel[(prow,)](*row_args, **row_kw)
         # column kernel: grid (n, D chunks, token splits); splits fixed by (n, D, T-blocks)
         bt = cfg["col_bt"]
         bd = cfg["col_bd"]
         nch = _cdiv(D, bd)
         nblk = _cdiv(T, bt)
-        splits = _col_splits(cfg, n * nch, nblk, sms)
-        tok_per_split = _cdiv(nblk, splits) * bt
-        splits = _cdiv(T, tok_per_split)
         pp = _prep_phi(phi32, None, F_pad, nwb)
-        wscol = torch.empty((splits, F, ND), dtype=torch.float32, device=dev)
         exact = {}
         if ND <= SMALL_ND:   # short rows: dx in float64 (_dx_exact)
             exact = dict(EXACT=True, rms_ptr=_f32(inv_rms), hmix_ptr=_f32(h_mix), phi_ptr=phi32)
-        _pre_bwd_col_kernel[(n, nch, splits)](
-            x, dh_in, hp32, dm, coef, pp, g if g is not None else phi32, dx, wscol,
-            T, tok_per_split,
-            N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd, HAS_G=g is not None,
-            NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(), **exact,
-            **_launch_kw(cfg, "col"))
+        col_args = [x, dh_in, hp32, dm, coef, pp, g if g is not None else phi32, dx, coef,
+                    T, 0]
+        col_kw = dict(N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd, HAS_G=g is not None,
+                      NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(),
+                      **exact, **_launch_kw(cfg, "col"))
+        occ = cfg.get("col_occ")
+        if occ == "auto":   # the splits fill waves of the programs that fit on an SM
+            occ = _resident(_pre_bwd_col_kernel,
+                            ("col", dname, bool(exact), g is not None, _cfg_key(cfg), dev),
+                            dev, col_args, col_kw) or 4
+        splits = _col_splits(cfg, n * nch, nblk, sms, occ)
+        col_args[10] = tok_per_split = _cdiv(nblk, splits) * bt
+        splits = _cdiv(T, tok_per_split)
+        col_args[8] = wscol = torch.empty((splits, F, ND), dtype=torch.float32, device=dev)
+        _pre_bwd_col_kernel[(n, nch, splits)](*col_args, **col_kw)
         BLOCK = max(16, min(64, 2048 // F_pad)) if dev.type == "cuda" else 64
         _reduce_partials_kernel[(_cdiv(ND, BLOCK),)](
             wscol, wsrow, phi32, g if g is not None else phi32, dphi,

@@ -72,13 +72,13 @@ def main():
                        "gpu_pieces.json")
     kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS)
     for vname, cfg in variants.items():
+        cfg = dict(cfg)
+        dname = cfg.pop("dtype", "bf16")
         seen = {k: len(v) for k, v in kernel_stats().items()}
         for shape in SHAPES + ([] if args.no_accuracy else SHORT):
             if time.time() - t0 > args.deadline:
                 print("deadline", flush=True)
                 break
-            cfg = dict(cfg)
-            dname = cfg.pop("dtype", "bf16")
             tg.set_config(**cfg)
             try:
                 r = dict(variant=vname, shape=shape, dtype=dname)
@@ -104,8 +104,9 @@ def main():
             print(vname, shape, {k: v for k, v in r.items() if k not in ("variant", "shape")},
                   flush=True)
         new = {k: v[seen[k]:] for k, v in kernel_stats().items()}
-        print(vname, "new compiles (regs, spills, shared):", new, flush=True)
-        rows.append(dict(variant=vname, kernel_stats=new))
+        fit = {str(k[:2]): v for k, v in getattr(tg, "_RESIDENT", {}).items()}
+        print(vname, "new compiles (regs, spills, shared):", new, "resident:", fit, flush=True)
+        rows.append(dict(variant=vname, kernel_stats=new, resident=fit))
         with open(out, "w") as f:
             json.dump(rows, f, indent=1)
     print(f"done in {time.time() - t0:.0f} s")
