@@ -1020,32 +1020,42 @@ def _sm_count(device) -> int:
     return _SM_COUNT[key]
 
 
-def _resident(kernel, key, device, args, kwargs):
-    """Programs of ``kernel`` that fit on one multiprocessor at once, from its compiled binary
-    (registers, warps, shared memory) and the device's limits; None where unknown (the
-    interpreter, or a Triton whose internals differ).  Persistent grids are sized by it: at
-    one program more than fits, the last wave runs alone (the row kernel at 80 registers, 3
-    programs per SM for a grid of 4 per SM: 0.29 instead of 0.17 ms on the H200).
+def _fit_per_sm(n_regs: int, warps: int, shared: int, regs_sm: int = 65536,
+                threads_sm: int = 2048, smem_sm: int = 233472) -> int:
+    """Blocks of ``warps`` warps, ``n_regs`` registers per thread and ``shared`` bytes of shared
+    memory that one multiprocessor holds at once (the CUDA occupancy rules of sm_80/sm_90:
+    registers allocated per warp in units of 256, 1 KB of shared memory reserved per block,
+    at most 32 blocks)."""
+    regs_warp = _cdiv(max(n_regs, 1) * 32, 256) * 256
+    return max(1, min((regs_sm // regs_warp) // warps, smem_sm // (shared + 1024),
+                      threads_sm // (32 * warps), 32))
 
-    ``key`` names the compiled variant (kernel constexprs and launch options); the kernel is
-    compiled here, before its first launch, so the grid and with it the split of the sums
-    (hence the bits) is the same from the first call on."""
+
+def _resident(kernel, device, args, kwargs):
+    """Programs of ``kernel`` (launched with ``args``, ``kwargs``) that fit on one
+    multiprocessor at once, from its compiled binary and the device's limits; None where
+    unknown (the interpreter, or a Triton whose internals differ).  Persistent grids are sized
+    by it: at one program more than fits, the last wave runs alone (the row kernel at 80
+    registers, 3 programs per SM for a grid of 4 per SM: 0.29 instead of 0.17 ms on the H200).
+
+    The kernel is compiled here, before its first launch, so the grid and with it the split of
+    the sums (hence the bits) is the same from the first call on.  Cached per compiled variant
+    (the constexprs and launch options in ``kwargs``, the dtypes of ``args``)."""
     if device.type != "cuda":
         return None
+    key = (id(kernel), device,
+           tuple(str(a.dtype) if torch.is_tensor(a) else None for a in args),
+           tuple((k, "tensor" if torch.is_tensor(v) else v) for k, v in sorted(kwargs.items())))
     if key not in _RESIDENT:
         try:
             ck = kernel.warmup(*args, grid=(1,), **kwargs)
             ck._init_handles()
-            props = torch.cuda.get_device_properties(device)
-            regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
-            threads_sm = getattr(props, "max_threads_per_multi_processor", 2048)
-            smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
-            warps = ck.metadata.num_warps
-            regs_warp = _cdiv(max(ck.n_regs, 1) * 32, 256) * 256     # allocation unit: 256
-            fit = min((regs_sm // regs_warp) // warps,
-                      smem_sm // (ck.metadata.shared + 1024),        # 1 KB reserved per block
-                      threads_sm // (32 * warps), 32)
-            _RESIDENT[key] = max(1, fit)
+            p = torch.cuda.get_device_properties(device)
+            _RESIDENT[key] = _fit_per_sm(
+                ck.n_regs, ck.metadata.num_warps, ck.metadata.shared,
+                getattr(p, "regs_per_multiprocessor", 65536),
+                getattr(p, "max_threads_per_multi_processor", 2048),
+                getattr(p, "shared_memory_per_multiprocessor", 233472))
         except Exception:   # noqa: BLE001 -- the rule's fixed value is used instead
             _RESIDENT[key] = None
     return _RESIDENT[key]
@@ -1101,10 +1111,6 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
         cfg["w_pieces"], cfg["p_pieces"] = _PIECES_LONG_BF16
     cfg.update(_CONFIG_OVERRIDES)
     return cfg
-
-
-def _cfg_key(cfg: dict) -> tuple:
-    return tuple(sorted(cfg.items()))
 
 
 def _col_splits(cfg, programs: int, nblk: int, sms: int, occ: int | None = None) -> int:
@@ -1326,8 +1332,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
                       INTERP=_interpret(), **sk, **_launch_kw(cfg, "row"))
         waves = cfg["row_waves"]
         if waves == "auto":   # one program per slot (coef stands in for wsrow: same dtype)
-            waves = _resident(_pre_bwd_row_kernel, ("row", dname, bool(sk), _cfg_key(cfg), dev),
-                              dev, row_args, row_kw) or 4
+            waves = _resident(_pre_bwd_row_kernel, dev, row_args, row_kw) or 4
         prow = max(1, min(nblk, sms * waves))
         row_args[11] = wsrow = torch.empty((prow, 2, F_pad), dtype=torch.float32, device=dev)
         _pre_bwd_row_kernel[(prow,)](*row_args, **row_kw)
@@ -1347,9 +1352,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
                       **exact, **_launch_kw(cfg, "col"))
         occ = cfg.get("col_occ")
         if occ == "auto":   # the splits fill waves of the programs that fit on an SM
-            occ = _resident(_pre_bwd_col_kernel,
-                            ("col", dname, bool(exact), g is not None, _cfg_key(cfg), dev),
-                            dev, col_args, col_kw) or 4
+            occ = _resident(_pre_bwd_col_kernel, dev, col_args, col_kw) or 4
         splits = _col_splits(cfg, n * nch, nblk, sms, occ)
         col_args[10] = tok_per_split = _cdiv(nblk, splits) * bt
         splits = _cdiv(T, tok_per_split)

@@ -150,6 +150,22 @@ def test_column_splits_fill_the_waves():
     assert triton_gpu._col_splits(dict(cfg, col_splits=5), 256, 512, 132) == 5
     assert triton_gpu._col_splits(dict(cfg, col_splits=5), 256, 3, 132) == 3
     assert triton_gpu._col_splits(dict(col_waves=4), 256, 512, 132) == 3   # no col_occ: waves
+    assert triton_gpu._col_splits(dict(col_occ="auto", col_waves=4), 256, 512, 132, 4) == 2
+    assert triton_gpu._col_splits(dict(col_occ="auto", col_waves=4), 256, 512, 132, 3) == 3
+
+
+def test_programs_per_multiprocessor():
+    """_fit_per_sm, the occupancy rules the persistent grids are sized by, at the H200's
+    limits: the row kernel's 64 and 80 registers x 8 warps (4 and 3 programs; at 80 a grid of
+    4 per SM ran a second wave, 0.29 instead of 0.17 ms), the column kernel's 127 and 129
+    registers x 4 warps (the 256-register allocation unit), and the shared-memory, thread and
+    32-block limits."""
+    fit = triton_gpu._fit_per_sm
+    assert (fit(64, 8, 1024), fit(80, 8, 1024)) == (4, 3)
+    assert (fit(127, 4, 38912), fit(129, 4, 38912)) == (4, 3)
+    assert fit(40, 4, 114688) == 2            # two 112 KB blocks (+1 KB each) in 228 KB
+    assert fit(32, 16, 0) == 4                # 2048 threads
+    assert fit(16, 1, 0) == 32                # the block limit
 
 
 def test_batch_size_does_not_recompile():
