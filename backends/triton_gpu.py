@@ -1012,6 +1012,7 @@ def set_config(**kw) -> None:
     _CONFIG_OVERRIDES.clear()
     _CONFIG_OVERRIDES.update(kw)
     _CONFIG_CACHE.clear()
+    _RESIDENT.clear()
 
 
 def _sm_count(device) -> int:
@@ -1034,7 +1035,7 @@ def _fit_per_sm(n_regs: int, warps: int, shared: int, regs_sm: int = 65536,
                       threads_sm // (32 * warps), 32))
 
 
-def _resident(kernel, device, args, kwargs):
+def _resident(kernel, key, device, args, kwargs):
     """Programs of ``kernel`` (launched with ``args``, ``kwargs``) that fit on one
     multiprocessor at once, from its compiled binary and the device's limits; None where
     unknown (the interpreter, or a Triton whose internals differ).  Persistent grids are sized
@@ -1042,13 +1043,11 @@ def _resident(kernel, device, args, kwargs):
     registers, 3 programs per SM for a grid of 4 per SM: 0.29 instead of 0.17 ms on the H200).
 
     The kernel is compiled here, before its first launch, so the grid and with it the split of
-    the sums (hence the bits) is the same from the first call on.  Cached per compiled variant
-    (the constexprs and launch options in ``kwargs``, the dtypes of ``args``)."""
+    the sums (hence the bits) is the same from the first call on.  Cached under ``key``, which
+    must name the compiled variant (with the launch rule, cleared by set_config, it is a
+    function of a few shape and dtype values; cheap to hash on every call)."""
     if device.type != "cuda":
         return None
-    key = (id(kernel), device,
-           tuple(str(a.dtype) if torch.is_tensor(a) else None for a in args),
-           tuple((k, "tensor" if torch.is_tensor(v) else v) for k, v in sorted(kwargs.items())))
     if key not in _RESIDENT:
         try:
             ck = kernel.warmup(*args, grid=(1,), **kwargs)
@@ -1335,7 +1334,8 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
                       INTERP=_interpret(), **sk, **_launch_kw(cfg, "row"))
         waves = cfg["row_waves"]
         if waves == "auto":   # one program per slot (coef stands in for wsrow: same dtype)
-            waves = _resident(_pre_bwd_row_kernel, dev, row_args, row_kw) or 4
+            waves = _resident(_pre_bwd_row_kernel, ("row", n, D, dname, dev, sk.get("K", 0)),
+                              dev, row_args, row_kw) or 4
         prow = max(1, min(nblk, sms * waves))
         row_args[11] = wsrow = torch.empty((F_pad + 4, prow), dtype=torch.float32, device=dev)
         _pre_bwd_row_kernel[(prow,)](*row_args, **row_kw)
@@ -1355,7 +1355,8 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
                       **exact, **_launch_kw(cfg, "col"))
         occ = cfg.get("col_occ")
         if occ == "auto":   # the splits fill waves of the programs that fit on an SM
-            occ = _resident(_pre_bwd_col_kernel, dev, col_args, col_kw) or 4
+            occ = _resident(_pre_bwd_col_kernel, ("col", n, D, dname, dev, g is not None),
+                            dev, col_args, col_kw) or 4
         splits = _col_splits(cfg, n * nch, nblk, sms, occ)
         col_args[10] = tok_per_split = _cdiv(nblk, splits) * bt
         splits = _cdiv(T, tok_per_split)
