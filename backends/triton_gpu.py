@@ -1094,9 +1094,11 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
             # 0.035 at (1,4096,4,2560), 0.247 -> 0.147 at (2,4096,4,7168); fp16 alike
             cfg.update(row_bt=8)
         if dtype_name == "bf16" and n * n + 2 * n <= 32:
-            # the column splits fill waves of the programs that fit on an SM (4 on the H200:
-            # 121-127 registers, 27-39 KB shared)
-            cfg.update(col_occ="auto")
+            # [16 x 128] column tiles (128 registers, 26 KB shared: 4 programs per SM), and the
+            # splits fill waves of the programs that fit.  H200 (bench/gpu_pieces.py), column
+            # kernel vs [32 x 64]: 0.444 / 0.078 / 0.386 vs 0.465 / 0.082 / 0.410 ms at the
+            # three realistic shapes; [32 x 128] took 210 registers (0.619 ms), [16 x 64] 0.536
+            cfg.update(col_occ="auto", col_bt=16, col_bd=128)
         if n * n + 2 * n > 16:     # F_PAD = 32 (n = 3, 4): one more stage (H200: 3-5 %)
             cfg.update(fwd_stages=4)
         if dtype_name == "fp32":
