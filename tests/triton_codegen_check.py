@@ -93,11 +93,12 @@ def cases():
                     INTERP=False, K=0, NP=1, SEP=True, CAT=False))
     col = {"x_ptr": "*{0}", "dhin_ptr": "*{0}", "dx_ptr": "*{0}", "dm_ptr": "*bf16", "pp_ptr": "*bf16"}
     for dt, D in (("bf16", 4096), ("bf16", 16), ("fp32", 4096)):
-        cfg = tg._make_config(4, D, dt, torch.device("cuda"))   # the launch rule's pieces
+        cfg = tg._make_config(4, D, dt, torch.device("cuda"))   # the launch rule's pieces, tiles
         (nwa, nwb), (npa, npb) = cfg["w_pieces"], cfg["p_pieces"]
         yield (f"_pre_bwd_col_kernel {dt} D={D} w{nwa}{nwb} P{npa}{npb}", tg._pre_bwd_col_kernel,
                {k: v.format(dt) for k, v in col.items()},
-               dict(N=4, D=D, F=24, F_PAD=32, BLOCK_T=32, BLOCK_D=64, HAS_G=True, NWA=nwa,
+               dict(N=4, D=D, F=24, F_PAD=32, BLOCK_T=cfg["col_bt"], BLOCK_D=cfg["col_bd"],
+                    HAS_G=True, NWA=nwa,
                     NWB=nwb, NPA=npa, NPB=npb, NDM=max(nwa, npa), INTERP=False, EXACT=False,
                     rms_ptr=None, hmix_ptr=None, phi_ptr=None))
 
