@@ -1306,7 +1306,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         g = None if gamma is None else _f32(gamma).reshape(ND)
         dh_in = dh_in.contiguous()
         hp32 = _f32(h_pre)
-        # row kernel: persistent, P programs
+        # row kernel: persistent, prow programs (as many as fit on the GPU at once)
         bt = cfg["row_bt"]
         nblk = _cdiv(T, bt)
         ndm = max(nwa, npa)
@@ -1341,7 +1341,8 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         prow = max(1, min(nblk, sms * waves))
         row_args[11] = wsrow = torch.empty((F_pad + 4, prow), dtype=torch.float32, device=dev)
         _pre_bwd_row_kernel[(prow,)](*row_args, **row_kw)
-        # column kernel: grid (n, D chunks, token splits); splits fixed by (n, D, T-blocks)
+        # column kernel: grid (n, D chunks, token splits); splits by (n, D, T, SMs, programs
+        # per SM): fixed per shape
         bt = cfg["col_bt"]
         bd = cfg["col_bd"]
         nch = _cdiv(D, bd)
