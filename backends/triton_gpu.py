@@ -1080,11 +1080,13 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
     if cpu:   # the interpreter: small blocks keep it quick
         cfg = dict(fwd_bt=16, fwd_bd=16, fwd_warps=4, row_bt=16, row_bd=32, row_warps=4,
                    col_bt=16, col_bd=16, col_warps=4, col_waves=2, row_waves=2,
-                   fwd_split_bt=16, fwd_split_bd=16)
+                   fwd_split_bt=16, fwd_split_bd=16, fwd_split_warps=4, fin_bt=16, hin_bt=4,
+                   hin_bd=32, sk_bt=16, sk_warps=4)
     else:
         cfg = dict(
             fwd_bt=64, fwd_bd=128, fwd_bd2=128, fwd_warps=4, fwd_stages=3,
-            fwd_split_bt=64, fwd_split_bd=128,
+            fwd_split_bt=64, fwd_split_bd=128, fwd_split_warps=4, fwd_split_stages=3,
+            fin_bt=64, hin_bt=8, hin_bd=512, sk_bt=64, sk_warps=4,
             row_bt=16, row_bd=256, row_warps=8, row_stages=2, row_waves="auto",
             col_bt=32, col_bd=64, col_warps=4, col_stages=3, col_waves=4,
         )
@@ -1170,23 +1172,20 @@ def _fwd_splits(cfg, T, D, device, F_pad, dname) -> int:
 def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pre, T, n, D, F,
                    F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps):
     dev = x.device
-    cuda = dev.type == "cuda"
     bt, bd = cfg["fwd_split_bt"], cfg["fwd_split_bd"]
     mpart = torch.empty((S, T, F_pad), dtype=torch.float32, device=dev)
     spart = torch.empty((S, T), dtype=torch.float32, device=dev)
-    kw = {"num_warps": cfg.get("fwd_split_warps", 4)}
-    if not _interpret():
-        kw["num_stages"] = cfg.get("fwd_split_stages", 3)
+    kw = _launch_kw(cfg, "fwd_split")
     _pre_fwd_part_kernel[(_cdiv(T, bt), S)](
         x, pg, mpart, spart, T, N=n, D=D, F_PAD=F_pad, S=S, BLOCK_T=bt, BLOCK_D=bd,
         NPA=npa, NPB=npb, INTERP=_interpret(), CAT=_cat(npa, npb, F_pad), **kw)
-    fbt = cfg.get("fin_bt", 64 if cuda else 16)
+    fbt = cfg["fin_bt"]
     _pre_fwd_fin_kernel[(_cdiv(T, fbt),)](
         mpart, spart, _f32(alpha), _f32(bias), h_post, h_res, inv_rms, h_mix, h_pre, T,
         float(norm_eps), float(hc_eps), N=n, D=D, F=F, F_PAD=F_pad, S=S, BLOCK_T=fbt,
         **_sk_kw(k, n), num_warps=4)
-    hbt = cfg.get("hin_bt", 8 if cuda else 4)
-    hbd = min(cfg.get("hin_bd", 512 if cuda else 32), max(16, _next_pow2(D)))
+    hbt = cfg["hin_bt"]
+    hbd = min(cfg["hin_bd"], max(16, _next_pow2(D)))
     rev = bool(cfg.get("hin_rev", True))
     grid = (_cdiv(T, hbt), _cdiv(D, hbd))
     _pre_hin_kernel[grid[::-1] if rev else grid](
@@ -1321,11 +1320,11 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         if k > 0 and sk_mode == "sep":
             # d(logits) by its own kernel; the row kernel then runs its k = 0 code on it
             dlog = torch.empty((T, n * n), dtype=torch.float32, device=dev)
-            sbt = cfg.get("sk_bt", 64 if dev.type == "cuda" else 16)
+            sbt = cfg["sk_bt"]
             _sk_bwd_kernel[(_cdiv(T, sbt),)](
                 _f32(h_mix), _f32(inv_rms), _f32(alpha), _f32(bias), dhr, dlog, T,
                 N=n, F=F, K=k, NP=_next_pow2(n), BLOCK_T=sbt,
-                num_warps=cfg.get("sk_warps", 4))
+                num_warps=cfg["sk_warps"])
             dhr, sk = dlog, {}
         elif k > 0:   # d(logits) scratch, [T, n*n] (the size class of dh_res)
             sk.update(bias_ptr=_f32(bias),

@@ -231,10 +231,10 @@ def post_accuracy():
 
 
 def tune(bw, left):
-    """Library launch configurations (set_config) at the three realistic shapes, bf16."""
+    """Library launch configurations (set_config) at the three realistic shapes, bf16 (the post
+    backward's candidates are the "post" section's)."""
     fwd_c = [dict()]
     col_c = [dict(), dict(col_splits=2), dict(col_splits=7), dict(col_occ=None)]
-    post_c = []
     out = []
     for shape in [(4, 4096, 4, 4096), (1, 4096, 4, 2560), (2, 4096, 4, 7168)]:
         B, S, n, D = shape
@@ -269,52 +269,8 @@ def tune(bw, left):
                       f"{tgr / fl:.2f}x floor (diff {diff:.1e}) {kt}" if isinstance(diff, float)
                       else f"tune {kind} {shape} {c} failed {diff}", flush=True)
         del x, dh_in, fo, bo, bargs, h_in
-        f = torch.randn(B * S, D, device="cuda").bfloat16()
-        xx = torch.randn(B * S, n, D, device="cuda").bfloat16()
-        gn = torch.randn(B * S, n, D, device="cuda").bfloat16()
-        hp = torch.rand(B * S, n, device="cuda") * 2
-        hr = torch.rand(B * S, n, n, device="cuda")
-        pf = (3 * nbytes(xx) + 2 * nbytes(f) + 2 * nbytes(hp, hr)) / bw * 1e3
-        for c in post_c:
-            if left() < 30:
-                break
-            tg.set_config(**c)
-            try:
-                tg.post_backward(xx, f, hp, hr, gn)
-                t = bench(lambda: tg.post_backward(xx, f, hp, hr, gn), 100)
-                tgr = bench_graph(lambda: tg.post_backward(xx, f, hp, hr, gn), 100)
-            except Exception as exc:
-                t = tgr = float("inf")
-                print("  failed", str(exc)[:200])
-            out.append(dict(shape=shape, kind="post_bwd", cfg=c, ms=t, x_floor=t / pf,
-                            graph_ms=tgr, graph_x_floor=tgr / pf))
-            print(f"tune post_bwd {shape} {c} {t:.4f} ms {t / pf:.2f}x | graph {tgr:.4f} ms "
-                  f"{tgr / pf:.2f}x floor", flush=True)
         tg.set_config()
-        del f, xx, gn, hp, hr
         torch.cuda.empty_cache()
-    # fp32 post backward (chunks of 128 vs 64)
-    for shape in []:
-        B, S, n, D = shape
-        xx = torch.randn(B * S, n, D, device="cuda")
-        f = torch.randn(B * S, D, device="cuda")
-        gn = torch.randn(B * S, n, D, device="cuda")
-        hp = torch.rand(B * S, n, device="cuda") * 2
-        hr = torch.rand(B * S, n, n, device="cuda")
-        pf = (3 * nbytes(xx) + 2 * nbytes(f) + 2 * nbytes(hp, hr)) / bw * 1e3
-        for c in (dict(), dict(post_pb_bd=128), dict(post_pb_bd=32)):
-            if left() < 20:
-                break
-            tg.set_config(**c)
-            try:
-                t = bench_graph(lambda: tg.post_backward(xx, f, hp, hr, gn), 100)
-            except Exception as exc:
-                t = float("inf")
-                print("  failed", str(exc)[:200])
-            out.append(dict(shape=shape, kind="post_bwd_fp32", cfg=c, graph_ms=t, x_floor=t / pf))
-            print(f"tune post_bwd fp32 {shape} {c} graph {t:.4f} ms {t / pf:.2f}x floor", flush=True)
-        tg.set_config()
-        del xx, f, gn, hp, hr
     return out
 
 
