@@ -323,6 +323,16 @@ if triton is not None:
         """From a token block's raw projections ``acc`` [BLOCK_T, F_PAD] (= h_mix) and sums of
         squares ``ss``: inv_rms, the gates (h_pre, h_post, h_res logits, or SK_K of them), all
         stored; returns the gate row [BLOCK_T, F_PAD] (h_pre in columns 0..N-1)."""
+        r, gate = _gates(acc, ss, ff, alpha_ptr, bias_ptr, norm_eps, hc_eps, N, F, ND)
+        _gates_store(acc, r, gate, rows, rows64, rmask, ff, rms_ptr, hmix_ptr, hpre_ptr,
+                     hpost_ptr, hres_ptr, N, F, K, NP)
+        return gate
+
+    @triton.jit
+    def _gates(acc, ss, ff, alpha_ptr, bias_ptr, norm_eps, hc_eps, N: tl.constexpr,
+               F: tl.constexpr, ND: tl.constexpr):
+        """(inv_rms [BLOCK_T], gate row [BLOCK_T, F_PAD]: h_pre, h_post, h_res logits) from the
+        raw projections ``acc`` and the sums of squares ``ss``."""
         r = 1.0 / tl.sqrt_rn(ss / ND + norm_eps)
         a_pre = tl.load(alpha_ptr)
         a_post = tl.load(alpha_ptr + 1)
@@ -335,7 +345,17 @@ if triton is not None:
         z = a_col[None, :] * (r[:, None] * acc) + bias[None, :]
         sig = 1.0 / (1.0 + tl.exp(-z))
         gate = tl.where(is_pre[None, :], sig + hc_eps, tl.where(is_post[None, :], 2.0 * sig, z))
+        return r, gate
 
+    @triton.jit
+    def _gates_store(acc, r, gate, rows, rows64, rmask, ff, rms_ptr, hmix_ptr, hpre_ptr,
+                     hpost_ptr, hres_ptr, N: tl.constexpr, F: tl.constexpr, K: tl.constexpr,
+                     NP: tl.constexpr):
+        """Stores inv_rms, h_mix, h_pre, h_post and h_res (the logits, or SK_K of them) of the
+        rows in ``rmask``."""
+        fmask = ff < F
+        is_pre = ff < N
+        is_post = (ff >= N) & (ff < 2 * N)
         tl.store(rms_ptr + rows, r, mask=rmask)
         rm2 = rmask[:, None]
         tl.store(hmix_ptr + rows64[:, None] * F + ff[None, :], acc, mask=rm2 & fmask[None, :])
@@ -358,7 +378,6 @@ if triton is not None:
             P = _sk_iterate(_sk_p0(L, valid), K)
             tl.debug_barrier()
             tl.store(hres_ptr + off3, P, mask=m3)
-        return gate
 
     @triton.jit
     def _prep_phi_kernel(
@@ -459,12 +478,13 @@ if triton is not None:
 
     # -----------------------------------------------------------------------------------------
     # Forward, split variant (the rule in _fwd_splits, or set_config(fwd_split=S)): more
-    # programs when T is small.  Three launches:
+    # programs when T is small.  Two launches:
     #   _pre_fwd_part_kernel  grid (T/BT, S): pass 1 over the program's share of the D chunks
     #                         (all n streams) -> fp32 partials [S, T, F_PAD] of m and [S, T] of
     #                         the sum of squares
-    #   _pre_fwd_fin_kernel   grid T/BT2: fixed-order sum over s, r, gates, (Sinkhorn), stores
-    #   _pre_hin_kernel       grid (T/BT3, D/BD3): h_in = sum_i h_pre[i] x[i, :]
+    #   _pre_fwd_fin_kernel   grid (T/BT2, D/BD2): fixed-order sum over s, r, gates (in every
+    #                         program; stored, with Sinkhorn, by the first D chunk's),
+    #                         h_in = sum_i h_pre[i] x[i, :]
     @triton.jit(do_not_specialize=["T"])
     def _pre_fwd_part_kernel(
         x_ptr, pg_ptr, mpart_ptr, spart_ptr, T,
@@ -499,31 +519,11 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["T"])
     def _pre_fwd_fin_kernel(
-        mpart_ptr, spart_ptr, alpha_ptr, bias_ptr, hpost_ptr, hres_ptr, rms_ptr, hmix_ptr,
-        hpre_ptr, T, norm_eps, hc_eps,
+        x_ptr, mpart_ptr, spart_ptr, alpha_ptr, bias_ptr, hin_ptr, hpost_ptr, hres_ptr, rms_ptr,
+        hmix_ptr, hpre_ptr, T, norm_eps, hc_eps,
         N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
-        S: tl.constexpr, BLOCK_T: tl.constexpr, K: tl.constexpr = 0, NP: tl.constexpr = 1,
-    ):
-        ND: tl.constexpr = N * D
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        rmask = rows < T
-        rows64 = rows.to(tl.int64)
-        ff = tl.arange(0, F_PAD)
-        rm2 = rmask[:, None]
-        acc = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)
-        ss = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for s in range(S):          # fixed order
-            acc += tl.load(mpart_ptr + (s * T + rows64[:, None]) * F_PAD + ff[None, :], mask=rm2,
-                           other=0.0)
-            ss += tl.load(spart_ptr + s * T + rows64, mask=rmask, other=0.0)
-        _gates_epilogue(acc, ss, rows, rows64, rmask, ff, alpha_ptr, bias_ptr, rms_ptr, hmix_ptr,
-                        hpre_ptr, hpost_ptr, hres_ptr, norm_eps, hc_eps, N, F, ND, K, NP)
-
-    @triton.jit(do_not_specialize=["T"])
-    def _pre_hin_kernel(
-        x_ptr, hpre_ptr, hin_ptr, T,
-        N: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-        INTERP: tl.constexpr, REV: tl.constexpr = False,
+        S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
+        REV: tl.constexpr = False, K: tl.constexpr = 0, NP: tl.constexpr = 1,
     ):
         ND: tl.constexpr = N * D
         if REV:   # grid (D chunks, token blocks), token blocks last first: the x that pass 1
@@ -534,13 +534,28 @@ if triton is not None:
             blk = tl.program_id(0)
             c = tl.program_id(1)
         rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-        d = c * BLOCK_D + tl.arange(0, BLOCK_D)
         rmask = rows < T
         rows64 = rows.to(tl.int64)
-        m2 = rmask[:, None] & (d < D)[None, :]
+        ff = tl.arange(0, F_PAD)
+        rm2 = rmask[:, None]
+        # the block's projections and sums of squares: its S partials, in a fixed order
+        acc = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for s in range(S):
+            acc += tl.load(mpart_ptr + (s * T + rows64[:, None]) * F_PAD + ff[None, :], mask=rm2,
+                           other=0.0)
+            ss += tl.load(spart_ptr + s * T + rows64, mask=rmask, other=0.0)
+        # every D chunk's program computes the gates (a few hundred flops per token); the
+        # first one stores them
+        r, gate = _gates(acc, ss, ff, alpha_ptr, bias_ptr, norm_eps, hc_eps, N, F, ND)
+        if c == 0:
+            _gates_store(acc, r, gate, rows, rows64, rmask, ff, rms_ptr, hmix_ptr, hpre_ptr,
+                         hpost_ptr, hres_ptr, N, F, K, NP)
+        d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+        m2 = rm2 & (d < D)[None, :]
         h = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for i in tl.static_range(N):
-            hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
+            hp = tl.sum(tl.where(ff[None, :] == i, gate, 0.0), axis=1)   # h_pre[:, i]
             xv = tl.load(x_ptr + rows64[:, None] * ND + i * D + d[None, :], mask=m2, other=0.0)
             h += hp[:, None] * xv.to(tl.float32)
         tl.store(hin_ptr + rows64[:, None] * D + d[None, :],
@@ -731,7 +746,7 @@ if triton is not None:
         hpre_ptr,    # [T, n] fp32
         dm_ptr,      # [NDM, T, F_PAD] bf16 scratch: pieces of dm
         coef_ptr,    # [T] fp32 scratch
-        pp_ptr,      # [NPW, F_PAD, ND] bf16 pieces of phi
+        phi_ptr,     # [F, ND] fp32
         g_ptr,       # [ND] fp32 (unused unless HAS_G)
         dx_ptr,      # [T, n, D] x dtype (out)
         wscol_ptr,   # [SPLITS, F, ND] fp32 (out): per-split P
@@ -743,7 +758,6 @@ if triton is not None:
         EXACT: tl.constexpr = False,
         rms_ptr=None,    # [T] fp32 (EXACT)
         hmix_ptr=None,   # [T, F] fp32 (EXACT)
-        phi_ptr=None,    # [F, ND] fp32 (EXACT)
     ):
         ND: tl.constexpr = N * D
         i = tl.program_id(0)
@@ -753,9 +767,11 @@ if triton is not None:
         dmask = d < D
         col = i * D + d
         ff = tl.arange(0, F_PAD)
-        # loop-invariant B operand of w: phi pieces [F_PAD, BLOCK_D]
-        p0, p1, p2 = _load_pieces(pp_ptr, ff[:, None] * ND + col[None, :], F_PAD * ND,
-                                  dmask[None, :], NWB)
+        # loop-invariant B operand of w: phi [F_PAD, BLOCK_D] (rows >= F zero), split into
+        # bf16 pieces once per program
+        p0, p1, p2 = _split3(tl.load(phi_ptr + ff[:, None] * ND + col[None, :],
+                                     mask=(ff < F)[:, None] & dmask[None, :], other=0.0),
+                             NWB, INTERP)
         if HAS_G:
             g = tl.load(g_ptr + col, mask=dmask, other=0.0)
         P = tl.zeros([F_PAD, BLOCK_D], dtype=tl.float32)
@@ -1006,7 +1022,7 @@ def set_config(**kw) -> None:
 
     Variants: ``fwd_split`` ("auto" default: the rule in _fwd_splits; 0: always the fused
     forward; S >= 1, or -1 for ~4 programs per SM: the split forward, with
-    fwd_split_bt/bd/warps/stages, fin_bt, hin_bt, hin_bd) and ``sk_bwd`` ("auto" default: "sep"
+    fwd_split_bt/bd/warps/stages, hin_bt, hin_bd) and ``sk_bwd`` ("auto" default: "sep"
     on CUDA when T >= 48 * SMs, else "fused"; "sep": d(logits) by _sk_bwd_kernel before the row
     kernel; "fused": inside the row kernel; sk_bt, sk_warps)."""
     _CONFIG_OVERRIDES.clear()
@@ -1080,13 +1096,13 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
     if cpu:   # the interpreter: small blocks keep it quick
         cfg = dict(fwd_bt=16, fwd_bd=16, fwd_warps=4, row_bt=16, row_bd=32, row_warps=4,
                    col_bt=16, col_bd=16, col_warps=4, col_waves=2, row_waves=2,
-                   fwd_split_bt=16, fwd_split_bd=16, fwd_split_warps=4, fin_bt=16, hin_bt=4,
+                   fwd_split_bt=16, fwd_split_bd=16, fwd_split_warps=4, hin_bt=4,
                    hin_bd=32, sk_bt=16, sk_warps=4)
     else:
         cfg = dict(
             fwd_bt=64, fwd_bd=128, fwd_bd2=128, fwd_warps=4, fwd_stages=3,
             fwd_split_bt=64, fwd_split_bd=128, fwd_split_warps=4, fwd_split_stages=3,
-            fin_bt=64, hin_bt=8, hin_bd=512, sk_bt=64, sk_warps=4,
+            hin_bt=8, hin_bd=512, sk_bt=64, sk_warps=4,
             row_bt=16, row_bd=256, row_warps=8, row_stages=2, row_waves="auto",
             col_bt=32, col_bd=64, col_warps=4, col_stages=3, col_waves=4,
         )
@@ -1179,18 +1195,14 @@ def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pr
     _pre_fwd_part_kernel[(_cdiv(T, bt), S)](
         x, pg, mpart, spart, T, N=n, D=D, F_PAD=F_pad, S=S, BLOCK_T=bt, BLOCK_D=bd,
         NPA=npa, NPB=npb, INTERP=_interpret(), CAT=_cat(npa, npb, F_pad), **kw)
-    fbt = cfg["fin_bt"]
-    _pre_fwd_fin_kernel[(_cdiv(T, fbt),)](
-        mpart, spart, _f32(alpha), _f32(bias), h_post, h_res, inv_rms, h_mix, h_pre, T,
-        float(norm_eps), float(hc_eps), N=n, D=D, F=F, F_PAD=F_pad, S=S, BLOCK_T=fbt,
-        **_sk_kw(k, n), num_warps=4)
     hbt = cfg["hin_bt"]
     hbd = min(cfg["hin_bd"], max(16, _next_pow2(D)))
     rev = bool(cfg.get("hin_rev", True))
     grid = (_cdiv(T, hbt), _cdiv(D, hbd))
-    _pre_hin_kernel[grid[::-1] if rev else grid](
-        x, h_pre, h_in, T, N=n, D=D, BLOCK_T=hbt, BLOCK_D=hbd, INTERP=_interpret(), REV=rev,
-        num_warps=4)
+    _pre_fwd_fin_kernel[grid[::-1] if rev else grid](
+        x, mpart, spart, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre, T,
+        float(norm_eps), float(hc_eps), N=n, D=D, F=F, F_PAD=F_pad, S=S, BLOCK_T=hbt,
+        BLOCK_D=hbd, INTERP=_interpret(), REV=rev, **_sk_kw(k, n), num_warps=4)
 
 
 def _cat(npa: int, npb: int, F_pad: int) -> bool:
@@ -1346,11 +1358,10 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         bd = cfg["col_bd"]
         nch = _cdiv(D, bd)
         nblk = _cdiv(T, bt)
-        pp = _prep_phi(phi32, None, F_pad, nwb)
         exact = {}
         if ND <= SMALL_ND:   # short rows: dx in float64 (_dx_exact)
-            exact = dict(EXACT=True, rms_ptr=_f32(inv_rms), hmix_ptr=_f32(h_mix), phi_ptr=phi32)
-        col_args = [x, dh_in, hp32, dm, coef, pp, g if g is not None else phi32, dx, coef,
+            exact = dict(EXACT=True, rms_ptr=_f32(inv_rms), hmix_ptr=_f32(h_mix))
+        col_args = [x, dh_in, hp32, dm, coef, phi32, g if g is not None else phi32, dx, coef,
                     T, 0]
         col_kw = dict(N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd, HAS_G=g is not None,
                       NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(),

@@ -306,7 +306,7 @@ def timing(shape, bw, do_compile, sweep):
     kb = {
         "_pre_fwd_kernel": 2 * xb + hb + small,
         "_pre_fwd_part_kernel": xb,
-        "_pre_hin_kernel": xb + hb,
+        "_pre_fwd_fin_kernel": xb + hb + small,
         "_pre_bwd_row_kernel": xb + hb + small + T * 4 * 33,
         "_pre_bwd_col_kernel": 2 * xb + hb + T * 4 * 34,
     }

@@ -91,7 +91,7 @@ def cases():
                {k: v.format(dt) for k, v in fwd.items()},
                dict(N=1, D=1, F=3, F_PAD=16, BLOCK_T=64, BLOCK_D=16, BLOCK_D2=16, NPA=npa, NPB=3,
                     INTERP=False, K=0, NP=1, SEP=True, CAT=False))
-    col = {"x_ptr": "*{0}", "dhin_ptr": "*{0}", "dx_ptr": "*{0}", "dm_ptr": "*bf16", "pp_ptr": "*bf16"}
+    col = {"x_ptr": "*{0}", "dhin_ptr": "*{0}", "dx_ptr": "*{0}", "dm_ptr": "*bf16"}
     for dt, D in (("bf16", 4096), ("bf16", 16), ("fp32", 4096)):
         cfg = tg._make_config(4, D, dt, torch.device("cuda"))   # the launch rule's pieces, tiles
         (nwa, nwb), (npa, npb) = cfg["w_pieces"], cfg["p_pieces"]
@@ -100,7 +100,7 @@ def cases():
                dict(N=4, D=D, F=24, F_PAD=32, BLOCK_T=cfg["col_bt"], BLOCK_D=cfg["col_bd"],
                     HAS_G=True, NWA=nwa,
                     NWB=nwb, NPA=npa, NPB=npb, NDM=max(nwa, npa), INTERP=False, EXACT=False,
-                    rms_ptr=None, hmix_ptr=None, phi_ptr=None))
+                    rms_ptr=None, hmix_ptr=None))
 
 
 def main():
