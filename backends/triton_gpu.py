@@ -5,7 +5,7 @@ CPU tensors when ``TRITON_INTERPRET=1`` runs the same kernels on Triton's CPU in
 
 Kernels (design and precision choices in docs/triton.md):
 
-* ``_prep_phi_kernel``   phi (times g for the forward) -> bf16 hi/mid/lo pieces, F padded.
+* ``_prep_phi_kernel``   forward: phi*g -> bf16 hi/mid/lo pieces, F padded.
 * ``_pre_fwd_kernel``    one program per BLOCK_T tokens: pass 1 over the row accumulates the sum
                          of squares and m = v @ (phi*g)^T on the tensor cores; gates; pass 2 over
                          D (reverse order, so the most recently read x is re-read from L2) writes
@@ -13,7 +13,10 @@ Kernels (design and precision choices in docs/triton.md):
 * ``_pre_bwd_row_kernel`` persistent; per token block: dh_pre = sum_d dh_in*x, the gate
                          derivatives, dm = r*e and the coefficient dr*r^3/(nD) -> [T, F_PAD] and
                          [T] scratch; per-program partial sums for dbias and dalpha.
-* ``_pre_bwd_col_kernel`` grid (stream i, D chunk, token split): w = dm @ phi, dx, and the partial
+* ``_pre_fwd_part_kernel``, ``_pre_fwd_fin_kernel``  the split forward for small T (_fwd_splits):
+                         pass 1 over a share of the row -> partials; gates and h_in.
+* ``_pre_bwd_col_kernel`` grid (stream i, D chunk, token split): its slice of phi split into bf16
+                         pieces once; per token block w = dm @ phi, dx, and the partial
                          P = dm^T @ v of dphi/g held in registers for the program's whole token
                          range, written once to a [splits, F, nD] workspace.
 * ``_reduce_partials_kernel`` fixed-order sums of the workspaces: dphi = g*P, dgamma = sum_f phi*P,
@@ -1168,8 +1171,8 @@ def _fwd_splits(cfg, T, D, device, F_pad, dname) -> int:
     block.  Rule ("auto", the default): on CUDA, 16-bit x and F_PAD <= 32, split when the fused
     kernel's 64-token blocks cannot fill the GPU: S = 4 up to SMs/2 blocks, S = 2 below 1.5 SMs
     (H200, docs/performance.md: (1,4096,4,2560) 0.094 -> 0.055 ms of kernels, (2,4096,4,7168)
-    0.317 -> 0.270 ms; equal at T = 16384).  Not below T = 2048, where three launches cost more
-    host time than the GPU saves.  -1: S for ~4 programs per multiprocessor."""
+    0.317 -> 0.270 ms; equal at T = 16384).  Not below T = 2048, where the extra launch costs
+    more host time than the GPU saves.  -1: S for ~4 programs per multiprocessor."""
     S = cfg.get("fwd_split", "auto")
     if S == "auto":
         S = 0
