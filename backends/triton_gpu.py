@@ -13,8 +13,8 @@ Kernels (design and precision choices in docs/triton.md):
 * ``_pre_bwd_row_kernel`` persistent; per token block: dh_pre = sum_d dh_in*x, the gate
                          derivatives, dm = r*e and the coefficient dr*r^3/(nD) -> [T, F_PAD] and
                          [T] scratch; per-program partial sums for dbias and dalpha.
-* ``_pre_fwd_part_kernel``, ``_pre_fwd_fin_kernel``  the split forward for small T (_fwd_splits):
-                         pass 1 over a share of the row -> partials; gates and h_in.
+* ``_pre_fwd_part_kernel``, ``_pre_fwd_fin_kernel``  the split forward (16-bit x, n <= 4,
+                         T >= 2048): pass 1 over a share of the row -> partials; gates, h_in.
 * ``_pre_bwd_col_kernel`` grid (stream i, D chunk, token split): its slice of phi split into bf16
                          pieces once; per token block w = dm @ phi, dx, and the partial
                          P = dm^T @ v of dphi/g held in registers for the program's whole token
@@ -480,8 +480,8 @@ if triton is not None:
                      _round_out(h, hin_ptr.dtype.element_ty, INTERP), mask=m2)
 
     # -----------------------------------------------------------------------------------------
-    # Forward, split variant (the rule in _fwd_splits, or set_config(fwd_split=S)): more
-    # programs when T is small.  Two launches:
+    # Forward, split variant (the rule in _fwd_splits, or set_config(fwd_split=S)): S programs
+    # per token block (more programs when T is small), pass 1 and pass 2 apart.  Two launches:
     #   _pre_fwd_part_kernel  grid (T/BT, S): pass 1 over the program's share of the D chunks
     #                         (all n streams) -> fp32 partials [S, T, F_PAD] of m and [S, T] of
     #                         the sum of squares
@@ -1168,17 +1168,19 @@ def _col_splits(cfg, programs: int, nblk: int, sms: int, occ: int | None = None)
 
 def _fwd_splits(cfg, T, D, device, F_pad, dname) -> int:
     """0: the fused one-kernel forward; S >= 1: the split forward with S D-shares per token
-    block.  Rule ("auto", the default): on CUDA, 16-bit x and F_PAD <= 32, split when the fused
-    kernel's 64-token blocks cannot fill the GPU: S = 4 up to SMs/2 blocks, S = 2 below 1.5 SMs
-    (H200, docs/performance.md: (1,4096,4,2560) 0.094 -> 0.055 ms of kernels, (2,4096,4,7168)
-    0.317 -> 0.270 ms; equal at T = 16384).  Not below T = 2048, where the extra launch costs
-    more host time than the GPU saves.  -1: S for ~4 programs per multiprocessor."""
+    block.  Rule ("auto", the default): on CUDA, 16-bit x, F_PAD <= 32 and T >= 2048, the split
+    forward, with S = 4 up to SMs/2 token blocks of 64, S = 2 below 1.5 SMs, else S = 1; the
+    fused kernel otherwise (fp32 x, n > 4, short T: one launch fewer).  H200, graph times
+    (bench/results/gpu_quick-h200-fwdsplit.json), fused vs split: (1,4096,4,2560) 0.092 vs
+    0.062 ms (S = 4), (2,4096,4,7168) 0.306 vs 0.264 (S = 2), (4,4096,4,4096) 0.320 vs 0.300
+    (S = 1; the split's two passes are separate kernels, and its h_in pass, last token blocks
+    first, finds part of x in L2).  -1: S for ~4 programs per multiprocessor."""
     S = cfg.get("fwd_split", "auto")
     if S == "auto":
         S = 0
         if device.type == "cuda" and dname != "fp32" and F_pad <= 32 and T >= 2048:
             nblk, sms = _cdiv(T, cfg["fwd_bt"]), _sm_count(device)
-            S = 4 if 2 * nblk <= sms else (2 if 2 * nblk < 3 * sms else 0)
+            S = 4 if 2 * nblk <= sms else (2 if 2 * nblk < 3 * sms else 1)
     S = int(S)
     if S == 0:
         return 0

@@ -1,10 +1,11 @@
 """Quick GPU timing of the Triton backend at the realistic shapes, in one device call: forward
-and backward graph times (CUDA graph, median) and each kernel's device time.
+and backward graph times (median of CUDA-graph replays) and each kernel's device time.
 
-    python3 bench/gpu_quick.py [--dtype bf16]
+    python3 bench/gpu_quick.py [--dtype bf16] [--passes fwd,bwd] [--variants JSON]
 
-For A/B between commits: prints one line per (shape, pass), writes $OUT/gpu_quick.json.
-The acceptance table is bench/gpu_suite.py's.
+``--variants '{"name": {set_config keys}}'`` times each variant (default: the launch rule
+alone).  For A/B between commits or launch variants: prints one line per (variant, shape,
+pass), writes $OUT/gpu_quick.json.  The acceptance table is bench/gpu_suite.py's.
 """
 from __future__ import annotations
 
@@ -25,7 +26,11 @@ SHAPES = [(1, 4096, 4, 2560), (4, 4096, 4, 4096), (2, 4096, 4, 7168)]
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--passes", default="fwd,bwd")
+    ap.add_argument("--variants", default='{"rule": {}}')
     args = ap.parse_args()
+    variants = json.loads(args.variants)
+    passes = args.passes.split(",")
     kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS)
     rows = [dict(copy_TBps=copy_bandwidth())]
     print(rows[0], flush=True)
@@ -34,13 +39,22 @@ def main():
                                                                      seed=5)
         fo = tg.forward(x, phi, alpha, bias, g, **kw)
         bargs = (x, phi, alpha, bias, *fo[3:6], fo[1], dh_in, dh_post, dh_res, g)
-        for name, fn in (("fwd", lambda: tg.forward(x, phi, alpha, bias, g, **kw)),
-                         ("bwd", lambda: tg.backward(*bargs, **kw))):
-            r = dict(shape=shape, pass_=name, graph_ms=round(bench_graph(fn), 4),
-                     kernels={k[:28]: round(v, 4) for k, v in kernel_times(fn, 20).items()})
-            print(r, flush=True)
-            rows.append(r)
-        del x, dh_in, fo, bargs
+        fns = {"fwd": lambda: tg.forward(x, phi, alpha, bias, g, **kw),
+               "bwd": lambda: tg.backward(*bargs, **kw)}
+        for vname, cfg in variants.items():
+            tg.set_config(**cfg)
+            try:
+                for name in passes:
+                    fn = fns[name]
+                    r = dict(variant=vname, shape=shape, pass_=name,
+                             graph_ms=round(bench_graph(fn), 4),
+                             kernels={k[:28]: round(v, 4)
+                                      for k, v in kernel_times(fn, 20).items()})
+                    print(r, flush=True)
+                    rows.append(r)
+            finally:
+                tg.set_config()
+        del x, dh_in, fo, bargs, fns
         torch.cuda.empty_cache()
     with open(os.path.join(os.environ.get("OUT") or ".", "gpu_quick.json"), "w") as f:
         json.dump(rows, f, indent=1)

@@ -180,6 +180,15 @@ def test_batch_size_does_not_recompile():
         triton_gpu.forward(x, phi, alpha, bias, gamma, **kw)
         sizes.append(len(cache))   # other tests may have compiled other variants before
     assert sizes[0] >= 1 and sizes[1:] == sizes[:1] * 2, sizes
+    # the split forward at large T (one D share per token block on the H200): one variant
+    caches = [k.device_caches[torch.cuda.current_device()][0]
+              for k in (triton_gpu._pre_fwd_part_kernel, triton_gpu._pre_fwd_fin_kernel)]
+    sizes = []
+    for T in (16384, 20011, 24001):
+        x, phi, alpha, bias, gamma, *_ = _inputs(T, 4, 64, "bf16", True, T)
+        triton_gpu.forward(x, phi, alpha, bias, gamma, **kw)
+        sizes.append([len(c) for c in caches])
+    assert min(sizes[0]) >= 1 and sizes[1:] == sizes[:1] * 2, sizes
 
 
 # Sinkhorn-Knopp inside the fused kernels (CONTRACT.md, "Sinkhorn-Knopp projection")
