@@ -2,6 +2,7 @@
 and backward graph times (median of CUDA-graph replays) and each kernel's device time.
 
     python3 bench/gpu_quick.py [--dtype bf16] [--passes fwd,bwd] [--variants JSON]
+                               [--shapes B,S,n,D ...]
 
 ``--variants '{"name": {set_config keys}}'`` times each variant (default: the launch rule
 alone).  For A/B between commits or launch variants: prints one line per (variant, shape,
@@ -28,13 +29,15 @@ def main():
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--passes", default="fwd,bwd")
     ap.add_argument("--variants", default='{"rule": {}}')
+    ap.add_argument("--shapes", nargs="*", help="B,S,n,D (default: the three realistic shapes)")
     args = ap.parse_args()
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     variants = json.loads(args.variants)
     passes = args.passes.split(",")
     kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS)
     rows = [dict(copy_TBps=copy_bandwidth())]
     print(rows[0], flush=True)
-    for shape in SHAPES:
+    for shape in shapes:
         x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(*shape, DT[args.dtype],
                                                                      seed=5)
         fo = tg.forward(x, phi, alpha, bias, g, **kw)
