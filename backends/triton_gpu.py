@@ -483,15 +483,15 @@ if triton is not None:
     # Forward, split variant (the rule in _fwd_splits, or set_config(fwd_split=S)): S programs
     # per token block (more programs when T is small), pass 1 and pass 2 apart.  Two launches:
     #   _pre_fwd_part_kernel  grid (T/BT, S): pass 1 over the program's share of the D chunks
-    #                         (all n streams) -> fp32 partials [S, T, F_PAD] of m and [S, T] of
-    #                         the sum of squares
+    #                         (all n streams) -> fp32 partials [S, T, F] of m and [S, T] of the
+    #                         sum of squares (S > 1 only at small T: T < 1.5 * 64 * SMs)
     #   _pre_fwd_fin_kernel   grid (T/BT2, D/BD2): fixed-order sum over s, r, gates (in every
     #                         program; stored, with Sinkhorn, by the first D chunk's),
     #                         h_in = sum_i h_pre[i] x[i, :]
     @triton.jit(do_not_specialize=["T"])
     def _pre_fwd_part_kernel(
         x_ptr, pg_ptr, mpart_ptr, spart_ptr, T,
-        N: tl.constexpr, D: tl.constexpr, F_PAD: tl.constexpr, S: tl.constexpr,
+        N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr, S: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
         NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr, CAT: tl.constexpr = False,
     ):
@@ -516,8 +516,8 @@ if triton is not None:
             acc, ss2 = _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, (c_lo + cl) * BLOCK_D + dd, ff,
                                  acc, ss2, ND, D, F_PAD, NPA, NPB, INTERP, False, CAT)
         acc = _fwd_acc_sum(acc, F_PAD, CAT)
-        tl.store(mpart_ptr + (s * T + rows64[:, None]) * F_PAD + ff[None, :], acc,
-                 mask=rmask[:, None])
+        tl.store(mpart_ptr + (s * T + rows64[:, None]) * F + ff[None, :], acc,
+                 mask=rmask[:, None] & (ff < F)[None, :])
         tl.store(spart_ptr + s * T + rows64, tl.sum(ss2, axis=1), mask=rmask)
 
     @triton.jit(do_not_specialize=["T"])
@@ -545,8 +545,8 @@ if triton is not None:
         acc = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)
         ss = tl.zeros([BLOCK_T], dtype=tl.float32)
         for s in range(S):
-            acc += tl.load(mpart_ptr + (s * T + rows64[:, None]) * F_PAD + ff[None, :], mask=rm2,
-                           other=0.0)
+            acc += tl.load(mpart_ptr + (s * T + rows64[:, None]) * F + ff[None, :],
+                           mask=rm2 & (ff < F)[None, :], other=0.0)
             ss += tl.load(spart_ptr + s * T + rows64, mask=rmask, other=0.0)
         # every D chunk's program computes the gates (a few hundred flops per token); the
         # first one stores them
@@ -1194,11 +1194,11 @@ def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pr
                    F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps):
     dev = x.device
     bt, bd = cfg["fwd_split_bt"], cfg["fwd_split_bd"]
-    mpart = torch.empty((S, T, F_pad), dtype=torch.float32, device=dev)
+    mpart = torch.empty((S, T, F), dtype=torch.float32, device=dev)
     spart = torch.empty((S, T), dtype=torch.float32, device=dev)
     kw = _launch_kw(cfg, "fwd_split")
     _pre_fwd_part_kernel[(_cdiv(T, bt), S)](
-        x, pg, mpart, spart, T, N=n, D=D, F_PAD=F_pad, S=S, BLOCK_T=bt, BLOCK_D=bd,
+        x, pg, mpart, spart, T, N=n, D=D, F=F, F_PAD=F_pad, S=S, BLOCK_T=bt, BLOCK_D=bd,
         NPA=npa, NPB=npb, INTERP=_interpret(), CAT=_cat(npa, npb, F_pad), **kw)
     hbt = cfg["hin_bt"]
     hbd = min(cfg["hin_bd"], max(16, _next_pow2(D)))
