@@ -1279,16 +1279,14 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
         if S > 0:
             _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pre, T, n,
                            D, F, F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps)
-            outs = (h_post, h_res, inv_rms, h_mix, h_pre)
-            return (h_in,) + tuple(o if o.dtype == pdt else o.to(pdt) for o in outs)
-        grid = (_cdiv(T, cfg["fwd_bt"]),)
-        _pre_fwd_kernel[grid](
-            x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre,
-            T, float(norm_eps), float(hc_eps),
-            N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=cfg["fwd_bt"], BLOCK_D=cfg["fwd_bd"],
-            BLOCK_D2=cfg.get("fwd_bd2", cfg["fwd_bd"]), NPA=npa, NPB=npb, INTERP=_interpret(),
-            CAT=_cat(npa, npb, F_pad), **_sk_kw(k, n), **_launch_kw(cfg, "fwd"),
-            SEP=few)
+        else:
+            _pre_fwd_kernel[(_cdiv(T, cfg["fwd_bt"]),)](
+                x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre,
+                T, float(norm_eps), float(hc_eps),
+                N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=cfg["fwd_bt"], BLOCK_D=cfg["fwd_bd"],
+                BLOCK_D2=cfg.get("fwd_bd2", cfg["fwd_bd"]), NPA=npa, NPB=npb,
+                INTERP=_interpret(), CAT=_cat(npa, npb, F_pad), **_sk_kw(k, n),
+                **_launch_kw(cfg, "fwd"), SEP=few)
     outs = (h_post, h_res, inv_rms, h_mix, h_pre)
     return (h_in,) + tuple(o if o.dtype == pdt else o.to(pdt) for o in outs)
 
