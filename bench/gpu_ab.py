@@ -21,8 +21,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_suite import (tg, make_inputs, bench_graph, kernel_times, rel,  # noqa: E402
-                       NORM_EPS, HC_EPS)
+from gpu_suite import (tg, make_inputs, bench_graph, kernel_ms, rel,  # noqa: E402
+                       backward_args, NORM_EPS, HC_EPS)
 
 SHAPES = [(4, 4096, 4, 4096), (1, 4096, 4, 2560), (2, 4096, 4, 7168)]
 
@@ -48,19 +48,17 @@ def main():
         ref = {}
         for name, mod in mods:
             fo = mod.forward(x, phi, alpha, bias, g, **kw)
-            bargs = (x, phi, alpha, bias, *fo[3:6], fo[1], dh_in, dh_post, dh_res, g)
+            bargs = backward_args(fo, x, phi, alpha, bias, g, dh_in, dh_post, dh_res)
             bo = mod.backward(*bargs, **kw)
             for kind, fn, out in (("fwd", lambda: mod.forward(x, phi, alpha, bias, g, **kw), fo),
                                   ("bwd", lambda: mod.backward(*bargs, **kw), bo)):
                 ref.setdefault(kind, out)
                 diff = max(rel(a, b.double()) for a, b in zip(out, ref[kind]) if a is not None)
                 r = dict(shape=shape, kind=kind, version=name, graph_ms=bench_graph(fn, 100),
-                         kernels={k[:28]: round(v, 4) for k, v in kernel_times(fn, 20).items()},
+                         kernels=kernel_ms(fn),
                          diff_vs_this=diff)
                 if args.flush:
-                    r["kernels_flushed"] = {
-                        k[:28]: round(v, 4) for k, v in
-                        kernel_times(lambda: (junk.zero_(), fn()), 20).items()}
+                    r["kernels_flushed"] = kernel_ms(lambda: (junk.zero_(), fn()))
                 rows.append(r)
                 print(f"{shape} {kind} {name:5s} graph {r['graph_ms']:.4f} ms diff {diff:.1e} "
                       f"{r['kernels']}" + (f"\n      flushed {r['kernels_flushed']}"

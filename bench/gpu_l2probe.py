@@ -18,7 +18,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_suite import tg, make_inputs, kernel_times, NORM_EPS, HC_EPS  # noqa: E402
+from gpu_suite import (tg, make_inputs, kernel_times, backward_args,  # noqa: E402
+                       NORM_EPS, HC_EPS)
 
 
 class _Flushing:
@@ -48,7 +49,7 @@ def main():
         x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(1, T, 4, 4096,
                                                                      torch.bfloat16, seed=3)
         fo = tg.forward(x, phi, alpha, bias, g, **kw)
-        bargs = (x, phi, alpha, bias, *fo[3:6], fo[1], dh_in, dh_post, dh_res, g)
+        bargs = backward_args(fo, x, phi, alpha, bias, g, dh_in, dh_post, dh_res)
         fn = lambda: tg.backward(*bargs, **kw)  # noqa: E731
         r = dict(T=T)
         for mode in ("warm", "cold"):

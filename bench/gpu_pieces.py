@@ -23,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_suite import (tg, accuracy, bench_graph, kernel_times,  # noqa: E402
+from gpu_suite import (tg, accuracy, bench_graph, kernel_ms, backward_args,  # noqa: E402
                        make_inputs, NORM_EPS, HC_EPS, ROOT, DT)
 
 SHAPES = [(4, 4096, 4, 4096), (1, 4096, 4, 2560), (2, 4096, 4, 7168)]
@@ -90,10 +90,10 @@ def main():
                     x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(
                         *shape, DT[dname], seed=5)
                     fo = tg.forward(x, phi, alpha, bias, g, **kw)
-                    bargs = (x, phi, alpha, bias, *fo[3:6], fo[1], dh_in, dh_post, dh_res, g)
+                    bargs = backward_args(fo, x, phi, alpha, bias, g, dh_in, dh_post, dh_res)
                     fn = lambda: tg.backward(*bargs, **kw)  # noqa: E731
                     r["graph_ms"] = bench_graph(fn, 100)
-                    r["kernels"] = {k[:28]: round(v, 4) for k, v in kernel_times(fn, 20).items()}
+                    r["kernels"] = kernel_ms(fn)
                     del x, dh_in, fo, bargs
                     torch.cuda.empty_cache()
             except Exception as exc:

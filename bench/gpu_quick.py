@@ -18,8 +18,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_suite import (tg, bench_graph, kernel_times, make_inputs, copy_bandwidth,  # noqa: E402
-                       NORM_EPS, HC_EPS, DT)
+from gpu_suite import (tg, bench_graph, kernel_ms, make_inputs, copy_bandwidth,  # noqa: E402
+                       backward_args, NORM_EPS, HC_EPS, DT)
 
 SHAPES = [(1, 4096, 4, 2560), (4, 4096, 4, 4096), (2, 4096, 4, 7168)]
 
@@ -41,7 +41,7 @@ def main():
         x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(*shape, DT[args.dtype],
                                                                      seed=5)
         fo = tg.forward(x, phi, alpha, bias, g, **kw)
-        bargs = (x, phi, alpha, bias, *fo[3:6], fo[1], dh_in, dh_post, dh_res, g)
+        bargs = backward_args(fo, x, phi, alpha, bias, g, dh_in, dh_post, dh_res)
         fns = {"fwd": lambda: tg.forward(x, phi, alpha, bias, g, **kw),
                "bwd": lambda: tg.backward(*bargs, **kw)}
         for vname, cfg in variants.items():
@@ -51,8 +51,7 @@ def main():
                     fn = fns[name]
                     r = dict(variant=vname, shape=shape, pass_=name,
                              graph_ms=round(bench_graph(fn), 4),
-                             kernels={k[:28]: round(v, 4)
-                                      for k, v in kernel_times(fn, 20).items()})
+                             kernels=kernel_ms(fn))
                     print(r, flush=True)
                     rows.append(r)
             finally:

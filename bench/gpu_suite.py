@@ -204,6 +204,17 @@ def nbytes(*ts):
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
+def backward_args(fo, x, phi, alpha, bias, g, dh_in, dh_post, dh_res):
+    """The backward's positional arguments (CONTRACT.md's order) from the outputs ``fo`` =
+    (h_in, h_post, h_res, inv_rms, h_mix, h_pre) of a forward on the same inputs."""
+    return (x, phi, alpha, bias, fo[3], fo[4], fo[5], fo[1], dh_in, dh_post, dh_res, g)
+
+
+def kernel_ms(fn, iters=20):
+    """kernel_times for printed rows: names cut to 28 characters, ms rounded to 0.1 us."""
+    return {k[:28]: round(v, 4) for k, v in kernel_times(fn, iters).items()}
+
+
 def kernel_times(fn, iters=20):
     """Median-ish per-kernel device time (ms per call) by kernel name, from torch.profiler."""
     from torch.profiler import profile, ProfilerActivity
@@ -513,7 +524,7 @@ def timing5(shape, bw, do_compile):
     for k in (0, 20):
         kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS, sinkhorn_iters=k)
         fo = tg.forward(x, phi, alpha, bias, g, **kw)
-        bargs = (x, phi, alpha, bias, fo[3], fo[4], fo[5], fo[1], dh_in, dh_post, dh_res, g)
+        bargs = backward_args(fo, x, phi, alpha, bias, g, dh_in, dh_post, dh_res)
         fwd = lambda: tg.forward(x, phi, alpha, bias, g, **kw)  # noqa: E731
         bwd = lambda: tg.backward(*bargs, **kw)  # noqa: E731
         res[f"pre_k{k}_fwd_ms"] = bench(fwd)
@@ -715,7 +726,7 @@ def main_ab(args, report, save, t_start):
             for k in (0, 20):
                 kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS, sinkhorn_iters=k)
                 fo = tg.forward(x, phi, alpha, bias, g, **kw)
-                bargs = (x, phi, alpha, bias, fo[3], fo[4], fo[5], fo[1], dh_in, dh_post, dh_res, g)
+                bargs = backward_args(fo, x, phi, alpha, bias, g, dh_in, dh_post, dh_res)
                 ffl = (nbytes(x, phi, alpha, bias, g) + nbytes(*fo)) / bw * 1e3
                 bfl = (nbytes(*bargs) + nbytes(*tg.backward(*bargs, **kw))) / bw * 1e3
                 r[f"fwd_floor_ms"], r[f"bwd_floor_ms"] = ffl, bfl

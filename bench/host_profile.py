@@ -21,7 +21,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_suite import tg, make_inputs, bench_graph, NORM_EPS, HC_EPS  # noqa: E402
+from gpu_suite import (tg, make_inputs, bench_graph, backward_args,  # noqa: E402
+                       NORM_EPS, HC_EPS)
 
 
 def per_call(fn, calls):
@@ -45,7 +46,7 @@ def main():
                                                                  seed=1)
     kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS)
     fo = tg.forward(x, phi, alpha, bias, g, **kw)
-    bargs = (x, phi, alpha, bias, *fo[3:6], fo[1], dh_in, dh_post, dh_res, g)
+    bargs = backward_args(fo, x, phi, alpha, bias, g, dh_in, dh_post, dh_res)
     out = {"shape": list(args.shape)}
     for kind, fn in (("fwd", lambda: tg.forward(x, phi, alpha, bias, g, **kw)),
                      ("bwd", lambda: tg.backward(*bargs, **kw))):

@@ -12,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_suite import tg, make_inputs, NORM_EPS, HC_EPS  # noqa: E402
+from gpu_suite import tg, make_inputs, backward_args, NORM_EPS, HC_EPS  # noqa: E402
 
 
 def main():
@@ -27,7 +27,8 @@ def main():
         if kind == "fwd":
             tg.forward(x, phi, alpha, bias, g, **kw)
         else:
-            tg.backward(x, phi, alpha, bias, *fo[3:6], fo[1], dh_in, dh_post, dh_res, g, **kw)
+            tg.backward(*backward_args(fo, x, phi, alpha, bias, g, dh_in, dh_post, dh_res),
+                        **kw)
     torch.cuda.synchronize()
 
 
