@@ -5,7 +5,8 @@ and backward graph times (median of CUDA-graph replays) and each kernel's device
                                [--shapes B,S,n,D ...]
 
 ``--variants '{"name": {set_config keys}}'`` times each variant (default: the launch rule
-alone).  For A/B between commits or launch variants: prints one line per (variant, shape,
+alone) and gives each output's relative difference from the first variant's (``vs_first``:
+0.0 where bitwise the same).  For A/B between commits or launch variants: prints one line per (variant, shape,
 pass), writes $OUT/gpu_quick.json.  The acceptance table is bench/gpu_suite.py's.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_suite import (tg, bench_graph, kernel_ms, make_inputs, copy_bandwidth,  # noqa: E402
-                       backward_args, NORM_EPS, HC_EPS, DT)
+                       backward_args, rel, NORM_EPS, HC_EPS, DT)
 
 SHAPES = [(1, 4096, 4, 2560), (4, 4096, 4, 4096), (2, 4096, 4, 7168)]
 
@@ -44,19 +45,24 @@ def main():
         bargs = backward_args(fo, x, phi, alpha, bias, g, dh_in, dh_post, dh_res)
         fns = {"fwd": lambda: tg.forward(x, phi, alpha, bias, g, **kw),
                "bwd": lambda: tg.backward(*bargs, **kw)}
+        first = {}
         for vname, cfg in variants.items():
             tg.set_config(**cfg)
             try:
                 for name in passes:
                     fn = fns[name]
+                    outs = [o for o in fn() if o is not None]
+                    ref = first.setdefault(name, [o.double() for o in outs])
                     r = dict(variant=vname, shape=shape, pass_=name,
                              graph_ms=round(bench_graph(fn), 4),
-                             kernels=kernel_ms(fn))
+                             kernels=kernel_ms(fn),
+                             vs_first=[float(f"{rel(o, q):.2e}") for o, q in zip(outs, ref)])
+                    del outs
                     print(r, flush=True)
                     rows.append(r)
             finally:
                 tg.set_config()
-        del x, dh_in, fo, bargs, fns
+        del x, dh_in, fo, bargs, fns, first
         torch.cuda.empty_cache()
     with open(os.path.join(os.environ.get("OUT") or ".", "gpu_quick.json"), "w") as f:
         json.dump(rows, f, indent=1)
