@@ -13,8 +13,9 @@ Kernels (design and precision choices in docs/triton.md):
 * ``_pre_bwd_row_kernel`` persistent; per token block: dh_pre = sum_d dh_in*x, the gate
                          derivatives, dm = r*e and the coefficient dr*r^3/(nD) -> [T, F_PAD] and
                          [T] scratch; per-program partial sums for dbias and dalpha.
-* ``_pre_fwd_part_kernel``, ``_pre_fwd_fin_kernel``  the split forward (16-bit x, n <= 4,
-                         T >= 2048): pass 1 over a share of the row -> partials; gates, h_in.
+* ``_pre_fwd_part_kernel``, ``_pre_fwd_fin_kernel``  the split forward (16-bit x: n <= 4 at
+                         T >= 2048, n >= 5 at every T): pass 1 over a share of the row ->
+                         partials; gates, h_in.
 * ``_pre_bwd_col_kernel`` grid (stream i, D chunk, token split): its slice of phi split into bf16
                          pieces once; per token block w = dm @ phi, dx, and the partial
                          P = dm^T @ v of dphi/g held in registers for the program's whole token
@@ -488,16 +489,16 @@ if triton is not None:
     #   _pre_fwd_fin_kernel   grid (T/BT2, D/BD2): fixed-order sum over s, r, gates (in every
     #                         program; stored, with Sinkhorn, by the first D chunk's),
     #                         h_in = sum_i h_pre[i] x[i, :]
-    @triton.jit(do_not_specialize=["T"])
+    @triton.jit(do_not_specialize=["T", "S"])
     def _pre_fwd_part_kernel(
-        x_ptr, pg_ptr, mpart_ptr, spart_ptr, T,
-        N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr, S: tl.constexpr,
+        x_ptr, pg_ptr, mpart_ptr, spart_ptr, T, S,
+        N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
         NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr, CAT: tl.constexpr = False,
     ):
         ND: tl.constexpr = N * D
         NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
-        CPS: tl.constexpr = (NCH + S - 1) // S
+        CPS = (NCH + S - 1) // S     # D chunks per share (S is a runtime value: no recompile)
         pid = tl.program_id(0)
         s = tl.program_id(1)
         rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -520,12 +521,12 @@ if triton is not None:
                  mask=rmask[:, None] & (ff < F)[None, :])
         tl.store(spart_ptr + s * T + rows64, tl.sum(ss2, axis=1), mask=rmask)
 
-    @triton.jit(do_not_specialize=["T"])
+    @triton.jit(do_not_specialize=["T", "S"])
     def _pre_fwd_fin_kernel(
         x_ptr, mpart_ptr, spart_ptr, alpha_ptr, bias_ptr, hin_ptr, hpost_ptr, hres_ptr, rms_ptr,
-        hmix_ptr, hpre_ptr, T, norm_eps, hc_eps,
+        hmix_ptr, hpre_ptr, T, S, norm_eps, hc_eps,
         N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
-        S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
         REV: tl.constexpr = False, K: tl.constexpr = 0, NP: tl.constexpr = 1,
     ):
         ND: tl.constexpr = N * D
@@ -1126,6 +1127,12 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
             cfg.update(fwd_bd=32, col_bd=32)
         if n * n + 2 * n > 32:     # F_PAD >= 64: smaller tiles to fit shared memory
             cfg.update(fwd_bd=32, col_bd=32, row_bd=128, fwd_stages=2, col_stages=2)
+            if dtype_name != "fp32":
+                # n >= 5, 16-bit x (H200, bench/results/gpu_quick-h200-wide*.json): the split
+                # forward at every T (_fwd_splits) with 64-column chunks (fused 0.94 / 1.54 ms
+                # -> 0.28 / 0.46 at (2,4096,n,4096), n = 6 / 8), column tiles [64 x 64]
+                # (0.96 / 1.73 -> 0.53 / 1.33 ms; 8 warps 0.71 / 1.39)
+                cfg.update(fwd_split_bd=64, col_bt=64, col_bd=64)
         if D <= 64:
             p2 = max(16, _next_pow2(D))
             cfg.update(fwd_bd=min(cfg["fwd_bd"], p2), fwd_bd2=min(cfg["fwd_bd2"], p2),
@@ -1168,17 +1175,27 @@ def _col_splits(cfg, programs: int, nblk: int, sms: int, occ: int | None = None)
 
 def _fwd_splits(cfg, T, D, device, F_pad, dname) -> int:
     """0: the fused one-kernel forward; S >= 1: the split forward with S D-shares per token
-    block.  Rule ("auto", the default): on CUDA, 16-bit x, F_PAD <= 32 and T >= 2048, the split
-    forward, with S = 4 up to SMs/2 token blocks of 64, S = 2 below 1.5 SMs, else S = 1; the
-    fused kernel otherwise (fp32 x, n > 4, short T: one launch fewer).  H200, graph times
-    (bench/results/gpu_quick-h200-fwdsplit.json), fused vs split: (1,4096,4,2560) 0.092 vs
-    0.062 ms (S = 4), (2,4096,4,7168) 0.306 vs 0.264 (S = 2), (4,4096,4,4096) 0.320 vs 0.300
-    (S = 1; the split's two passes are separate kernels, and its h_in pass, last token blocks
-    first, finds part of x in L2).  -1: S for ~4 programs per multiprocessor."""
+    block (a runtime value of both kernels: no recompilation as it follows T).
+
+    Rule ("auto", the default), on CUDA with 16-bit x:
+    * n <= 4 (F_PAD <= 32), T >= 2048: S = 4 up to SMs/2 token blocks of 64, S = 2 below 1.5
+      SMs, else S = 1.  H200, graph times (bench/results/gpu_quick-h200-fwdsplit.json), fused
+      vs split: (1,4096,4,2560) 0.092 vs 0.062 ms (S = 4), (2,4096,4,7168) 0.306 vs 0.264
+      (S = 2), (4,4096,4,4096) 0.320 vs 0.300 (S = 1; the split's two passes are separate
+      kernels, and its h_in pass, last token blocks first, finds part of x in L2).
+    * n >= 5 (F_PAD >= 64), every T: S for ~4 programs per multiprocessor (below).  The fused
+      kernel re-reads the [F_PAD, BLOCK_D] phi*g tiles, 2-4x its x tile, per token block and
+      has T/64 programs: (2,4096,6,4096) 0.94 vs 0.28 ms, (2,4096,8,4096) 1.54 vs 0.46,
+      (1,2048,8,4096) 1.29 vs 0.14, (1,512,8,4096) 1.15 vs 0.08
+      (bench/results/gpu_quick-h200-wide*.json).
+    The fused kernel otherwise (fp32 x, n <= 4 at short T: one launch fewer).
+    -1: S = ceil(4 SMs / token blocks), at most one share per D chunk."""
     S = cfg.get("fwd_split", "auto")
     if S == "auto":
         S = 0
-        if device.type == "cuda" and dname != "fp32" and F_pad <= 32 and T >= 2048:
+        if device.type == "cuda" and dname != "fp32" and F_pad > 32:
+            S = -1
+        elif device.type == "cuda" and dname != "fp32" and T >= 2048:
             nblk, sms = _cdiv(T, cfg["fwd_bt"]), _sm_count(device)
             S = 4 if 2 * nblk <= sms else (2 if 2 * nblk < 3 * sms else 1)
     S = int(S)
@@ -1198,7 +1215,7 @@ def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pr
     spart = torch.empty((S, T), dtype=torch.float32, device=dev)
     kw = _launch_kw(cfg, "fwd_split")
     _pre_fwd_part_kernel[(_cdiv(T, bt), S)](
-        x, pg, mpart, spart, T, N=n, D=D, F=F, F_PAD=F_pad, S=S, BLOCK_T=bt, BLOCK_D=bd,
+        x, pg, mpart, spart, T, S, N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd,
         NPA=npa, NPB=npb, INTERP=_interpret(), CAT=_cat(npa, npb, F_pad), **kw)
     hbt = cfg["hin_bt"]
     hbd = min(cfg["hin_bd"], max(16, _next_pow2(D)))
@@ -1206,7 +1223,7 @@ def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pr
     grid = (_cdiv(T, hbt), _cdiv(D, hbd))
     _pre_fwd_fin_kernel[grid[::-1] if rev else grid](
         x, mpart, spart, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre, T,
-        float(norm_eps), float(hc_eps), N=n, D=D, F=F, F_PAD=F_pad, S=S, BLOCK_T=hbt,
+        S, float(norm_eps), float(hc_eps), N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=hbt,
         BLOCK_D=hbd, INTERP=_interpret(), REV=rev, **_sk_kw(k, n), num_warps=4)
 
 

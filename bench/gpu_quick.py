@@ -51,13 +51,16 @@ def main():
             try:
                 for name in passes:
                     fn = fns[name]
-                    outs = [o for o in fn() if o is not None]
-                    ref = first.setdefault(name, [o.double() for o in outs])
-                    r = dict(variant=vname, shape=shape, pass_=name,
-                             graph_ms=round(bench_graph(fn), 4),
-                             kernels=kernel_ms(fn),
-                             vs_first=[float(f"{rel(o, q):.2e}") for o, q in zip(outs, ref)])
-                    del outs
+                    r = dict(variant=vname, shape=shape, pass_=name)
+                    try:
+                        outs = [o for o in fn() if o is not None]
+                    except Exception as exc:   # noqa: BLE001 -- e.g. a tile that does not fit
+                        r["error"] = str(exc)[:200]
+                    else:
+                        ref = first.setdefault(name, [o.double() for o in outs])
+                        r.update(graph_ms=round(bench_graph(fn), 4), kernels=kernel_ms(fn),
+                                 vs_first=[float(f"{rel(o, q):.2e}") for o, q in zip(outs, ref)])
+                        del outs
                     print(r, flush=True)
                     rows.append(r)
             finally:

@@ -180,15 +180,17 @@ def test_batch_size_does_not_recompile():
         triton_gpu.forward(x, phi, alpha, bias, gamma, **kw)
         sizes.append(len(cache))   # other tests may have compiled other variants before
     assert sizes[0] >= 1 and sizes[1:] == sizes[:1] * 2, sizes
-    # the split forward at large T (one D share per token block on the H200): one variant
+    # the split forward, whose number of D shares per token block follows T (4, 2, 1 at n = 4
+    # on the H200; up to one per D chunk at n = 8): one compiled variant of each kernel
     caches = [k.device_caches[torch.cuda.current_device()][0]
               for k in (triton_gpu._pre_fwd_part_kernel, triton_gpu._pre_fwd_fin_kernel)]
-    sizes = []
-    for T in (16384, 20011, 24001):
-        x, phi, alpha, bias, gamma, *_ = _inputs(T, 4, 64, "bf16", True, T)
-        triton_gpu.forward(x, phi, alpha, bias, gamma, **kw)
-        sizes.append([len(c) for c in caches])
-    assert min(sizes[0]) >= 1 and sizes[1:] == sizes[:1] * 2, sizes
+    for n, D, Ts in ((4, 512, (2048, 5003, 16384)), (8, 1000, (5, 9001, 40000))):
+        sizes = []
+        for T in Ts:
+            x, phi, alpha, bias, gamma, *_ = _inputs(T, n, D, "bf16", True, T)
+            triton_gpu.forward(x, phi, alpha, bias, gamma, **kw)
+            sizes.append([len(c) for c in caches])
+        assert min(sizes[0]) >= 1 and sizes[1:] == sizes[:1] * (len(Ts) - 1), (n, sizes)
 
 
 # Sinkhorn-Knopp inside the fused kernels (CONTRACT.md, "Sinkhorn-Knopp projection")
