@@ -100,6 +100,12 @@ _PIECES = {
 #: is the whole error.
 LONG_ROW_ND = 256
 _PIECES_LONG_BF16 = ((2, 1), (2, 1))
+#: At n >= 5 (F_PAD >= 64) rows of n*D >= LONGER_ROW_ND take one piece of dm for w too: dx at
+#: most 2.5e-3 against 6e-3 over 360 draws at n*D = 1024..4096, T <= 3, of
+#: bench/pieces_emulation.py (2.3e-3 with two pieces; at n*D = 256..400 one piece reached
+#: 3.8e-3).  H200: column kernel 0.52 -> 0.40 ms at (2,4096,6,4096); at n = 4 one piece took
+#: 148 registers instead of 128 and was slower (0.443 -> 0.458 ms at (4,4096,4,4096)).
+LONGER_ROW_ND = 4096
 
 
 def _dtype_name(dt) -> str:
@@ -743,6 +749,9 @@ if triton is not None:
     # Backward, column part: program (stream i, D chunk c, token split s).
     #   w = dm @ phi[:, i*D + d];  dx[i, d] = w*g - coef*x[i, d] + h_pre[i]*dh_in[d]
     #   P[f, i*D + d] += sum_t dm[t, f] x[t, i, d]      (registers; dphi = g*P, dgamma = sum_f phi*P)
+    # The gate columns f go in one block [0, FA) (FA = F_PAD) or, where F is far from a power
+    # of two (FB > 0: n = 5, 6, 8), in two, [0, FA) and [FA, FA + FB), so that the dots do not
+    # multiply zero rows: F = 80 takes 64 + 16 columns instead of 128 (_f_blocks).
     @triton.jit(do_not_specialize=["T", "TOK_PER_SPLIT"])
     def _pre_bwd_col_kernel(
         x_ptr,       # [T, n, D] x dtype
@@ -759,6 +768,8 @@ if triton is not None:
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
         NWA: tl.constexpr, NWB: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr,
         NDM: tl.constexpr, INTERP: tl.constexpr,
+        FA: tl.constexpr,   # gate columns [0, FA) in the first block (_f_blocks)
+        FB: tl.constexpr,   # and [FA, FA + FB) in the second (0: none)
         EXACT: tl.constexpr = False,
         rms_ptr=None,    # [T] fp32 (EXACT)
         hmix_ptr=None,   # [T, F] fp32 (EXACT)
@@ -770,15 +781,21 @@ if triton is not None:
         d = c * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = d < D
         col = i * D + d
-        ff = tl.arange(0, F_PAD)
-        # loop-invariant B operand of w: phi [F_PAD, BLOCK_D] (rows >= F zero), split into
-        # bf16 pieces once per program
+        ff = tl.arange(0, FA)
+        # loop-invariant B operand of w: phi [FA, BLOCK_D] (rows >= F zero), split into bf16
+        # pieces once per program
         p0, p1, p2 = _split3(tl.load(phi_ptr + ff[:, None] * ND + col[None, :],
                                      mask=(ff < F)[:, None] & dmask[None, :], other=0.0),
                              NWB, INTERP)
+        P = tl.zeros([FA, BLOCK_D], dtype=tl.float32)
+        if FB > 0:
+            fb = FA + tl.arange(0, FB)
+            q0, q1, q2 = _split3(tl.load(phi_ptr + fb[:, None] * ND + col[None, :],
+                                         mask=(fb < F)[:, None] & dmask[None, :], other=0.0),
+                                 NWB, INTERP)
+            PB = tl.zeros([FB, BLOCK_D], dtype=tl.float32)
         if HAS_G:
             g = tl.load(g_ptr + col, mask=dmask, other=0.0)
-        P = tl.zeros([F_PAD, BLOCK_D], dtype=tl.float32)
         t_lo = s * TOK_PER_SPLIT
         t_hi = tl.minimum(t_lo + TOK_PER_SPLIT, T)
         for t0 in range(t_lo, t_hi, BLOCK_T):
@@ -787,8 +804,6 @@ if triton is not None:
             rows64 = rows.to(tl.int64)
             rm2 = rmask[:, None]
             m2 = rm2 & dmask[None, :]
-            a0, a1, a2 = _load_pieces(dm_ptr, rows64[:, None] * F_PAD + ff[None, :], T * F_PAD,
-                                      rm2, NDM)
             coef = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
             hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
             xv = tl.load(x_ptr + rows64[:, None] * ND + col[None, :], mask=m2, other=0.0)
@@ -797,23 +812,36 @@ if triton is not None:
                 dx = _dx_exact(dm_ptr, rms_ptr, hmix_ptr, phi_ptr, g_ptr, xv, dh, hp, rows64,
                                rmask, col, dmask, T, N, D, F, F_PAD, NDM, HAS_G)
             else:
+                a0, a1, a2 = _load_pieces(dm_ptr, rows64[:, None] * F_PAD + ff[None, :],
+                                          T * F_PAD, rm2, NWA)
                 w = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
                 w = _mm_core(a0, a1, a2, p0, p1, p2, w, NWA, NWB, INTERP)
+                if FB > 0:
+                    b0, b1, b2 = _load_pieces(dm_ptr, rows64[:, None] * F_PAD + fb[None, :],
+                                              T * F_PAD, rm2, NWA)
+                    w = _mm_core(b0, b1, b2, q0, q1, q2, w, NWA, NWB, INTERP)
                 if HAS_G:
                     w = w * g[None, :]
                 xf = xv.to(tl.float32)
                 dx = w - coef[:, None] * xf + hp[:, None] * dh.to(tl.float32)
             tl.store(dx_ptr + rows64[:, None] * ND + col[None, :],
                      _round_out(dx, dx_ptr.dtype.element_ty, INTERP), mask=m2)
-            # P += dm^T @ x: the transposed dm pieces are loaded as [F_PAD, BLOCK_T] tiles
+            # P += dm^T @ x: the transposed dm pieces are loaded as [FA, BLOCK_T] tiles
             # (an in-register tl.trans of the tiles above, or P^T = x^T @ dm with the x tile as
             # the big operand, measured 1.1-2.3x and 1.15x slower on the H200)
             t0_, t1_, t2_ = _load_pieces(dm_ptr, rows64[None, :] * F_PAD + ff[:, None],
                                          T * F_PAD, rmask[None, :], NPA)
             x0, x1, x2 = _split3(xv, NPB, INTERP)
             P = _mm_core(t0_, t1_, t2_, x0, x1, x2, P, NPA, NPB, INTERP)
+            if FB > 0:
+                u0, u1, u2 = _load_pieces(dm_ptr, rows64[None, :] * F_PAD + fb[:, None],
+                                          T * F_PAD, rmask[None, :], NPA)
+                PB = _mm_core(u0, u1, u2, x0, x1, x2, PB, NPA, NPB, INTERP)
         tl.store(wscol_ptr + s * (F * ND) + ff[:, None] * ND + col[None, :], P,
                  mask=(ff < F)[:, None] & dmask[None, :])
+        if FB > 0:
+            tl.store(wscol_ptr + s * (F * ND) + fb[:, None] * ND + col[None, :], PB,
+                     mask=(fb < F)[:, None] & dmask[None, :])
 
     # -----------------------------------------------------------------------------------------
     # Fixed-order reduction of the workspaces:
@@ -1131,8 +1159,10 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
                 # n >= 5, 16-bit x (H200, bench/results/gpu_quick-h200-wide*.json): the split
                 # forward at every T (_fwd_splits) with 64-column chunks (fused 0.94 / 1.54 ms
                 # -> 0.28 / 0.46 at (2,4096,n,4096), n = 6 / 8), column tiles [64 x 64]
-                # (0.96 / 1.73 -> 0.53 / 1.33 ms; 8 warps 0.71 / 1.39)
-                cfg.update(fwd_split_bd=64, col_bt=64, col_bd=64)
+                # (0.96 / 1.73 -> 0.53 / 1.33 ms; 8 warps 0.71 / 1.39), [32 x 64] at n = 8
+                # with its two gate-column blocks (_f_blocks; 0.86 -> 0.82 ms)
+                cfg.update(fwd_split_bd=64, col_bt=64 if n * n + 2 * n <= 64 else 32,
+                           col_bd=64)
         if D <= 64:
             p2 = max(16, _next_pow2(D))
             cfg.update(fwd_bd=min(cfg["fwd_bd"], p2), fwd_bd2=min(cfg["fwd_bd2"], p2),
@@ -1141,6 +1171,8 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
     _, cfg["w_pieces"], cfg["p_pieces"] = _PIECES[dtype_name]
     if dtype_name == "bf16" and n * D >= LONG_ROW_ND:
         cfg["w_pieces"], cfg["p_pieces"] = _PIECES_LONG_BF16
+        if n * n + 2 * n > 32 and n * D >= LONGER_ROW_ND:
+            cfg["w_pieces"] = (1, 1)
     cfg.update(_CONFIG_OVERRIDES)
     return cfg
 
@@ -1250,6 +1282,19 @@ def _prep_phi(phi, g, F_pad, npieces):
                            NPIECE=npieces, HAS_G=g is not None, BLOCK=BLOCK, INTERP=_interpret(),
                            num_warps=4)
     return out
+
+
+def _f_blocks(F: int, F_pad: int) -> tuple[int, int]:
+    """The column kernel's gate-column blocks (FA, FB): (F_PAD, 0) for one block; else the
+    largest power of two <= F and the power of two >= 16 that covers the rest, so that the
+    dots multiply fewer zero rows: n = 8 (F = 80) takes 64 + 16 columns of 128 (H200, column
+    kernel at (2,4096,8,4096): 1.39 -> 0.86 ms).  Only from 64 on: at n = 5, 6 (32 + 16 of 64)
+    the two blocks took more registers and were slower (0.40 -> 0.50 ms at (2,4096,6,4096))."""
+    fa = 1 << (F.bit_length() - 1)
+    fb = max(16, _next_pow2(F - fa))
+    if fa == F or fa < 64 or fa + fb >= F_pad:
+        return F_pad, 0
+    return fa, fb
 
 
 def _f32(a):
@@ -1383,9 +1428,10 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
             exact = dict(EXACT=True, rms_ptr=_f32(inv_rms), hmix_ptr=_f32(h_mix))
         col_args = [x, dh_in, hp32, dm, coef, phi32, g if g is not None else phi32, dx, coef,
                     T, 0]
+        fa, fb = (F_pad, 0) if exact or not cfg.get("col_fblocks", True) else _f_blocks(F, F_pad)
         col_kw = dict(N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd, HAS_G=g is not None,
                       NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(),
-                      **exact, **_launch_kw(cfg, "col"))
+                      FA=fa, FB=fb, **exact, **_launch_kw(cfg, "col"))
         occ = cfg.get("col_occ")
         if occ == "auto":   # the splits fill waves of the programs that fit on an SM
             occ = _resident(_pre_bwd_col_kernel, ("col", n, D, dname, dev, g is not None),

@@ -80,9 +80,11 @@ def _check(name, got, ref64, dname, seed):
     assert err <= bound, f"{name}: rel err {err:.3e} > {bound:.0e} (seed {seed})"
 
 
-# (T, n, D, dtype, gamma): n in {1, 3, 4, 8}, odd D, T not a multiple of any block size
+# (T, n, D, dtype, gamma): n in {1, 3, 4, 5, 8}, odd D, T not a multiple of any block size;
+# n = 5 at n*D >= 4096 takes one dm piece for w, n = 8 two gate-column blocks
 CASES = [
     (37, 4, 130, "bf16", True),
+    (3, 5, 821, "bf16", True),
     (19, 4, 130, "fp16", True),
     (21, 4, 130, "fp32", False),
     (5, 3, 7, "bf16", False),

@@ -99,11 +99,13 @@ def cases():
         cfg = tg._make_config(n, D, dt, torch.device("cuda"))   # the launch rule's pieces, tiles
         (nwa, nwb), (npa, npb) = cfg["w_pieces"], cfg["p_pieces"]
         F = n * n + 2 * n
-        yield (f"_pre_bwd_col_kernel {dt} n={n} D={D} w{nwa}{nwb} P{npa}{npb}",
+        fa, fb = tg._f_blocks(F, max(16, tg._next_pow2(F)))
+        yield (f"_pre_bwd_col_kernel {dt} n={n} D={D} w{nwa}{nwb} P{npa}{npb} F{fa}+{fb}",
                tg._pre_bwd_col_kernel, {k: v.format(dt) for k, v in col.items()},
                dict(N=n, D=D, F=F, F_PAD=max(16, tg._next_pow2(F)), BLOCK_T=cfg["col_bt"],
                     BLOCK_D=cfg["col_bd"], HAS_G=True, NWA=nwa, NWB=nwb, NPA=npa, NPB=npb,
-                    NDM=max(nwa, npa), INTERP=False, EXACT=False, rms_ptr=None, hmix_ptr=None),
+                    NDM=max(nwa, npa), INTERP=False, EXACT=False, rms_ptr=None, hmix_ptr=None,
+                    FA=fa, FB=fb),
                cfg["col_warps"], cfg["col_stages"])
 
 
