@@ -749,9 +749,9 @@ if triton is not None:
     # Backward, column part: program (stream i, D chunk c, token split s).
     #   w = dm @ phi[:, i*D + d];  dx[i, d] = w*g - coef*x[i, d] + h_pre[i]*dh_in[d]
     #   P[f, i*D + d] += sum_t dm[t, f] x[t, i, d]      (registers; dphi = g*P, dgamma = sum_f phi*P)
-    # The gate columns f go in one block [0, FA) (FA = F_PAD) or, where F is far from a power
-    # of two (FB > 0: n = 5, 6, 8), in two, [0, FA) and [FA, FA + FB), so that the dots do not
-    # multiply zero rows: F = 80 takes 64 + 16 columns instead of 128 (_f_blocks).
+    # The gate columns f go in one block [0, FA) (FA = F_PAD) or, at n = 8 (FB > 0), in two,
+    # [0, FA) and [FA, FA + FB), so that the dots do not multiply zero rows: F = 80 takes
+    # 64 + 16 columns instead of 128 (_f_blocks).
     @triton.jit(do_not_specialize=["T", "TOK_PER_SPLIT"])
     def _pre_bwd_col_kernel(
         x_ptr,       # [T, n, D] x dtype
@@ -1050,7 +1050,8 @@ def set_config(**kw) -> None:
 
     ``row_waves`` and ``col_occ`` take "auto" (the CUDA default; programs per SM as many as fit,
     from the compiled kernel, see _resident) or a number; ``w_pieces`` / ``p_pieces`` the bf16
-    pieces (A, B) of the backward's two products (docs/triton.md, "Precision").
+    pieces (A, B) of the backward's two products (docs/triton.md, "Precision");
+    ``col_fblocks=False`` keeps the column kernel's gate columns in one block (_f_blocks).
 
     Variants: ``fwd_split`` ("auto" default: the rule in _fwd_splits; 0: always the fused
     forward; S >= 1, or -1 for ~4 programs per SM: the split forward, with
