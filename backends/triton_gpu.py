@@ -233,21 +233,33 @@ if triton is not None:
         wrapper): the two pieces are one B tile [BLOCK_D, 2 * F_PAD] (they are stored one after
         the other) and one dot; acc is then [BLOCK_T, 2 * F_PAD], the pieces' products side by
         side, summed by _fwd_acc_sum."""
-        dmask = d < D
-        xv = tl.load(x_ptr + rows64[:, None] * ND + i * D + d[None, :],
-                     mask=rmask[:, None] & dmask[None, :], other=0.0)
-        xf = xv.to(tl.float32)
-        ss2 += xf * xf
+        xv, ss2 = _fwd_x(x_ptr, rows64, rmask, i, d, ss2, ND, D)
         if CAT:
+            dmask = d < D
             fc = tl.arange(0, 2 * F_PAD)
             b = tl.load(pg_ptr + fc[None, :] * ND + i * D + d[:, None], mask=dmask[:, None],
                         other=0.0)
             acc = _mm_core(xv, xv, xv, b, b, b, acc, 1, 1, INTERP)
         else:
-            b0, b1, b2 = _load_pieces(pg_ptr, ff[None, :] * ND + i * D + d[:, None], F_PAD * ND,
-                                      dmask[:, None], NPB)
-            acc = _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP, SEP)
+            acc = _fwd_dot(xv, pg_ptr, i, d, ff, acc, ND, D, F_PAD, NPA, NPB, INTERP, SEP)
         return acc, ss2
+
+    @triton.jit
+    def _fwd_x(x_ptr, rows64, rmask, i, d, ss2, ND: tl.constexpr, D: tl.constexpr):
+        """The x tile of (stream i, D chunk d), and ss2 plus its squares."""
+        xv = tl.load(x_ptr + rows64[:, None] * ND + i * D + d[None, :],
+                     mask=rmask[:, None] & (d < D)[None, :], other=0.0)
+        xf = xv.to(tl.float32)
+        return xv, ss2 + xf * xf
+
+    @triton.jit
+    def _fwd_dot(xv, pg_ptr, i, d, ff, acc, ND: tl.constexpr, D: tl.constexpr,
+                 F_PAD: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr,
+                 INTERP: tl.constexpr, SEP: tl.constexpr = False):
+        """acc + the x tile @ the phi*g pieces' columns ff (B tile [BLOCK_D, len(ff)])."""
+        b0, b1, b2 = _load_pieces(pg_ptr, ff[None, :] * ND + i * D + d[:, None], F_PAD * ND,
+                                  (d < D)[:, None], NPB)
+        return _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP, SEP)
 
     @triton.jit
     def _fwd_acc_sum(acc, F_PAD: tl.constexpr, CAT: tl.constexpr):
@@ -500,7 +512,9 @@ if triton is not None:
         x_ptr, pg_ptr, mpart_ptr, spart_ptr, T, S,
         N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-        NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr, CAT: tl.constexpr = False,
+        NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr,
+        FA: tl.constexpr, FB: tl.constexpr,   # gate columns in one or two blocks (_f_blocks)
+        CAT: tl.constexpr = False,
     ):
         ND: tl.constexpr = N * D
         NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
@@ -511,20 +525,32 @@ if triton is not None:
         rmask = rows < T
         rows64 = rows.to(tl.int64)
         dd = tl.arange(0, BLOCK_D)
-        ff = tl.arange(0, F_PAD)
-        W: tl.constexpr = 2 * F_PAD if CAT else F_PAD   # see _fwd_step
+        ff = tl.arange(0, FA)
+        W: tl.constexpr = 2 * FA if CAT else FA   # see _fwd_step (CAT only with one block)
         acc = tl.zeros([BLOCK_T, W], dtype=tl.float32)
+        if FB > 0:
+            fb = FA + tl.arange(0, FB)
+            accb = tl.zeros([BLOCK_T, FB], dtype=tl.float32)
         ss2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         c_lo = s * CPS
         nj = (tl.minimum(c_lo + CPS, NCH) - c_lo) * N
         for j in range(0, nj):
             cl = j // N
             i = j - cl * N
-            acc, ss2 = _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, (c_lo + cl) * BLOCK_D + dd, ff,
-                                 acc, ss2, ND, D, F_PAD, NPA, NPB, INTERP, False, CAT)
-        acc = _fwd_acc_sum(acc, F_PAD, CAT)
+            d = (c_lo + cl) * BLOCK_D + dd
+            if FB > 0:
+                xv, ss2 = _fwd_x(x_ptr, rows64, rmask, i, d, ss2, ND, D)
+                acc = _fwd_dot(xv, pg_ptr, i, d, ff, acc, ND, D, F_PAD, NPA, NPB, INTERP)
+                accb = _fwd_dot(xv, pg_ptr, i, d, fb, accb, ND, D, F_PAD, NPA, NPB, INTERP)
+            else:
+                acc, ss2 = _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, d, ff, acc, ss2, ND, D,
+                                     F_PAD, NPA, NPB, INTERP, False, CAT)
+        acc = _fwd_acc_sum(acc, FA, CAT)
         tl.store(mpart_ptr + (s * T + rows64[:, None]) * F + ff[None, :], acc,
                  mask=rmask[:, None] & (ff < F)[None, :])
+        if FB > 0:
+            tl.store(mpart_ptr + (s * T + rows64[:, None]) * F + fb[None, :], accb,
+                     mask=rmask[:, None] & (fb < F)[None, :])
         tl.store(spart_ptr + s * T + rows64, tl.sum(ss2, axis=1), mask=rmask)
 
     @triton.jit(do_not_specialize=["T", "S"])
@@ -1051,7 +1077,8 @@ def set_config(**kw) -> None:
     ``row_waves`` and ``col_occ`` take "auto" (the CUDA default; programs per SM as many as fit,
     from the compiled kernel, see _resident) or a number; ``w_pieces`` / ``p_pieces`` the bf16
     pieces (A, B) of the backward's two products (docs/triton.md, "Precision");
-    ``col_fblocks=False`` keeps the column kernel's gate columns in one block (_f_blocks).
+    ``col_fblocks=False`` / ``fwd_fblocks=False`` keep the column kernel's / the split
+    forward's gate columns in one block (_f_blocks).
 
     Variants: ``fwd_split`` ("auto" default: the rule in _fwd_splits; 0: always the fused
     forward; S >= 1, or -1 for ~4 programs per SM: the split forward, with
@@ -1247,9 +1274,10 @@ def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pr
     mpart = torch.empty((S, T, F), dtype=torch.float32, device=dev)
     spart = torch.empty((S, T), dtype=torch.float32, device=dev)
     kw = _launch_kw(cfg, "fwd_split")
+    fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
     _pre_fwd_part_kernel[(_cdiv(T, bt), S)](
         x, pg, mpart, spart, T, S, N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd,
-        NPA=npa, NPB=npb, INTERP=_interpret(), CAT=_cat(npa, npb, F_pad), **kw)
+        NPA=npa, NPB=npb, INTERP=_interpret(), FA=fa, FB=fb, CAT=_cat(npa, npb, F_pad), **kw)
     hbt = cfg["hin_bt"]
     hbd = min(cfg["hin_bd"], max(16, _next_pow2(D)))
     rev = bool(cfg.get("hin_rev", True))
@@ -1286,11 +1314,13 @@ def _prep_phi(phi, g, F_pad, npieces):
 
 
 def _f_blocks(F: int, F_pad: int) -> tuple[int, int]:
-    """The column kernel's gate-column blocks (FA, FB): (F_PAD, 0) for one block; else the
-    largest power of two <= F and the power of two >= 16 that covers the rest, so that the
-    dots multiply fewer zero rows: n = 8 (F = 80) takes 64 + 16 columns of 128 (H200, column
-    kernel at (2,4096,8,4096): 1.39 -> 0.86 ms).  Only from 64 on: at n = 5, 6 (32 + 16 of 64)
-    the two blocks took more registers and were slower (0.40 -> 0.50 ms at (2,4096,6,4096))."""
+    """The gate-column blocks (FA, FB) of the column kernel and the split forward's pass 1:
+    (F_PAD, 0) for one block; else the largest power of two <= F and the power of two >= 16
+    that covers the rest, so that the dots multiply fewer zero rows: n = 8 (F = 80) takes
+    64 + 16 columns of 128 (H200 at (2,4096,8,4096): column kernel 1.39 -> 0.86 ms, pass 1
+    0.283 -> 0.253 ms, bitwise the same m).  Only from 64 on: at n = 5, 6 (32 + 16 of 64) the
+    column kernel's two blocks took more registers and were slower (0.40 -> 0.50 ms at
+    (2,4096,6,4096))."""
     fa = 1 << (F.bit_length() - 1)
     fb = max(16, _next_pow2(F - fa))
     if fa == F or fa < 64 or fa + fb >= F_pad:

@@ -93,6 +93,19 @@ def cases():
                {k: v.format(dt) for k, v in fwd.items()},
                dict(N=1, D=1, F=3, F_PAD=16, BLOCK_T=64, BLOCK_D=16, BLOCK_D2=16, NPA=npa, NPB=3,
                     INTERP=False, K=0, NP=1, SEP=True, CAT=False))
+    part = {"x_ptr": "*{0}", "pg_ptr": "*bf16"}
+    for dt, n in (("bf16", 4), ("bf16", 8), ("fp16", 8)):   # the split forward's pass 1
+        cfg = tg._make_config(n, 4096, dt, torch.device("cuda"))
+        npa, npb = tg._PIECES[dt][0]
+        F = n * n + 2 * n
+        F_pad = max(16, tg._next_pow2(F))
+        fa, fb = tg._f_blocks(F, F_pad)
+        yield (f"_pre_fwd_part_kernel {dt} n={n} F{fa}+{fb}", tg._pre_fwd_part_kernel,
+               {k: v.format(dt) for k, v in part.items()},
+               dict(N=n, D=4096, F=F, F_PAD=F_pad, BLOCK_T=cfg["fwd_split_bt"],
+                    BLOCK_D=cfg["fwd_split_bd"], NPA=npa, NPB=npb, INTERP=False, FA=fa, FB=fb,
+                    CAT=tg._cat(npa, npb, F_pad)),
+               cfg["fwd_split_warps"], cfg["fwd_split_stages"])
     col = {"x_ptr": "*{0}", "dhin_ptr": "*{0}", "dx_ptr": "*{0}", "dm_ptr": "*bf16"}
     for dt, D, n in (("bf16", 4096, 4), ("bf16", 16, 4), ("fp32", 4096, 4), ("bf16", 4096, 8),
                      ("fp16", 4096, 6)):
