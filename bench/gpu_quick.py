@@ -6,8 +6,10 @@ and backward graph times (median of CUDA-graph replays) and each kernel's device
 
 ``--variants '{"name": {set_config keys}}'`` times each variant (default: the launch rule
 alone) and gives each output's relative difference from the first variant's (``vs_first``:
-0.0 where bitwise the same).  For A/B between commits or launch variants: prints one line per (variant, shape,
-pass), writes $OUT/gpu_quick.json.  The acceptance table is bench/gpu_suite.py's.
+0.0 where bitwise the same); a variant that raises (a tile that does not fit) is recorded
+with its error and skipped.  For A/B between commits or launch variants: prints one line per
+(variant, shape, pass), writes $OUT/gpu_quick.json.  The acceptance table is
+bench/gpu_suite.py's.
 """
 from __future__ import annotations
 
