@@ -156,6 +156,23 @@ def test_column_splits_fill_the_waves():
     assert triton_gpu._col_splits(dict(col_occ="auto", col_waves=4), 256, 512, 132, 3) == 3
 
 
+def test_gate_column_blocks_cover_f():
+    """_f_blocks: the one or two blocks of gate columns the column kernel and pass 1 of the
+    split forward run cover all F columns, stay inside the padded F_PAD rows of their scratch,
+    are dot-sized powers of two, and split only where that saves rows (at n = 8 of n <= 8)."""
+    split = []
+    for F in list(range(1, 200)) + [n * n + 2 * n for n in range(1, 9)]:
+        F_pad = max(16, triton_gpu._next_pow2(F))
+        fa, fb = triton_gpu._f_blocks(F, F_pad)
+        assert fa >= 16 and fa & (fa - 1) == 0, (F, fa, fb)
+        if fb == 0:
+            assert fa == F_pad, (F, fa)
+        else:
+            assert fb >= 16 and fb & (fb - 1) == 0 and fa < F <= fa + fb < F_pad, (F, fa, fb)
+            split.append(F)
+    assert [n for n in range(1, 9) if n * n + 2 * n in split] == [8]
+
+
 def test_programs_per_multiprocessor():
     """_fit_per_sm, the occupancy rules the persistent grids are sized by, at the H200's
     limits: the row kernel's 64 and 80 registers x 8 warps (4 and 3 programs; at 80 a grid of
