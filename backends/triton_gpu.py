@@ -807,18 +807,14 @@ if triton is not None:
         d = c * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = d < D
         col = i * D + d
+        # per gate-column block: the loop-invariant B operand of w, phi [FA, BLOCK_D] (rows >= F
+        # zero) split into bf16 pieces once per program, and the accumulator P
         ff = tl.arange(0, FA)
-        # loop-invariant B operand of w: phi [FA, BLOCK_D] (rows >= F zero), split into bf16
-        # pieces once per program
-        p0, p1, p2 = _split3(tl.load(phi_ptr + ff[:, None] * ND + col[None, :],
-                                     mask=(ff < F)[:, None] & dmask[None, :], other=0.0),
-                             NWB, INTERP)
+        p0, p1, p2 = _col_phi(phi_ptr, ff, col, dmask, F, ND, NWB, INTERP)
         P = tl.zeros([FA, BLOCK_D], dtype=tl.float32)
         if FB > 0:
             fb = FA + tl.arange(0, FB)
-            q0, q1, q2 = _split3(tl.load(phi_ptr + fb[:, None] * ND + col[None, :],
-                                         mask=(fb < F)[:, None] & dmask[None, :], other=0.0),
-                                 NWB, INTERP)
+            q0, q1, q2 = _col_phi(phi_ptr, fb, col, dmask, F, ND, NWB, INTERP)
             PB = tl.zeros([FB, BLOCK_D], dtype=tl.float32)
         if HAS_G:
             g = tl.load(g_ptr + col, mask=dmask, other=0.0)
@@ -838,36 +834,54 @@ if triton is not None:
                 dx = _dx_exact(dm_ptr, rms_ptr, hmix_ptr, phi_ptr, g_ptr, xv, dh, hp, rows64,
                                rmask, col, dmask, T, N, D, F, F_PAD, NDM, HAS_G)
             else:
-                a0, a1, a2 = _load_pieces(dm_ptr, rows64[:, None] * F_PAD + ff[None, :],
-                                          T * F_PAD, rm2, NWA)
                 w = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-                w = _mm_core(a0, a1, a2, p0, p1, p2, w, NWA, NWB, INTERP)
+                w = _col_w(dm_ptr, rows64, rm2, ff, p0, p1, p2, w, T, F_PAD, NWA, NWB, INTERP)
                 if FB > 0:
-                    b0, b1, b2 = _load_pieces(dm_ptr, rows64[:, None] * F_PAD + fb[None, :],
-                                              T * F_PAD, rm2, NWA)
-                    w = _mm_core(b0, b1, b2, q0, q1, q2, w, NWA, NWB, INTERP)
+                    w = _col_w(dm_ptr, rows64, rm2, fb, q0, q1, q2, w, T, F_PAD, NWA, NWB,
+                               INTERP)
                 if HAS_G:
                     w = w * g[None, :]
                 xf = xv.to(tl.float32)
                 dx = w - coef[:, None] * xf + hp[:, None] * dh.to(tl.float32)
             tl.store(dx_ptr + rows64[:, None] * ND + col[None, :],
                      _round_out(dx, dx_ptr.dtype.element_ty, INTERP), mask=m2)
-            # P += dm^T @ x: the transposed dm pieces are loaded as [FA, BLOCK_T] tiles
-            # (an in-register tl.trans of the tiles above, or P^T = x^T @ dm with the x tile as
-            # the big operand, measured 1.1-2.3x and 1.15x slower on the H200)
-            t0_, t1_, t2_ = _load_pieces(dm_ptr, rows64[None, :] * F_PAD + ff[:, None],
-                                         T * F_PAD, rmask[None, :], NPA)
-            x0, x1, x2 = _split3(xv, NPB, INTERP)
-            P = _mm_core(t0_, t1_, t2_, x0, x1, x2, P, NPA, NPB, INTERP)
+            # P += dm^T @ x (_col_p)
+            P = _col_p(dm_ptr, rows64, rmask, ff, xv, P, T, F_PAD, NPA, NPB, INTERP)
             if FB > 0:
-                u0, u1, u2 = _load_pieces(dm_ptr, rows64[None, :] * F_PAD + fb[:, None],
-                                          T * F_PAD, rmask[None, :], NPA)
-                PB = _mm_core(u0, u1, u2, x0, x1, x2, PB, NPA, NPB, INTERP)
-        tl.store(wscol_ptr + s * (F * ND) + ff[:, None] * ND + col[None, :], P,
-                 mask=(ff < F)[:, None] & dmask[None, :])
+                PB = _col_p(dm_ptr, rows64, rmask, fb, xv, PB, T, F_PAD, NPA, NPB, INTERP)
+        ws = wscol_ptr + s * (F * ND)
+        tl.store(ws + ff[:, None] * ND + col[None, :], P, mask=(ff < F)[:, None] & dmask[None, :])
         if FB > 0:
-            tl.store(wscol_ptr + s * (F * ND) + fb[:, None] * ND + col[None, :], PB,
+            tl.store(ws + fb[:, None] * ND + col[None, :], PB,
                      mask=(fb < F)[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _col_phi(phi_ptr, fc, col, dmask, F: tl.constexpr, ND: tl.constexpr,
+                 NWB: tl.constexpr, INTERP: tl.constexpr):
+        """phi's rows fc (zero from F on) at the columns col, split into NWB bf16 pieces."""
+        return _split3(tl.load(phi_ptr + fc[:, None] * ND + col[None, :],
+                               mask=(fc < F)[:, None] & dmask[None, :], other=0.0),
+                       NWB, INTERP)
+
+    @triton.jit
+    def _col_w(dm_ptr, rows64, rm2, fc, p0, p1, p2, w, T, F_PAD: tl.constexpr,
+               NWA: tl.constexpr, NWB: tl.constexpr, INTERP: tl.constexpr):
+        """w + dm[rows, fc] @ phi[fc, :] from the pieces of both."""
+        a0, a1, a2 = _load_pieces(dm_ptr, rows64[:, None] * F_PAD + fc[None, :], T * F_PAD, rm2,
+                                  NWA)
+        return _mm_core(a0, a1, a2, p0, p1, p2, w, NWA, NWB, INTERP)
+
+    @triton.jit
+    def _col_p(dm_ptr, rows64, rmask, fc, xv, P, T, F_PAD: tl.constexpr,
+               NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr):
+        """P + dm[rows, fc]^T @ x, from dm's pieces and x split into NPB.  The transposed dm
+        pieces are loaded as [len(fc), BLOCK_T] tiles (an in-register tl.trans of w's tiles, or
+        P^T = x^T @ dm with the x tile as the big operand, measured 1.1-2.3x and 1.15x slower
+        on the H200)."""
+        t0, t1, t2 = _load_pieces(dm_ptr, rows64[None, :] * F_PAD + fc[:, None], T * F_PAD,
+                                  rmask[None, :], NPA)
+        x0, x1, x2 = _split3(xv, NPB, INTERP)
+        return _mm_core(t0, t1, t2, x0, x1, x2, P, NPA, NPB, INTERP)
 
     # -----------------------------------------------------------------------------------------
     # Fixed-order reduction of the workspaces:
