@@ -515,6 +515,7 @@ if triton is not None:
         NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr,
         FA: tl.constexpr, FB: tl.constexpr,   # gate columns in one or two blocks (_f_blocks)
         CAT: tl.constexpr = False,
+        ILV: tl.constexpr = False,   # shares interleaved: share s takes D chunks s, s + S, ...
     ):
         ND: tl.constexpr = N * D
         NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
@@ -532,12 +533,18 @@ if triton is not None:
             fb = FA + tl.arange(0, FB)
             accb = tl.zeros([BLOCK_T, FB], dtype=tl.float32)
         ss2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        c_lo = s * CPS
-        nj = (tl.minimum(c_lo + CPS, NCH) - c_lo) * N
+        if ILV:
+            c_lo = s
+            c_step = S
+            nj = ((NCH - s + S - 1) // S) * N
+        else:
+            c_lo = s * CPS
+            c_step = 1
+            nj = (tl.minimum(c_lo + CPS, NCH) - c_lo) * N
         for j in range(0, nj):
             cl = j // N
             i = j - cl * N
-            d = (c_lo + cl) * BLOCK_D + dd
+            d = (c_lo + cl * c_step) * BLOCK_D + dd
             if FB > 0:
                 xv, ss2 = _fwd_x(x_ptr, rows64, rmask, i, d, ss2, ND, D)
                 acc = _fwd_dot(xv, pg_ptr, i, d, ff, acc, ND, D, F_PAD, NPA, NPB, INTERP)
@@ -560,12 +567,16 @@ if triton is not None:
         N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
         REV: tl.constexpr = False, K: tl.constexpr = 0, NP: tl.constexpr = 1,
+        DLAST: tl.constexpr = False, EV: tl.constexpr = "",
     ):
         ND: tl.constexpr = N * D
         if REV:   # grid (D chunks, token blocks), token blocks last first: the x that pass 1
             #       read last is still in L2 when it is read again here
             blk = tl.num_programs(1) - 1 - tl.program_id(1)
             c = tl.program_id(0)
+        elif DLAST:   # grid (token blocks, D chunks), D chunks last first
+            blk = tl.program_id(0)
+            c = tl.num_programs(1) - 1 - tl.program_id(1)
         else:     # grid (token blocks, D chunks)
             blk = tl.program_id(0)
             c = tl.program_id(1)
@@ -592,7 +603,8 @@ if triton is not None:
         h = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for i in tl.static_range(N):
             hp = tl.sum(tl.where(ff[None, :] == i, gate, 0.0), axis=1)   # h_pre[:, i]
-            xv = tl.load(x_ptr + rows64[:, None] * ND + i * D + d[None, :], mask=m2, other=0.0)
+            xv = tl.load(x_ptr + rows64[:, None] * ND + i * D + d[None, :], mask=m2, other=0.0,
+                         eviction_policy=EV)
             h += hp[:, None] * xv.to(tl.float32)
         tl.store(hin_ptr + rows64[:, None] * D + d[None, :],
                  _round_out(h, hin_ptr.dtype.element_ty, INTERP), mask=m2)
@@ -1085,8 +1097,9 @@ _RESIDENT: dict = {}       # compiled kernel variant -> programs per multiproces
 def set_config(**kw) -> None:
     """Override launch parameters (keys: fwd_bt, fwd_bd, fwd_bd2, fwd_warps, fwd_stages, row_bt,
     row_bd, row_warps, col_bt, col_bd, col_warps, col_stages, col_waves, col_occ, col_splits,
-    row_waves, hin_rev; the post operator's with a ``post_`` prefix: post_pf_bt, post_pf_bd,
-    post_pb_bt, post_pb_bd, post_pb_warps, post_pb_stages); {} restores the rules.
+    row_waves, hin_rev, fwd_ilv, hin_order, hin_ev (_l2_reuse); the post operator's with a
+    ``post_`` prefix: post_pf_bt, post_pf_bd, post_pb_bt, post_pb_bd, post_pb_warps,
+    post_pb_stages); {} restores the rules.
 
     ``row_waves`` and ``col_occ`` take "auto" (the CUDA default; programs per SM as many as fit,
     from the compiled kernel, see _resident) or a number; ``w_pieces`` / ``p_pieces`` the bf16
@@ -1289,17 +1302,41 @@ def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pr
     spart = torch.empty((S, T), dtype=torch.float32, device=dev)
     kw = _launch_kw(cfg, "fwd_split")
     fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
+    ilv, order, hin_ev = _l2_reuse(cfg, S, F_pad, dev)
     _pre_fwd_part_kernel[(_cdiv(T, bt), S)](
         x, pg, mpart, spart, T, S, N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd,
-        NPA=npa, NPB=npb, INTERP=_interpret(), FA=fa, FB=fb, CAT=_cat(npa, npb, F_pad), **kw)
+        NPA=npa, NPB=npb, INTERP=_interpret(), FA=fa, FB=fb, CAT=_cat(npa, npb, F_pad),
+        ILV=ilv, **kw)
     hbt = cfg["hin_bt"]
     hbd = min(cfg["hin_bd"], max(16, _next_pow2(D)))
-    rev = bool(cfg.get("hin_rev", True))
     grid = (_cdiv(T, hbt), _cdiv(D, hbd))
-    _pre_fwd_fin_kernel[grid[::-1] if rev else grid](
+    _pre_fwd_fin_kernel[grid[::-1] if order == "rev" else grid](
         x, mpart, spart, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre, T,
         S, float(norm_eps), float(hc_eps), N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=hbt,
-        BLOCK_D=hbd, INTERP=_interpret(), REV=rev, **_sk_kw(k, n), num_warps=4)
+        BLOCK_D=hbd, INTERP=_interpret(), REV=order == "rev", DLAST=order == "dlast",
+        EV=hin_ev, **_sk_kw(k, n), num_warps=4)
+
+
+def _l2_reuse(cfg, S: int, F_pad: int, device) -> tuple[bool, str, str]:
+    """How the split forward's two passes share the L2: (ILV, the h_in pass's order of D
+    chunks, its eviction policy for x).
+
+    Rule, on CUDA at S >= 4 shares (short T: x at most a few times the L2) and F_PAD <= 64
+    (n <= 6): pass 1's shares interleaved (share s takes D chunks s, s + S, ...: all programs
+    move through D together, so the last D chunks are the last read), then the h_in pass in D
+    chunks last first, its x loads evict_first (read for the last time: keep what is still
+    to come).  H200, Triton 3.6, graph ms without -> with
+    (bench/results/gpu_quick-h200-l2.json): (1,4096,4,2560) 0.0623 -> 0.0580, (1,2048,4,4096)
+    0.0573 -> 0.0536, (1,4096,5,4096) 0.151 -> 0.137, (1,4096,6,4096) 0.166 -> 0.153.  Not
+    taken where it lost (gpu_quick-h200-l2-explore.json): (1,2048,8,4096) 0.1326 -> 0.1355
+    (pass 1 slower), (2,4096,4,7168) at S = 2 0.264 -> 0.270, (4,4096,4,4096) at S = 1 (order
+    and hint) 0.300 -> 0.306.  Otherwise: contiguous shares, token blocks last first, no hint.
+    Overrides: set_config(fwd_ilv=, hin_order="rev" | "dlast" | "plain", hin_ev=)."""
+    on = device.type == "cuda" and S >= 4 and F_pad <= 64
+    order = cfg.get("hin_order") or ("dlast" if on else
+                                     ("rev" if cfg.get("hin_rev", True) else "plain"))
+    return (bool(cfg.get("fwd_ilv", on)), order,
+            cfg.get("hin_ev", "evict_first" if on else ""))
 
 
 def _cat(npa: int, npb: int, F_pad: int) -> bool:

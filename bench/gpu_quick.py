@@ -4,6 +4,12 @@ and backward graph times (median of CUDA-graph replays) and each kernel's device
     python3 bench/gpu_quick.py [--dtype bf16] [--passes fwd,bwd] [--variants JSON]
                                [--shapes B,S,n,D ...]
 
+Each (shape, pass) also gets its floor (bytes that must move / the copy bandwidth of this
+process, as bench/gpu_suite.py) and ``copy_same_ms``: a device-to-device copy of the same number
+of bytes, timed by plain do_bench (in a CUDA graph the copy becomes a copy-engine node, ~1.6x
+slower than the SM copy of a stream, measured): the floor at this size as the measurement sees
+it (L2 flushed before each call, the flush's dirty lines written back during the copy).
+
 ``--variants '{"name": {set_config keys}}'`` times each variant (default: the launch rule
 alone) and gives each output's relative difference from the first variant's (``vs_first``:
 0.0 where bitwise the same); a variant that raises (a tile that does not fit) is recorded
@@ -21,8 +27,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_suite import (tg, bench_graph, kernel_ms, make_inputs, copy_bandwidth,  # noqa: E402
-                       backward_args, rel, NORM_EPS, HC_EPS, DT)
+from gpu_suite import (tg, bench, bench_graph, kernel_ms, make_inputs, copy_bandwidth,  # noqa: E402
+                       backward_args, rel, nbytes, NORM_EPS, HC_EPS, DT)
 
 SHAPES = [(1, 4096, 4, 2560), (4, 4096, 4, 4096), (2, 4096, 4, 7168)]
 
@@ -47,6 +53,17 @@ def main():
         bargs = backward_args(fo, x, phi, alpha, bias, g, dh_in, dh_post, dh_res)
         fns = {"fwd": lambda: tg.forward(x, phi, alpha, bias, g, **kw),
                "bwd": lambda: tg.backward(*bargs, **kw)}
+        moved = {"fwd": nbytes(x, phi, alpha, bias, g) + nbytes(*fo),
+                 "bwd": nbytes(*bargs) + nbytes(*(o for o in fns["bwd"]() if o is not None))}
+        for name in passes:
+            src = torch.empty(moved[name] // 2, dtype=torch.uint8, device="cuda")
+            dst = torch.empty_like(src)
+            r = dict(shape=shape, pass_=name, floor_ms=round(moved[name] / rows[0]["copy_TBps"]
+                                                            * 1e3, 4),
+                     copy_same_ms=round(bench(lambda: dst.copy_(src)), 4))
+            print(r, flush=True)
+            rows.append(r)
+            del src, dst
         first = {}
         for vname, cfg in variants.items():
             tg.set_config(**cfg)
