@@ -5,10 +5,8 @@ and backward graph times (median of CUDA-graph replays) and each kernel's device
                                [--shapes B,S,n,D ...]
 
 Each (shape, pass) also gets its floor (bytes that must move / the copy bandwidth of this
-process, as bench/gpu_suite.py) and ``copy_same_ms``: a device-to-device copy of the same number
-of bytes, timed by plain do_bench (in a CUDA graph the copy becomes a copy-engine node, ~1.6x
-slower than the SM copy of a stream, measured): the floor at this size as the measurement sees
-it (L2 flushed before each call, the flush's dirty lines written back during the copy).
+process, as bench/gpu_suite.py) and ``copy_same_ms`` (gpu_suite.copy_same_ms: a copy of the
+same number of bytes, what moving them costs at this size as do_bench measures).
 
 ``--variants '{"name": {set_config keys}}'`` times each variant (default: the launch rule
 alone) and gives each output's relative difference from the first variant's (``vs_first``:
@@ -27,8 +25,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_suite import (tg, bench, bench_graph, kernel_ms, make_inputs, copy_bandwidth,  # noqa: E402
-                       backward_args, rel, nbytes, NORM_EPS, HC_EPS, DT)
+from gpu_suite import (tg, bench_graph, kernel_ms, make_inputs, copy_bandwidth,  # noqa: E402
+                       copy_same_ms, backward_args, rel, nbytes, NORM_EPS, HC_EPS, DT)
 
 SHAPES = [(1, 4096, 4, 2560), (4, 4096, 4, 4096), (2, 4096, 4, 7168)]
 
@@ -56,14 +54,11 @@ def main():
         moved = {"fwd": nbytes(x, phi, alpha, bias, g) + nbytes(*fo),
                  "bwd": nbytes(*bargs) + nbytes(*(o for o in fns["bwd"]() if o is not None))}
         for name in passes:
-            src = torch.empty(moved[name] // 2, dtype=torch.uint8, device="cuda")
-            dst = torch.empty_like(src)
-            r = dict(shape=shape, pass_=name, floor_ms=round(moved[name] / rows[0]["copy_TBps"]
-                                                            * 1e3, 4),
-                     copy_same_ms=round(bench(lambda: dst.copy_(src)), 4))
+            r = dict(shape=shape, pass_=name,
+                     floor_ms=round(moved[name] / rows[0]["copy_TBps"] * 1e3, 4),
+                     copy_same_ms=round(copy_same_ms(moved[name]), 4))
             print(r, flush=True)
             rows.append(r)
-            del src, dst
         first = {}
         for vname, cfg in variants.items():
             tg.set_config(**cfg)

@@ -200,6 +200,16 @@ def copy_bandwidth():
     return 2 * a.numel() / (t * 1e-3)
 
 
+def copy_same_ms(nbytes_moved):
+    """A device-to-device copy moving ``nbytes_moved`` bytes (half read, half written), timed
+    like our kernels by plain do_bench (L2 flushed before each call; in a CUDA graph the copy
+    becomes a copy-engine node, ~1.6x slower on the H200, so not there): what moving that
+    many bytes costs at this size."""
+    src = torch.empty(nbytes_moved // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return bench(lambda: dst.copy_(src))
+
+
 def nbytes(*ts):
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
@@ -310,6 +320,8 @@ def timing(shape, bw, do_compile, sweep):
     bwd_floor_b = nbytes(*bargs) + nbytes(*bo)
     res["fwd_floor_ms"] = fwd_floor_b / bw * 1e3
     res["bwd_floor_ms"] = bwd_floor_b / bw * 1e3
+    res["fwd_copy_same_ms"] = copy_same_ms(fwd_floor_b)
+    res["bwd_copy_same_ms"] = copy_same_ms(bwd_floor_b)
     # per-kernel bandwidth: bytes each kernel's design moves / its own time
     xb, hb = nbytes(x), nbytes(dh_in)
     F = n * n + 2 * n
@@ -868,7 +880,8 @@ def main():
     # the table
     lines = ["| shape (B,S,n,D) bf16 | pass | ours ms | floor ms | x floor | eager ms | compile ms | "
              "x faster than compile | ours in a graph ms | x floor | compile in a graph ms | "
-             "x faster |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "x faster | same-size copy ms | graph x copy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for p in ("fwd", "bwd"):
             ours, fl, og = r[f"{p}_ms"], r[f"{p}_floor_ms"], r[f"{p}_graph_ms"]
@@ -877,7 +890,8 @@ def main():
                          f"{r[f'eager_{p}_ms']:.3f} | {comp if comp is None else f'{comp:.3f}'} | "
                          f"{'' if comp is None else f'{comp / ours:.1f}'} | {og:.3f} | "
                          f"{og / fl:.2f} | {cg if cg is None else f'{cg:.3f}'} | "
-                         f"{'' if cg is None else f'{cg / og:.1f}'} |")
+                         f"{'' if cg is None else f'{cg / og:.1f}'} | "
+                         f"{r[f'{p}_copy_same_ms']:.3f} | {og / r[f'{p}_copy_same_ms']:.2f} |")
     lines.append("")
     lines.append("| shape | kernel | ms | TB/s (design bytes) | of copy |")
     lines.append("|---|---|---|---|---|")
