@@ -100,6 +100,14 @@ _PIECES = {
 #: is the whole error.
 LONG_ROW_ND = 256
 _PIECES_LONG_BF16 = ((2, 1), (2, 1))
+#: fp16 x at n >= 5 (F_PAD >= 64), the same rows: P takes two pieces of dm as well (x's two
+#: pieces are exact, so the error is bf16's: dm to 16 bits; bench/pieces_emulation.py
+#: --x-dtype fp16 --w 2,2 --p 2,2, 100-300 draws per shape at T <= 37, n*D = 256..520: dphi /
+#: dgamma at most 1.0e-5 against 2e-5, bf16's P (2, 1) 6.8e-6 on the same shapes; the H200
+#: accuracy suite 3.8e-6); w keeps 2 x 2 (fp16's dx bound is 1e-3).  H200 column kernel
+#: (bench/results/gpu_quick-h200-fp16-p22.json): 1.314 -> 0.655 ms at (2,4096,6,4096); at
+#: n = 4 slower, 0.620 -> 0.666 at (4,4096,4,4096), so n <= 4 keeps three pieces.
+_PIECES_LONG_FP16 = ((2, 2), (2, 2))
 #: At n >= 5 (F_PAD >= 64) rows of n*D >= LONGER_ROW_ND take one piece of dm for w too: dx at
 #: most 2.5e-3 against 6e-3 over 360 draws at n*D = 1024..4096, T <= 3, of
 #: bench/pieces_emulation.py (2.3e-3 with two pieces; at n*D = 256..400 one piece reached
@@ -1228,6 +1236,8 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
         cfg["w_pieces"], cfg["p_pieces"] = _PIECES_LONG_BF16
         if n * n + 2 * n > 32 and n * D >= LONGER_ROW_ND:
             cfg["w_pieces"] = (1, 1)
+    elif dtype_name == "fp16" and n * n + 2 * n > 32 and n * D >= LONG_ROW_ND:
+        cfg["w_pieces"], cfg["p_pieces"] = _PIECES_LONG_FP16
     cfg.update(_CONFIG_OVERRIDES)
     return cfg
 

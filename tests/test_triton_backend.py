@@ -80,7 +80,7 @@ def _check(name, got, ref64, dname, seed):
     assert err <= bound, f"{name}: rel err {err:.3e} > {bound:.0e} (seed {seed})"
 
 
-# (T, n, D, dtype, gamma): n in {1, 3, 4, 5, 8}, odd D, T not a multiple of any block size;
+# (T, n, D, dtype, gamma): n in {1, 3, 4, 5, 6, 8}, odd D, T not a multiple of any block size;
 # n = 5 at n*D >= 4096 takes one dm piece for w, n = 8 two gate-column blocks
 CASES = [
     (37, 4, 130, "bf16", True),
@@ -93,6 +93,7 @@ CASES = [
     (4, 1, 1, "fp16", False),
     (6, 8, 33, "bf16", True),
     (17, 8, 9, "fp32", True),
+    (5, 6, 50, "fp16", True),   # fp16, n >= 5, n*D >= 256: two dm pieces for P
 ]
 
 
