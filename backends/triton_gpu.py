@@ -574,15 +574,16 @@ if triton is not None:
         hmix_ptr, hpre_ptr, T, S, norm_eps, hc_eps,
         N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
-        REV: tl.constexpr = False, K: tl.constexpr = 0, NP: tl.constexpr = 1,
-        DLAST: tl.constexpr = False, EV: tl.constexpr = "",
+        K: tl.constexpr = 0, NP: tl.constexpr = 1,
+        ORDER: tl.constexpr = "rev",   # programs' order over (token blocks, D chunks), _l2_reuse
+        EV: tl.constexpr = "",         # eviction policy of the x loads
     ):
         ND: tl.constexpr = N * D
-        if REV:   # grid (D chunks, token blocks), token blocks last first: the x that pass 1
-            #       read last is still in L2 when it is read again here
+        if ORDER == "rev":   # grid (D chunks, token blocks), token blocks last first: the x
+            #                  that pass 1 read last is still in L2 when it is read again here
             blk = tl.num_programs(1) - 1 - tl.program_id(1)
             c = tl.program_id(0)
-        elif DLAST:   # grid (token blocks, D chunks), D chunks last first
+        elif ORDER == "dlast":   # grid (token blocks, D chunks), D chunks last first
             blk = tl.program_id(0)
             c = tl.num_programs(1) - 1 - tl.program_id(1)
         else:     # grid (token blocks, D chunks)
@@ -1105,7 +1106,7 @@ _RESIDENT: dict = {}       # compiled kernel variant -> programs per multiproces
 def set_config(**kw) -> None:
     """Override launch parameters (keys: fwd_bt, fwd_bd, fwd_bd2, fwd_warps, fwd_stages, row_bt,
     row_bd, row_warps, col_bt, col_bd, col_warps, col_stages, col_waves, col_occ, col_splits,
-    row_waves, hin_rev, fwd_ilv, hin_order, hin_ev (_l2_reuse); the post operator's with a
+    row_waves, fwd_ilv, hin_order, hin_ev (_l2_reuse); the post operator's with a
     ``post_`` prefix: post_pf_bt, post_pf_bd, post_pb_bt, post_pb_bd, post_pb_warps,
     post_pb_stages); {} restores the rules.
 
@@ -1323,8 +1324,7 @@ def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pr
     _pre_fwd_fin_kernel[grid[::-1] if order == "rev" else grid](
         x, mpart, spart, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre, T,
         S, float(norm_eps), float(hc_eps), N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=hbt,
-        BLOCK_D=hbd, INTERP=_interpret(), REV=order == "rev", DLAST=order == "dlast",
-        EV=hin_ev, **_sk_kw(k, n), num_warps=4)
+        BLOCK_D=hbd, INTERP=_interpret(), ORDER=order, EV=hin_ev, **_sk_kw(k, n), num_warps=4)
 
 
 def _l2_reuse(cfg, S: int, F_pad: int, device) -> tuple[bool, str, str]:
@@ -1334,18 +1334,17 @@ def _l2_reuse(cfg, S: int, F_pad: int, device) -> tuple[bool, str, str]:
     Rule, on CUDA at S >= 4 shares (short T: x at most a few times the L2) and F_PAD <= 64
     (n <= 6): pass 1's shares interleaved (share s takes D chunks s, s + S, ...: all programs
     move through D together, so the last D chunks are the last read), then the h_in pass in D
-    chunks last first, its x loads evict_first (read for the last time: keep what is still
-    to come).  H200, Triton 3.6, graph ms without -> with
+    chunks last first ("dlast"), its x loads evict_first (read for the last time: keep what
+    is still to come).  H200, Triton 3.6, graph ms without -> with
     (bench/results/gpu_quick-h200-l2.json): (1,4096,4,2560) 0.0623 -> 0.0580, (1,2048,4,4096)
     0.0573 -> 0.0536, (1,4096,5,4096) 0.151 -> 0.137, (1,4096,6,4096) 0.166 -> 0.153.  Not
     taken where it lost (gpu_quick-h200-l2-explore.json): (1,2048,8,4096) 0.1326 -> 0.1355
     (pass 1 slower), (2,4096,4,7168) at S = 2 0.264 -> 0.270, (4,4096,4,4096) at S = 1 (order
-    and hint) 0.300 -> 0.306.  Otherwise: contiguous shares, token blocks last first, no hint.
+    and hint) 0.300 -> 0.306.  Otherwise: contiguous shares, token blocks last first ("rev": what
+    pass 1 read last is still in L2; 3-5 % on the H200), no hint.
     Overrides: set_config(fwd_ilv=, hin_order="rev" | "dlast" | "plain", hin_ev=)."""
     on = device.type == "cuda" and S >= 4 and F_pad <= 64
-    order = cfg.get("hin_order") or ("dlast" if on else
-                                     ("rev" if cfg.get("hin_rev", True) else "plain"))
-    return (bool(cfg.get("fwd_ilv", on)), order,
+    return (bool(cfg.get("fwd_ilv", on)), cfg.get("hin_order", "dlast" if on else "rev"),
             cfg.get("hin_ev", "evict_first" if on else ""))
 
 

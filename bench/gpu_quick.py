@@ -51,12 +51,12 @@ def main():
         bargs = backward_args(fo, x, phi, alpha, bias, g, dh_in, dh_post, dh_res)
         fns = {"fwd": lambda: tg.forward(x, phi, alpha, bias, g, **kw),
                "bwd": lambda: tg.backward(*bargs, **kw)}
-        moved = {"fwd": nbytes(x, phi, alpha, bias, g) + nbytes(*fo),
-                 "bwd": nbytes(*bargs) + nbytes(*(o for o in fns["bwd"]() if o is not None))}
-        for name in passes:
+        for name in passes:   # bytes that must move: the pass's inputs and outputs
+            moved = nbytes(*(bargs if name == "bwd" else (x, phi, alpha, bias, g)),
+                           *fns[name]())
             r = dict(shape=shape, pass_=name,
-                     floor_ms=round(moved[name] / rows[0]["copy_TBps"] * 1e3, 4),
-                     copy_same_ms=round(copy_same_ms(moved[name]), 4))
+                     floor_ms=round(moved / rows[0]["copy_TBps"] * 1e3, 4),
+                     copy_same_ms=round(copy_same_ms(moved), 4))
             print(r, flush=True)
             rows.append(r)
         first = {}
