@@ -525,34 +525,12 @@ if triton is not None:
         CAT: tl.constexpr = False,
         ILV: tl.constexpr = False,   # shares interleaved: share s takes D chunks s, s + S, ...
     ):
-        _fwd_part(x_ptr, pg_ptr, mpart_ptr, spart_ptr, tl.program_id(0), tl.program_id(1), T, S,
-                  N, D, F, F_PAD, BLOCK_T, BLOCK_D, NPA, NPB, INTERP, FA, FB, CAT, ILV)
-
-    @triton.jit
-    def _share_chunks(s, S, NCH: tl.constexpr, ILV: tl.constexpr):
-        """Share s's D chunks c_lo, c_lo + c_step, ... (nc of them): contiguous, or (ILV)
-        interleaved."""
-        if ILV:
-            c_lo = s
-            c_step = S
-            nc = (NCH - s + S - 1) // S
-        else:
-            c_lo = s * ((NCH + S - 1) // S)
-            c_step = 1
-            nc = tl.minimum(c_lo + (NCH + S - 1) // S, NCH) - c_lo
-        return c_lo, c_step, nc
-
-    @triton.jit
-    def _fwd_part(x_ptr, pg_ptr, mpart_ptr, spart_ptr, blk, s, T, S,
-                  N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                  NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr,
-                  FA: tl.constexpr, FB: tl.constexpr, CAT: tl.constexpr, ILV: tl.constexpr):
-        """Pass 1 of token block ``blk`` over share ``s`` of the D chunks (all n streams): its
-        fp32 partials of m and of the sum of squares, stored at [s, rows]."""
         ND: tl.constexpr = N * D
         NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
-        rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+        CPS = (NCH + S - 1) // S     # D chunks per share (S is a runtime value: no recompile)
+        pid = tl.program_id(0)
+        s = tl.program_id(1)
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
         rmask = rows < T
         rows64 = rows.to(tl.int64)
         dd = tl.arange(0, BLOCK_D)
@@ -563,8 +541,15 @@ if triton is not None:
             fb = FA + tl.arange(0, FB)
             accb = tl.zeros([BLOCK_T, FB], dtype=tl.float32)
         ss2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        c_lo, c_step, nc = _share_chunks(s, S, NCH, ILV)
-        for j in range(0, nc * N):
+        if ILV:
+            c_lo = s
+            c_step = S
+            nj = ((NCH - s + S - 1) // S) * N
+        else:
+            c_lo = s * CPS
+            c_step = 1
+            nj = (tl.minimum(c_lo + CPS, NCH) - c_lo) * N
+        for j in range(0, nj):
             cl = j // N
             i = j - cl * N
             d = (c_lo + cl * c_step) * BLOCK_D + dd
@@ -582,100 +567,6 @@ if triton is not None:
             tl.store(mpart_ptr + (s * T + rows64[:, None]) * F + fb[None, :], accb,
                      mask=rmask[:, None] & (fb < F)[None, :])
         tl.store(spart_ptr + s * T + rows64, tl.sum(ss2, axis=1), mask=rmask)
-
-    @triton.jit
-    def _fwd_sum_parts(mpart_ptr, spart_ptr, rows64, rmask, ff, T, S, F: tl.constexpr,
-                       BLOCK_T: tl.constexpr, F_PAD: tl.constexpr, CG: tl.constexpr):
-        """A token block's projections and sums of squares: its S partials added in a fixed
-        order (CG: loads that bypass L1, for partials other programs have just written)."""
-        rm2 = rmask[:, None]
-        acc = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)
-        ss = tl.zeros([BLOCK_T], dtype=tl.float32)
-        cm: tl.constexpr = ".cg" if CG else ""
-        for s in range(S):
-            acc += tl.load(mpart_ptr + (s * T + rows64[:, None]) * F + ff[None, :],
-                           mask=rm2 & (ff < F)[None, :], other=0.0, cache_modifier=cm)
-            ss += tl.load(spart_ptr + s * T + rows64, mask=rmask, other=0.0, cache_modifier=cm)
-        return acc, ss
-
-    @triton.jit
-    def _hin_chunk(x_ptr, hin_ptr, gate, ff, rows64, rmask, d, N: tl.constexpr, D: tl.constexpr,
-                   INTERP: tl.constexpr, EV: tl.constexpr):
-        """h_in[rows, d] = sum_i h_pre[i] x[rows, i, d] (h_pre in the gate row's columns < N)."""
-        m2 = rmask[:, None] & (d < D)[None, :]
-        h = tl.zeros([rows64.shape[0], d.shape[0]], dtype=tl.float32)
-        for i in tl.static_range(N):
-            hp = tl.sum(tl.where(ff[None, :] == i, gate, 0.0), axis=1)   # h_pre[:, i]
-            xv = tl.load(x_ptr + rows64[:, None] * (N * D) + i * D + d[None, :], mask=m2,
-                         other=0.0, eviction_policy=EV)
-            h += hp[:, None] * xv.to(tl.float32)
-        tl.store(hin_ptr + rows64[:, None] * D + d[None, :],
-                 _round_out(h, hin_ptr.dtype.element_ty, INTERP), mask=m2)
-
-    # One-launch split forward (the default of the split path on CUDA; set_config(fwd_one=)):
-    # the part work of token block g, share s, is item P(g, s); the h_in work of the same
-    # block and share (gates from the S partials, then h_in over the share's D chunks, last
-    # first) is item H(g, s).  Programs take items in the order of a ticket counter, so an
-    # item only ever waits for items that running programs hold: no deadlock on the GPU, and
-    # under the sequential interpreter nothing waits at all.  The order, in rounds of S items:
-    #   P(0..LAG-1) | P(LAG), H(0) | P(LAG+1), H(1) | ... | H(NB-LAG..NB-1)
-    # so H(g) reads its x LAG rounds after P(g) did, from L2 (LAG sized by the wrapper).
-    # cnt[g] counts P(g)'s finished items (released after a barrier; H(g) spins on it with
-    # acquire loads, then reads the partials past L1); cnt[NB] is the ticket counter.
-    @triton.jit(do_not_specialize=["T", "S", "NB", "LAG"])
-    def _pre_fwd_one_kernel(
-        x_ptr, pg_ptr, mpart_ptr, spart_ptr, cnt_ptr, alpha_ptr, bias_ptr, hin_ptr, hpost_ptr,
-        hres_ptr, rms_ptr, hmix_ptr, hpre_ptr, T, S, NB, LAG, norm_eps, hc_eps,
-        N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-        NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr,
-        FA: tl.constexpr, FB: tl.constexpr, CAT: tl.constexpr = False,
-        ILV: tl.constexpr = False, K: tl.constexpr = 0, NP: tl.constexpr = 1,
-        EV: tl.constexpr = "",
-    ):
-        ND: tl.constexpr = N * D
-        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
-        item = tl.atomic_add(cnt_ptr + NB, 1)
-        # decode the ticket (the order above)
-        j = item - LAG * S
-        mid = (NB - LAG) * 2 * S
-        w = j % (2 * S)
-        jt = j - mid
-        head = j < 0
-        tail = j >= mid
-        is_part = head | ((~tail) & (w < S))
-        g = tl.where(head, item // S, tl.where(tail, NB - 1 - jt // S,
-                                               tl.where(w < S, LAG + j // (2 * S),
-                                                        j // (2 * S))))
-        s = tl.where(head, item % S, tl.where(tail, jt % S, tl.where(w < S, w, w - S)))
-        if is_part:
-            _fwd_part(x_ptr, pg_ptr, mpart_ptr, spart_ptr, g, s, T, S, N, D, F, F_PAD,
-                      BLOCK_T, BLOCK_D, NPA, NPB, INTERP, FA, FB, CAT, ILV)
-            tl.debug_barrier()     # all of the program's stores before the release
-            tl.atomic_add(cnt_ptr + g, 1, sem="release")
-        else:
-            done = tl.atomic_add(cnt_ptr + g, 0, sem="acquire")
-            if not INTERP:
-                while done < S:
-                    done = tl.atomic_add(cnt_ptr + g, 0, sem="acquire")
-            rows = g * BLOCK_T + tl.arange(0, BLOCK_T)
-            rmask = rows < T
-            rows64 = rows.to(tl.int64)
-            ff = tl.arange(0, F_PAD)
-            acc, ss = _fwd_sum_parts(mpart_ptr, spart_ptr, rows64, rmask, ff, T, S, F, BLOCK_T,
-                                     F_PAD, True)
-            if INTERP:   # one program after another, in ticket order: P(g) must be done; if it
-                #          is not, the order is broken (NaN in every output says so, no hang)
-                ss = tl.where(done < S, float("nan"), ss)
-            r, gate = _gates(acc, ss, ff, alpha_ptr, bias_ptr, norm_eps, hc_eps, N, F, ND)
-            if s == 0:
-                _gates_store(acc, r, gate, rows, rows64, rmask, ff, rms_ptr, hmix_ptr,
-                             hpre_ptr, hpost_ptr, hres_ptr, N, F, K, NP)
-            c_lo, c_step, nc = _share_chunks(s, S, NCH, ILV)
-            dd = tl.arange(0, BLOCK_D)
-            for cc in range(nc):    # last read first
-                d = (c_lo + (nc - 1 - cc) * c_step) * BLOCK_D + dd
-                _hin_chunk(x_ptr, hin_ptr, gate, ff, rows64, rmask, d, N, D, INTERP, EV)
 
     @triton.jit(do_not_specialize=["T", "S"])
     def _pre_fwd_fin_kernel(
@@ -702,17 +593,30 @@ if triton is not None:
         rmask = rows < T
         rows64 = rows.to(tl.int64)
         ff = tl.arange(0, F_PAD)
+        rm2 = rmask[:, None]
         # the block's projections and sums of squares: its S partials, in a fixed order
-        acc, ss = _fwd_sum_parts(mpart_ptr, spart_ptr, rows64, rmask, ff, T, S, F, BLOCK_T,
-                                 F_PAD, False)
+        acc = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for s in range(S):
+            acc += tl.load(mpart_ptr + (s * T + rows64[:, None]) * F + ff[None, :],
+                           mask=rm2 & (ff < F)[None, :], other=0.0)
+            ss += tl.load(spart_ptr + s * T + rows64, mask=rmask, other=0.0)
         # every D chunk's program computes the gates (a few hundred flops per token); the
         # first one stores them
         r, gate = _gates(acc, ss, ff, alpha_ptr, bias_ptr, norm_eps, hc_eps, N, F, ND)
         if c == 0:
             _gates_store(acc, r, gate, rows, rows64, rmask, ff, rms_ptr, hmix_ptr, hpre_ptr,
                          hpost_ptr, hres_ptr, N, F, K, NP)
-        _hin_chunk(x_ptr, hin_ptr, gate, ff, rows64, rmask, c * BLOCK_D + tl.arange(0, BLOCK_D),
-                   N, D, INTERP, EV)
+        d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+        m2 = rm2 & (d < D)[None, :]
+        h = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for i in tl.static_range(N):
+            hp = tl.sum(tl.where(ff[None, :] == i, gate, 0.0), axis=1)   # h_pre[:, i]
+            xv = tl.load(x_ptr + rows64[:, None] * ND + i * D + d[None, :], mask=m2, other=0.0,
+                         eviction_policy=EV)
+            h += hp[:, None] * xv.to(tl.float32)
+        tl.store(hin_ptr + rows64[:, None] * D + d[None, :],
+                 _round_out(h, hin_ptr.dtype.element_ty, INTERP), mask=m2)
 
     # Sinkhorn backward, separate variant (set_config(sk_bwd="sep")): d(logits) for all tokens
     # in a small kernel of its own, many tokens per program, before the row kernel (which then
@@ -1410,18 +1314,10 @@ def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pr
     kw = _launch_kw(cfg, "fwd_split")
     fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
     ilv, order, hin_ev = _l2_reuse(cfg, S, F_pad, dev)
-    nblk = _cdiv(T, bt)
-    pkw = dict(N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd, NPA=npa, NPB=npb,
-               INTERP=_interpret(), FA=fa, FB=fb, CAT=_cat(npa, npb, F_pad), ILV=ilv)
-    if cfg.get("fwd_one", True):
-        # one launch (_pre_fwd_one_kernel): cnt[g] and the ticket counter cnt[NB] start at 0
-        cnt = torch.zeros((nblk + 1,), dtype=torch.int32, device=dev)
-        _pre_fwd_one_kernel[(2 * nblk * S,)](
-            x, pg, mpart, spart, cnt, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms,
-            h_mix, h_pre, T, S, nblk, _fwd_lag(cfg, nblk, bt * n * D * x.element_size()),
-            float(norm_eps), float(hc_eps), EV=hin_ev, **pkw, **_sk_kw(k, n), **kw)
-        return
-    _pre_fwd_part_kernel[(nblk, S)](x, pg, mpart, spart, T, S, **pkw, **kw)
+    _pre_fwd_part_kernel[(_cdiv(T, bt), S)](
+        x, pg, mpart, spart, T, S, N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd,
+        NPA=npa, NPB=npb, INTERP=_interpret(), FA=fa, FB=fb, CAT=_cat(npa, npb, F_pad),
+        ILV=ilv, **kw)
     hbt = cfg["hin_bt"]
     hbd = min(cfg["hin_bd"], max(16, _next_pow2(D)))
     grid = (_cdiv(T, hbt), _cdiv(D, hbd))
@@ -1429,16 +1325,6 @@ def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pr
         x, mpart, spart, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre, T,
         S, float(norm_eps), float(hc_eps), N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=hbt,
         BLOCK_D=hbd, INTERP=_interpret(), ORDER=order, EV=hin_ev, **_sk_kw(k, n), num_warps=4)
-
-
-def _fwd_lag(cfg, nblk: int, block_bytes: int) -> int:
-    """Rounds between a token block's part items and its h_in items in the one-launch split
-    forward: the x read in between (LAG blocks) should stay well inside the L2.  Rule: ~16 MB
-    of x (set_config(fwd_lag=) overrides); 1 <= LAG <= token blocks."""
-    lag = cfg.get("fwd_lag", "auto")
-    if lag == "auto":
-        lag = (16 << 20) // max(1, block_bytes)
-    return max(1, min(nblk, int(lag)))
 
 
 def _l2_reuse(cfg, S: int, F_pad: int, device) -> tuple[bool, str, str]:

@@ -106,21 +106,6 @@ def cases():
                     BLOCK_D=cfg["fwd_split_bd"], NPA=npa, NPB=npb, INTERP=False, FA=fa, FB=fb,
                     CAT=tg._cat(npa, npb, F_pad)),
                cfg["fwd_split_warps"], cfg["fwd_split_stages"])
-    one = {"x_ptr": "*{0}", "hin_ptr": "*{0}", "pg_ptr": "*bf16", "cnt_ptr": "*i32",
-           "norm_eps": "fp32", "hc_eps": "fp32"}
-    for dt, n, ilv in (("bf16", 4, True), ("fp16", 8, False)):   # the one-launch split forward
-        cfg = tg._make_config(n, 4096, dt, torch.device("cuda"))
-        npa, npb = tg._PIECES[dt][0]
-        F = n * n + 2 * n
-        F_pad = max(16, tg._next_pow2(F))
-        fa, fb = tg._f_blocks(F, F_pad)
-        yield (f"_pre_fwd_one_kernel {dt} n={n} F{fa}+{fb}", tg._pre_fwd_one_kernel,
-               {k: v.format(dt) for k, v in one.items()},
-               dict(N=n, D=4096, F=F, F_PAD=F_pad, BLOCK_T=cfg["fwd_split_bt"],
-                    BLOCK_D=cfg["fwd_split_bd"], NPA=npa, NPB=npb, INTERP=False, FA=fa, FB=fb,
-                    CAT=tg._cat(npa, npb, F_pad), ILV=ilv, K=0, NP=1,
-                    EV="evict_first" if ilv else ""),
-               cfg["fwd_split_warps"], cfg["fwd_split_stages"])
     col = {"x_ptr": "*{0}", "dhin_ptr": "*{0}", "dx_ptr": "*{0}", "dm_ptr": "*bf16"}
     for dt, D, n in (("bf16", 4096, 4), ("bf16", 16, 4), ("fp32", 4096, 4), ("bf16", 4096, 8),
                      ("fp16", 4096, 6)):
