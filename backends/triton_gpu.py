@@ -524,6 +524,7 @@ if triton is not None:
         FA: tl.constexpr, FB: tl.constexpr,   # gate columns in one or two blocks (_f_blocks)
         CAT: tl.constexpr = False,
         ILV: tl.constexpr = False,   # shares interleaved: share s takes D chunks s, s + S, ...
+        SEP: tl.constexpr = False,   # separate dots, added in fp32 (few h_res entries, _mm_core)
     ):
         ND: tl.constexpr = N * D
         NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
@@ -555,11 +556,11 @@ if triton is not None:
             d = (c_lo + cl * c_step) * BLOCK_D + dd
             if FB > 0:
                 xv, ss2 = _fwd_x(x_ptr, rows64, rmask, i, d, ss2, ND, D)
-                acc = _fwd_dot(xv, pg_ptr, i, d, ff, acc, ND, D, F_PAD, NPA, NPB, INTERP)
-                accb = _fwd_dot(xv, pg_ptr, i, d, fb, accb, ND, D, F_PAD, NPA, NPB, INTERP)
+                acc = _fwd_dot(xv, pg_ptr, i, d, ff, acc, ND, D, F_PAD, NPA, NPB, INTERP, SEP)
+                accb = _fwd_dot(xv, pg_ptr, i, d, fb, accb, ND, D, F_PAD, NPA, NPB, INTERP, SEP)
             else:
                 acc, ss2 = _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, d, ff, acc, ss2, ND, D,
-                                     F_PAD, NPA, NPB, INTERP, False, CAT)
+                                     F_PAD, NPA, NPB, INTERP, SEP, CAT)
         acc = _fwd_acc_sum(acc, FA, CAT)
         tl.store(mpart_ptr + (s * T + rows64[:, None]) * F + ff[None, :], acc,
                  mask=rmask[:, None] & (ff < F)[None, :])
@@ -1217,6 +1218,13 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
             cfg.update(fwd_stages=4)
         if dtype_name == "fp32":
             cfg.update(fwd_bd=32, col_bd=32)
+            if n * n + 2 * n <= 32:
+                # n <= 4 (H200, graph ms at the three realistic shapes,
+                # bench/results/gpu_quick-h200-fp32-*.json): column tiles [16 x 64], backward
+                # 0.535 / 2.907 / 2.751 -> 0.320 / 1.753 / 1.838 ([16 x 128], 2 or 4 stages, 8
+                # warps: mixed or slower); the split forward at every T (_fwd_splits) with
+                # 32-column chunks, forward 0.345 / 0.786 / 1.040 -> 0.123 / 0.716 / 0.628
+                cfg.update(col_bt=16, col_bd=64, fwd_split_bd=32)
         if n * n + 2 * n > 32:     # F_PAD >= 64: smaller tiles to fit shared memory
             cfg.update(fwd_bd=32, col_bd=32, row_bd=128, fwd_stages=2, col_stages=2)
             if dtype_name != "fp32":
@@ -1250,7 +1258,10 @@ def _col_splits(cfg, programs: int, nblk: int, sms: int, occ: int | None = None)
     "a partial wave ... up to 50 % of the runtime").  With ``occ`` (programs resident per
     multiprocessor: the compiled kernel's, from _resident, or ``col_occ`` when that is a
     number) the rule takes the fewest splits >= 2 whose waves are >= 90 % full, else the
-    fullest; without it, ~col_waves programs per multiprocessor.  Depends only on (n, D, T,
+    fullest (at most 16 splits: 8 left half the H200 idle at n = 1, where the column kernel
+    has D/128 programs per split; 16 made it 0.152 -> 0.112 ms at (4,4096,1,4096),
+    bench/results/gpu_quick-h200-n1-splits.json); without it, ~col_waves programs per
+    multiprocessor.  Depends only on (n, D, T,
     SMs) and the compiled kernel: the split of the dphi sums, hence the bits, is fixed per
     shape."""
     if cfg.get("col_splits"):
@@ -1261,7 +1272,7 @@ def _col_splits(cfg, programs: int, nblk: int, sms: int, occ: int | None = None)
         return max(1, min(nblk, _cdiv(sms * cfg["col_waves"], programs)))
     slots = sms * occ
     best, best_fill = 1, 0.0
-    for s in range(min(2, nblk), min(8, nblk) + 1):
+    for s in range(min(2, nblk), min(16, nblk) + 1):
         waves = s * programs / slots
         fill = waves / math.ceil(waves)
         if fill >= 0.9:
@@ -1275,25 +1286,33 @@ def _fwd_splits(cfg, T, D, device, F_pad, dname) -> int:
     """0: the fused one-kernel forward; S >= 1: the split forward with S D-shares per token
     block (a runtime value of both kernels: no recompilation as it follows T).
 
-    Rule ("auto", the default), on CUDA with 16-bit x:
+    Rule ("auto", the default), on CUDA:
     * n <= 4 (F_PAD <= 32), T >= 2048: S = 4 up to SMs/2 token blocks of 64, S = 2 below 1.5
       SMs, else S = 1.  H200, graph times (bench/results/gpu_quick-h200-fwdsplit.json), fused
       vs split: (1,4096,4,2560) 0.092 vs 0.062 ms (S = 4), (2,4096,4,7168) 0.306 vs 0.264
       (S = 2), (4,4096,4,4096) 0.320 vs 0.300 (S = 1; the split's two passes are separate
       kernels, and its h_in pass, last token blocks first, finds part of x in L2).
-    * n >= 5 (F_PAD >= 64), every T: S for ~4 programs per multiprocessor (below).  The fused
-      kernel re-reads the [F_PAD, BLOCK_D] phi*g tiles, 2-4x its x tile, per token block and
-      has T/64 programs: (2,4096,6,4096) 0.94 vs 0.28 ms, (2,4096,8,4096) 1.54 vs 0.46,
-      (1,2048,8,4096) 1.29 vs 0.14, (1,512,8,4096) 1.15 vs 0.08
+    * 16-bit x, n >= 5 (F_PAD >= 64), every T: S for ~4 programs per multiprocessor (below).
+      The fused kernel re-reads the [F_PAD, BLOCK_D] phi*g tiles, 2-4x its x tile, per token
+      block and has T/64 programs: (2,4096,6,4096) 0.94 vs 0.28 ms, (2,4096,8,4096) 1.54 vs
+      0.46, (1,2048,8,4096) 1.29 vs 0.14, (1,512,8,4096) 1.15 vs 0.08
       (bench/results/gpu_quick-h200-wide*.json).
-    The fused kernel otherwise (fp32 x, n <= 4 at short T: one launch fewer).
+    * fp32 x, n <= 4, every T: the same S, with 32-column chunks: fused vs split
+      (1,4096,4,2560) 0.345 vs 0.123 ms, (4,4096,4,4096) 0.786 vs 0.716, (2,4096,4,7168)
+      1.040 vs 0.628 (bench/results/gpu_quick-h200-fp32-*.json).
+    The fused kernel otherwise (16-bit x, n <= 4 at short T: one launch fewer; fp32 x at
+    n >= 5, unmeasured with the split).
     -1: S = ceil(4 SMs / token blocks), at most one share per D chunk."""
     S = cfg.get("fwd_split", "auto")
     if S == "auto":
         S = 0
-        if device.type == "cuda" and dname != "fp32" and F_pad > 32:
+        if device.type != "cuda":
+            pass
+        elif dname == "fp32":
+            S = -1 if F_pad <= 32 else 0
+        elif F_pad > 32:
             S = -1
-        elif device.type == "cuda" and dname != "fp32" and T >= 2048:
+        elif T >= 2048:
             nblk, sms = _cdiv(T, cfg["fwd_bt"]), _sm_count(device)
             S = 4 if 2 * nblk <= sms else (2 if 2 * nblk < 3 * sms else 1)
     S = int(S)
@@ -1306,7 +1325,7 @@ def _fwd_splits(cfg, T, D, device, F_pad, dname) -> int:
 
 
 def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pre, T, n, D, F,
-                   F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps):
+                   F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps, few):
     dev = x.device
     bt, bd = cfg["fwd_split_bt"], cfg["fwd_split_bd"]
     mpart = torch.empty((S, T, F), dtype=torch.float32, device=dev)
@@ -1317,7 +1336,7 @@ def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pr
     _pre_fwd_part_kernel[(_cdiv(T, bt), S)](
         x, pg, mpart, spart, T, S, N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd,
         NPA=npa, NPB=npb, INTERP=_interpret(), FA=fa, FB=fb, CAT=_cat(npa, npb, F_pad),
-        ILV=ilv, **kw)
+        ILV=ilv, SEP=few, **kw)
     hbt = cfg["hin_bt"]
     hbd = min(cfg["hin_bd"], max(16, _next_pow2(D)))
     grid = (_cdiv(T, hbt), _cdiv(D, hbd))
@@ -1431,7 +1450,7 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
         S = _fwd_splits(cfg, T, D, dev, F_pad, dname)
         if S > 0:
             _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pre, T, n,
-                           D, F, F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps)
+                           D, F, F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps, few)
         else:
             _pre_fwd_kernel[(_cdiv(T, cfg["fwd_bt"]),)](
                 x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre,

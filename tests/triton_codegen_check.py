@@ -37,6 +37,10 @@ DEF = re.compile(r"^\s*(%[\w.]+)(?::\d+)?\s*=\s*(.*)$")
 
 
 def compile_ttgir(fn, types, consts, num_warps=4, num_stages=3):
+    # a constexpr left out would compile as a runtime i32 (both sides of its branches)
+    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in consts]
+    if missing:
+        raise ValueError(f"{fn.__name__}: constexprs without a value: {missing}")
     sig = {a: ("constexpr" if a in consts else
                types.get(a, "*fp32" if a.endswith("_ptr") else "i32")) for a in fn.arg_names}
     # pointers 16-byte aligned, as the launcher specializes them (vector loads, pipelining)
@@ -94,7 +98,7 @@ def cases():
                dict(N=1, D=1, F=3, F_PAD=16, BLOCK_T=64, BLOCK_D=16, BLOCK_D2=16, NPA=npa, NPB=3,
                     INTERP=False, K=0, NP=1, SEP=True, CAT=False))
     part = {"x_ptr": "*{0}", "pg_ptr": "*bf16"}
-    for dt, n in (("bf16", 4), ("bf16", 8), ("fp16", 8)):   # the split forward's pass 1
+    for dt, n in (("bf16", 4), ("bf16", 8), ("fp16", 8), ("fp32", 4)):   # split forward, pass 1
         cfg = tg._make_config(n, 4096, dt, torch.device("cuda"))
         npa, npb = tg._PIECES[dt][0]
         F = n * n + 2 * n
@@ -104,8 +108,13 @@ def cases():
                {k: v.format(dt) for k, v in part.items()},
                dict(N=n, D=4096, F=F, F_PAD=F_pad, BLOCK_T=cfg["fwd_split_bt"],
                     BLOCK_D=cfg["fwd_split_bd"], NPA=npa, NPB=npb, INTERP=False, FA=fa, FB=fb,
-                    CAT=tg._cat(npa, npb, F_pad)),
+                    CAT=tg._cat(npa, npb, F_pad), ILV=n == 4, SEP=False),
                cfg["fwd_split_warps"], cfg["fwd_split_stages"])
+    for dt in ("fp32", "bf16"):   # pass 1 for few h_res entries (SEP: separate dots)
+        yield (f"_pre_fwd_part_kernel {dt} SEP", tg._pre_fwd_part_kernel,
+               {k: v.format(dt) for k, v in part.items()},
+               dict(N=1, D=1, F=3, F_PAD=16, BLOCK_T=64, BLOCK_D=32, NPA=tg._PIECES[dt][0][0],
+                    NPB=3, INTERP=False, FA=16, FB=0, CAT=False, ILV=False, SEP=True))
     col = {"x_ptr": "*{0}", "dhin_ptr": "*{0}", "dx_ptr": "*{0}", "dm_ptr": "*bf16"}
     for dt, D, n in (("bf16", 4096, 4), ("bf16", 16, 4), ("fp32", 4096, 4), ("bf16", 4096, 8),
                      ("fp16", 4096, 6)):
