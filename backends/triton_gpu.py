@@ -1189,8 +1189,9 @@ def _config(n: int, D: int, dtype_name: str, device) -> dict:
 
 
 def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
-    cpu = device.type != "cuda"
-    if cpu:   # the interpreter: small blocks keep it quick
+    F_pad = max(16, _next_pow2(n * n + 2 * n))
+    wide = F_pad >= 64     # n >= 5
+    if device.type != "cuda":   # the interpreter: small blocks keep it quick
         cfg = dict(fwd_bt=16, fwd_bd=16, fwd_warps=4, row_bt=16, row_bd=32, row_warps=4,
                    col_bt=16, col_bd=16, col_warps=4, col_waves=2, row_waves=2,
                    fwd_split_bt=16, fwd_split_bd=16, fwd_split_warps=4, hin_bt=4,
@@ -1203,38 +1204,38 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
             row_bt=16, row_bd=256, row_warps=8, row_stages=2, row_waves="auto",
             col_bt=32, col_bd=64, col_warps=4, col_stages=3, col_waves=4,
         )
-        if dtype_name != "fp32" and n * n + 2 * n <= 32:
+        if F_pad == 32:     # n = 4: one more stage for the fused forward (H200: 3-5 %)
+            cfg.update(fwd_stages=4)
+        if wide:            # smaller tiles to fit shared memory
+            cfg.update(fwd_bd=32, col_bd=32, row_bd=128, fwd_stages=2, col_stages=2)
+        if dtype_name != "fp32" and not wide:
             # 8-token row blocks: 64 registers (4 programs per SM) where 16 took 80 (3 per SM);
             # H200 (bench/gpu_pieces.py): 0.287 -> 0.173 ms at (4,4096,4,4096) bf16, 0.053 ->
             # 0.035 at (1,4096,4,2560), 0.247 -> 0.147 at (2,4096,4,7168); fp16 alike
             cfg.update(row_bt=8)
-        if dtype_name == "bf16" and n * n + 2 * n <= 32:
+        if dtype_name == "bf16" and not wide:
             # [16 x 128] column tiles (128 registers, 26 KB shared: 4 programs per SM), and the
             # splits fill waves of the programs that fit.  H200 (bench/gpu_pieces.py), column
             # kernel vs [32 x 64]: 0.444 / 0.078 / 0.386 vs 0.465 / 0.082 / 0.410 ms at the
             # three realistic shapes; [32 x 128] took 210 registers (0.619 ms), [16 x 64] 0.536
             cfg.update(col_occ="auto", col_bt=16, col_bd=128)
-        if n * n + 2 * n > 16:     # F_PAD = 32 (n = 3, 4): one more stage (H200: 3-5 %)
-            cfg.update(fwd_stages=4)
+        if dtype_name != "fp32" and wide:
+            # n >= 5, 16-bit x (H200, bench/results/gpu_quick-h200-wide*.json): the split
+            # forward at every T (_fwd_splits) with 64-column chunks (fused 0.94 / 1.54 ms
+            # -> 0.28 / 0.46 at (2,4096,n,4096), n = 6 / 8), column tiles [64 x 64]
+            # (0.96 / 1.73 -> 0.53 / 1.33 ms; 8 warps 0.71 / 1.39), [32 x 64] at n = 8
+            # with its two gate-column blocks (_f_blocks; 0.86 -> 0.82 ms)
+            cfg.update(fwd_split_bd=64, col_bt=64 if F_pad <= 64 else 32, col_bd=64)
         if dtype_name == "fp32":
-            cfg.update(fwd_bd=32, col_bd=32)
-            if n * n + 2 * n <= 32:
-                # n <= 4 (H200, graph ms at the three realistic shapes,
-                # bench/results/gpu_quick-h200-fp32-*.json): column tiles [16 x 64], backward
-                # 0.535 / 2.907 / 2.751 -> 0.320 / 1.753 / 1.838 ([16 x 128], 2 or 4 stages, 8
-                # warps: mixed or slower); the split forward at every T (_fwd_splits) with
-                # 32-column chunks, forward 0.345 / 0.786 / 1.040 -> 0.123 / 0.716 / 0.628
-                cfg.update(col_bt=16, col_bd=64, fwd_split_bd=32)
-        if n * n + 2 * n > 32:     # F_PAD >= 64: smaller tiles to fit shared memory
-            cfg.update(fwd_bd=32, col_bd=32, row_bd=128, fwd_stages=2, col_stages=2)
-            if dtype_name != "fp32":
-                # n >= 5, 16-bit x (H200, bench/results/gpu_quick-h200-wide*.json): the split
-                # forward at every T (_fwd_splits) with 64-column chunks (fused 0.94 / 1.54 ms
-                # -> 0.28 / 0.46 at (2,4096,n,4096), n = 6 / 8), column tiles [64 x 64]
-                # (0.96 / 1.73 -> 0.53 / 1.33 ms; 8 warps 0.71 / 1.39), [32 x 64] at n = 8
-                # with its two gate-column blocks (_f_blocks; 0.86 -> 0.82 ms)
-                cfg.update(fwd_split_bd=64, col_bt=64 if n * n + 2 * n <= 64 else 32,
-                           col_bd=64)
+            # the split forward at every T (_fwd_splits) with 32-column chunks, and column
+            # tiles [16 x 64] (n <= 4) or [32 x 64] (n >= 5), where the rule had the fused
+            # forward and [32 x 32] (H200, graph ms, bench/results/gpu_quick-h200-fp32-*.json):
+            # backward 2.907 -> 1.753 at (4,4096,4,4096), 0.535 -> 0.320 at (1,4096,4,2560),
+            # 2.270 -> 1.672 at (2,4096,6,4096), 3.539 -> 2.763 at (2,4096,8,4096) ([16 x 128],
+            # [16 x 32], 2 or 4 stages, 8 warps: mixed or slower); forward 0.786 -> 0.716,
+            # 0.345 -> 0.123, 1.827 -> 0.726, 2.879 -> 1.030 (64-column chunks, 8 warps, 2
+            # stages slower)
+            cfg.update(fwd_bd=32, fwd_split_bd=32, col_bt=32 if wide else 16, col_bd=64)
         if D <= 64:
             p2 = max(16, _next_pow2(D))
             cfg.update(fwd_bd=min(cfg["fwd_bd"], p2), fwd_bd2=min(cfg["fwd_bd2"], p2),
@@ -1243,9 +1244,9 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
     _, cfg["w_pieces"], cfg["p_pieces"] = _PIECES[dtype_name]
     if dtype_name == "bf16" and n * D >= LONG_ROW_ND:
         cfg["w_pieces"], cfg["p_pieces"] = _PIECES_LONG_BF16
-        if n * n + 2 * n > 32 and n * D >= LONGER_ROW_ND:
+        if wide and n * D >= LONGER_ROW_ND:
             cfg["w_pieces"] = (1, 1)
-    elif dtype_name == "fp16" and n * n + 2 * n > 32 and n * D >= LONG_ROW_ND:
+    elif dtype_name == "fp16" and wide and n * D >= LONG_ROW_ND:
         cfg["w_pieces"], cfg["p_pieces"] = _PIECES_LONG_FP16
     cfg.update(_CONFIG_OVERRIDES)
     return cfg
@@ -1297,20 +1298,18 @@ def _fwd_splits(cfg, T, D, device, F_pad, dname) -> int:
       block and has T/64 programs: (2,4096,6,4096) 0.94 vs 0.28 ms, (2,4096,8,4096) 1.54 vs
       0.46, (1,2048,8,4096) 1.29 vs 0.14, (1,512,8,4096) 1.15 vs 0.08
       (bench/results/gpu_quick-h200-wide*.json).
-    * fp32 x, n <= 4, every T: the same S, with 32-column chunks: fused vs split
-      (1,4096,4,2560) 0.345 vs 0.123 ms, (4,4096,4,4096) 0.786 vs 0.716, (2,4096,4,7168)
-      1.040 vs 0.628 (bench/results/gpu_quick-h200-fp32-*.json).
-    The fused kernel otherwise (16-bit x, n <= 4 at short T: one launch fewer; fp32 x at
-    n >= 5, unmeasured with the split).
+    * fp32 x, every T: the same S, with 32-column chunks: fused vs split (1,4096,4,2560)
+      0.345 vs 0.123 ms, (4,4096,4,4096) 0.786 vs 0.716, (2,4096,4,7168) 1.040 vs 0.628,
+      (2,4096,6,4096) 1.827 vs 0.726, (2,4096,8,4096) 2.879 vs 1.030, (1,2048,8,4096) 2.561 vs
+      0.313 (bench/results/gpu_quick-h200-fp32-*.json).
+    The fused kernel otherwise (16-bit x, n <= 4 at short T: one launch fewer).
     -1: S = ceil(4 SMs / token blocks), at most one share per D chunk."""
     S = cfg.get("fwd_split", "auto")
     if S == "auto":
         S = 0
         if device.type != "cuda":
             pass
-        elif dname == "fp32":
-            S = -1 if F_pad <= 32 else 0
-        elif F_pad > 32:
+        elif dname == "fp32" or F_pad > 32:
             S = -1
         elif T >= 2048:
             nblk, sms = _cdiv(T, cfg["fwd_bt"]), _sm_count(device)

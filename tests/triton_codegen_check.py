@@ -98,7 +98,7 @@ def cases():
                dict(N=1, D=1, F=3, F_PAD=16, BLOCK_T=64, BLOCK_D=16, BLOCK_D2=16, NPA=npa, NPB=3,
                     INTERP=False, K=0, NP=1, SEP=True, CAT=False))
     part = {"x_ptr": "*{0}", "pg_ptr": "*bf16"}
-    for dt, n in (("bf16", 4), ("bf16", 8), ("fp16", 8), ("fp32", 4)):   # split forward, pass 1
+    for dt, n in (("bf16", 4), ("bf16", 8), ("fp16", 8), ("fp32", 4), ("fp32", 8)):   # pass 1
         cfg = tg._make_config(n, 4096, dt, torch.device("cuda"))
         npa, npb = tg._PIECES[dt][0]
         F = n * n + 2 * n
@@ -117,7 +117,7 @@ def cases():
                     NPB=3, INTERP=False, FA=16, FB=0, CAT=False, ILV=False, SEP=True))
     col = {"x_ptr": "*{0}", "dhin_ptr": "*{0}", "dx_ptr": "*{0}", "dm_ptr": "*bf16"}
     for dt, D, n in (("bf16", 4096, 4), ("bf16", 16, 4), ("fp32", 4096, 4), ("bf16", 4096, 8),
-                     ("fp16", 4096, 6)):
+                     ("fp16", 4096, 6), ("fp32", 4096, 8)):
         cfg = tg._make_config(n, D, dt, torch.device("cuda"))   # the launch rule's pieces, tiles
         (nwa, nwb), (npa, npb) = cfg["w_pieces"], cfg["p_pieces"]
         F = n * n + 2 * n
