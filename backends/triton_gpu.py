@@ -1307,11 +1307,9 @@ def _fwd_splits(cfg, T, D, device, F_pad, dname) -> int:
     S = cfg.get("fwd_split", "auto")
     if S == "auto":
         S = 0
-        if device.type != "cuda":
-            pass
-        elif dname == "fp32" or F_pad > 32:
+        if device.type == "cuda" and (dname == "fp32" or F_pad > 32):
             S = -1
-        elif T >= 2048:
+        elif device.type == "cuda" and T >= 2048:
             nblk, sms = _cdiv(T, cfg["fwd_bt"]), _sm_count(device)
             S = 4 if 2 * nblk <= sms else (2 if 2 * nblk < 3 * sms else 1)
     S = int(S)

@@ -108,7 +108,7 @@ def cases():
                {k: v.format(dt) for k, v in part.items()},
                dict(N=n, D=4096, F=F, F_PAD=F_pad, BLOCK_T=cfg["fwd_split_bt"],
                     BLOCK_D=cfg["fwd_split_bd"], NPA=npa, NPB=npb, INTERP=False, FA=fa, FB=fb,
-                    CAT=tg._cat(npa, npb, F_pad), ILV=n == 4, SEP=False),
+                    CAT=tg._cat(npa, npb, F_pad), ILV=n == 4, SEP=False),   # ILV: as at short T
                cfg["fwd_split_warps"], cfg["fwd_split_stages"])
     for dt in ("fp32", "bf16"):   # pass 1 for few h_res entries (SEP: separate dots)
         yield (f"_pre_fwd_part_kernel {dt} SEP", tg._pre_fwd_part_kernel,
