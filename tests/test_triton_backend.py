@@ -145,9 +145,13 @@ def test_empty_batch():
 def test_column_splits_fill_the_waves():
     """_col_splits: with 4 resident programs per SM on 132 SMs (528 slots), the fewest token
     splits >= 2 whose waves are >= 90 % full, the H200's best at the three realistic shapes
-    (n * D/64 = 256, 160, 448 column programs); capped by the token blocks; overrides win."""
+    (n * D/64 = 256, 160, 448 column programs); at most 16 (few column programs: n = 1);
+    capped by the token blocks; overrides win."""
     cfg = dict(col_occ=4, col_waves=4)
     assert [triton_gpu._col_splits(cfg, p, 512, 132) for p in (256, 160, 448)] == [2, 3, 7]
+    assert triton_gpu._col_splits(cfg, 32, 512, 132) == 15        # n = 1, D = 4096: 480 of 528
+    assert triton_gpu._col_splits(cfg, 20, 512, 132) == 16        # none >= 90 %: the fullest
+    assert triton_gpu._col_splits(cfg, 32, 10, 132) == 10         # capped by 10 token blocks
     assert triton_gpu._col_splits(cfg, 256, 1, 132) == 1          # one token block
     assert triton_gpu._col_splits(cfg, 160, 2, 132) == 2          # cap: 3 wanted, 2 blocks
     assert triton_gpu._col_splits(dict(cfg, col_splits=5), 256, 512, 132) == 5
