@@ -14,8 +14,8 @@ Kernels (design and precision choices in docs/triton.md):
                          derivatives, dm = r*e and the coefficient dr*r^3/(nD) -> [T, F_PAD] and
                          [T] scratch; per-program partial sums for dbias and dalpha.
 * ``_pre_fwd_part_kernel``, ``_pre_fwd_fin_kernel``  the split forward (16-bit x: n <= 4 at
-                         T >= 2048, n >= 5 at every T): pass 1 over a share of the row ->
-                         partials; gates, h_in.
+                         T >= 2048, n >= 5 at every T; fp32 x at every T): pass 1 over a share
+                         of the row -> partials; gates, h_in.
 * ``_pre_bwd_col_kernel`` grid (stream i, D chunk, token split): its slice of phi split into bf16
                          pieces once; per token block w = dm @ phi, dx, and the partial
                          P = dm^T @ v of dphi/g held in registers for the program's whole token
@@ -528,7 +528,6 @@ if triton is not None:
     ):
         ND: tl.constexpr = N * D
         NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
-        CPS = (NCH + S - 1) // S     # D chunks per share (S is a runtime value: no recompile)
         pid = tl.program_id(0)
         s = tl.program_id(1)
         rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -547,6 +546,7 @@ if triton is not None:
             c_step = S
             nj = ((NCH - s + S - 1) // S) * N
         else:
+            CPS = (NCH + S - 1) // S     # D chunks per share (S a runtime value: no recompile)
             c_lo = s * CPS
             c_step = 1
             nj = (tl.minimum(c_lo + CPS, NCH) - c_lo) * N
