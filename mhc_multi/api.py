@@ -10,6 +10,7 @@ import numbers
 import operator
 import os
 import sys
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -27,8 +28,8 @@ MAX_SINKHORN_ITERS = 1000
 
 class ForwardOutput(NamedTuple):
     h_in: Any     # [B, S, D]     x's dtype
-    h_post: Any   # [B, S, n]     phi's dtype
-    h_res: Any    # [B, S, n, n]  phi's dtype (logits, or SK_k(logits) with sinkhorn_iters=k)
+    h_post: Any   # [B, S, n]     gate dtype: fp64 with fp64 parameters, else fp32
+    h_res: Any    # [B, S, n, n]  gate dtype (logits, or SK_k(logits) with sinkhorn_iters=k)
     inv_rms: Any  # [B, S]
     h_mix: Any    # [B, S, F]     raw projections, before inv_rms
     h_pre: Any    # [B, S, n]
@@ -36,10 +37,10 @@ class ForwardOutput(NamedTuple):
 
 class Gradients(NamedTuple):
     dx: Any       # [B, S, n, D]  x's dtype
-    dphi: Any     # [F, n*D]      phi's dtype
-    dalpha: Any   # [3]
-    dbias: Any    # [F]
-    dgamma: Any   # [n, D], or None when gamma is None
+    dphi: Any     # [F, n*D]      phi's dtype (each gradient takes its parameter's dtype)
+    dalpha: Any   # [3]           alpha's dtype
+    dbias: Any    # [F]           bias's dtype
+    dgamma: Any   # [n, D] gamma's dtype, or None when gamma is None
 
 
 class PostGradients(NamedTuple):
@@ -91,7 +92,9 @@ class _Args:
         else:
             raise TypeError(f"x: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
         self.backend = backend
-        self.x_dtype = self.param_dtype = None  # dtype names, set as x and phi are checked
+        # dtype names, set as x and the parameters are checked: param_dtype is phi's (or the
+        # gates' for the post operator), compute_dtype what the backend receives them in
+        self.x_dtype = self.param_dtype = self.compute_dtype = None
 
     def container(self, name: str, a) -> None:
         if self.kind == "torch":
@@ -112,10 +115,17 @@ class _Args:
             raise TypeError(f"{name}: expected dtype in {list(allowed)}, got {_describe_dtype(a)}")
 
 
-_X_DTYPES_TORCH = ("bf16", "fp16", "fp32", "fp64")
-_X_DTYPES_NUMPY = ("fp16", "fp32", "fp64")  # numpy has no bfloat16: pass bf16 as a torch tensor
-_PARAM_DTYPES = ("fp32", "fp64")
 _FLOATS = ("bf16", "fp16", "fp32", "fp64")
+_X_DTYPES_TORCH = _FLOATS
+_X_DTYPES_NUMPY = ("fp16", "fp32", "fp64")  # numpy has no bfloat16: pass bf16 as a torch tensor
+#: parameters and gates other than fp64 are computed in fp32 (16-bit ones read, then upcast)
+_SINGLE = ("bf16", "fp16", "fp32")
+
+
+def compute_dtype(dtype: str) -> str:
+    """The dtype parameters (or gates) of dtype name ``dtype`` are computed in: fp64 stays
+    fp64, everything else is fp32. Gates and intermediates come out in it."""
+    return "fp64" if dtype == "fp64" else "fp32"
 
 
 def _check_x(args: _Args, x) -> tuple[int, int, int, int]:
@@ -130,18 +140,28 @@ def _check_x(args: _Args, x) -> tuple[int, int, int, int]:
     if dtype_name(x) not in allowed:
         raise TypeError(f"x: expected dtype in {list(allowed)}, got {_describe_dtype(x)}")
     args.x_dtype = dtype_name(x)
+    args.x_shape = (B, S, n, D)
     return B, S, n, D
 
 
+def _float_dtypes(args: _Args, among: tuple[str, ...]) -> tuple[str, ...]:
+    return among if args.kind == "torch" else tuple(d for d in among if d != "bf16")
+
+
 def _check_params(args: _Args, n: int, D: int, phi, alpha, bias, gamma) -> None:
+    """phi, alpha, bias, gamma: each of bf16/fp16/fp32 (computed in fp32), or all fp64."""
     F = n * n + 2 * n
-    args.check("phi", phi, (F, n * D), _PARAM_DTYPES, "F = n*n + 2n rows, n*D columns")
-    like = (dtype_name(phi),)  # alpha, bias and gamma share phi's dtype
-    args.check("alpha", alpha, (3,), like, "a_pre, a_post, a_res; dtype of phi")
-    args.check("bias", bias, (F,), like, "F = n*n + 2n; dtype of phi")
+    args.check("phi", phi, (F, n * D), _float_dtypes(args, _FLOATS),
+               "F = n*n + 2n rows, n*D columns")
+    fp64 = dtype_name(phi) == "fp64"
+    like = ("fp64",) if fp64 else _float_dtypes(args, _SINGLE)
+    why = "; fp64 like phi" if fp64 else "; 16-bit or fp32, as phi is"
+    args.check("alpha", alpha, (3,), like, "a_pre, a_post, a_res" + why)
+    args.check("bias", bias, (F,), like, "F = n*n + 2n" + why)
     if gamma is not None:
-        args.check("gamma", gamma, (n, D), like, "n, D; dtype of phi")
-    args.param_dtype = like[0]
+        args.check("gamma", gamma, (n, D), like, "n, D" + why)
+    args.param_dtype = dtype_name(phi)
+    args.compute_dtype = compute_dtype(args.param_dtype)
 
 
 def check_eps(norm_eps, hc_eps) -> tuple[float, float]:
@@ -191,6 +211,33 @@ def _cast_like(a, ref):
     return a.astype(ref.dtype, copy=False)
 
 
+def _cast_to(a, name: str):
+    """``a`` in the dtype named ``name`` ("fp32" or "fp64"; no copy when it already is)."""
+    if a is None:
+        return None
+    if _is_tensor(a):
+        torch = _torch()
+        return a.to(torch.float64 if name == "fp64" else torch.float32)
+    return a.astype(np.float64 if name == "fp64" else np.float32, copy=False)
+
+
+_warned_grad = False
+
+
+def _warn_if_grad(fn: str, *tensors) -> None:
+    """forward / backward take and return plain values: say so once when an input requires
+    grad (the result will not be connected to the autograd graph)."""
+    global _warned_grad
+    if _warned_grad or _torch() is None:
+        return
+    if any(_is_tensor(t) and t.requires_grad for t in tensors) and _torch().is_grad_enabled():
+        _warned_grad = True
+        warnings.warn(f"mhc_multi.{fn} takes and returns plain values: its outputs are not "
+                      "connected to the autograd graph. Use mhc_multi.mhc_pre or the "
+                      "mhc_multi.MHCPre module to differentiate through the operator.",
+                      UserWarning, stacklevel=3)
+
+
 # ---------------------------------------------------------------------------------------------
 # choosing a backend and moving data to and from it
 
@@ -210,10 +257,14 @@ def _select(args: _Args, total_tokens: int, *, needs: str | None = None):
     if x_dtypes is not None and args.x_dtype not in x_dtypes:
         raise TypeError(f"x: backend {name!r} expects dtype in {list(x_dtypes)}, got "
                         f"{args.x_dtype}{hint}")
-    p_dtypes = getattr(mod, "PARAM_DTYPES", None)
-    if p_dtypes is not None and args.param_dtype not in p_dtypes:
-        raise TypeError(f"phi: backend {name!r} expects dtype in {list(p_dtypes)}, got "
-                        f"{args.param_dtype}{hint}")
+    p_dtypes = getattr(mod, "PARAM_DTYPES", None)   # the dtypes it computes parameters in
+    if p_dtypes is not None and args.compute_dtype not in p_dtypes:
+        raise TypeError(f"phi: backend {name!r} computes parameters in {list(p_dtypes)} "
+                        f"(16-bit ones upcast to fp32), got {args.param_dtype}{hint}")
+    max_tokens = getattr(mod, "MAX_TOKENS", None)
+    if max_tokens is not None and total_tokens > max_tokens:
+        raise ValueError(f"x: backend {name!r} takes at most {max_tokens} tokens B*S, got "
+                         f"{total_tokens} (shape {args.x_shape})")
     if total_tokens == 0:  # nothing to compute: the reference returns the empty results exactly
         return registry.resolve("numpy", on_cuda=False)
     return name, mod
@@ -263,12 +314,17 @@ def _run(args: _Args, mod, fn: str, inputs: dict, **kw):
 
 def forward(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps: float = 1e-6,
             hc_eps: float = 1e-6, sinkhorn_iters: int = 0) -> ForwardOutput:
-    """Forward pass of the mHC pre operator (CONTRACT.md).
+    """Forward pass of the mHC pre operator (docs/contract.md) on plain values.
+
+    This is the functional form: it takes and returns plain tensors or arrays and is not
+    recorded by autograd (it warns once when an input requires grad). To differentiate
+    through the operator use :func:`mhc_multi.mhc_pre` or the :class:`mhc_multi.MHCPre` module.
 
     Args:
         x: ``[B, S, n, D]`` streams; bf16/fp16/fp32/fp64 torch tensor or fp16/fp32/fp64 array.
-        phi: ``[n*n + 2n, n*D]`` projection, fp32 or fp64. alpha ``[3]``, bias ``[n*n + 2n]``
-            and gamma ``[n, D]`` (or None for all ones) share phi's dtype.
+        phi: ``[n*n + 2n, n*D]`` projection. alpha ``[3]``, bias ``[n*n + 2n]`` and gamma
+            ``[n, D]`` (or None for all ones). Each of bf16/fp16/fp32 (read, then computed
+            in fp32), or all fp64.
         backend: ``"auto"`` (CUDA -> triton, CPU -> numba, else numpy; $MHC_MULTI_BACKEND
             overrides it), ``"triton"``, ``"numba"`` or ``"numpy"``.
         norm_eps, hc_eps: the RMS-norm epsilon (> 0) and the h_pre offset (>= 0).
@@ -277,14 +333,21 @@ def forward(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps:
 
     Returns:
         :class:`ForwardOutput` ``(h_in, h_post, h_res, inv_rms, h_mix, h_pre)`` in x's
-        container and device; ``h_in`` in x's dtype, the rest in phi's dtype.
+        container and device; ``h_in`` in x's dtype, the rest in fp64 with fp64 parameters,
+        else fp32 (16-bit parameters give fp32 gates: the post operator consumes them).
     """
+    _warn_if_grad("forward", x, phi, alpha, bias, gamma)
+    return _forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters)
+
+
+def _forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters):
     args, (B, S, n, D), norm_eps, hc_eps, k = validate_pre(
         x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters)
     _, mod = _select(args, B * S, needs="sinkhorn" if k else None)
-    T, F = B * S, n * n + 2 * n
+    T, F, c = B * S, n * n + 2 * n, args.compute_dtype
     out = _run(args, mod, "forward",
-               dict(x=x.reshape(T, n, D), phi=phi, alpha=alpha, bias=bias, gamma=gamma),
+               dict(x=x.reshape(T, n, D), phi=_cast_to(phi, c), alpha=_cast_to(alpha, c),
+                    bias=_cast_to(bias, c), gamma=_cast_to(gamma, c)),
                norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=k)
     shapes = ((B, S, D), (B, S, n), (B, S, n, n), (B, S), (B, S, F), (B, S, n))
     return ForwardOutput(*(_from_backend(a, args, s) for a, s in zip(out, shapes)))
@@ -293,18 +356,30 @@ def forward(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps:
 def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res,
              gamma=None, *, backend: str = "auto", norm_eps: float = 1e-6, hc_eps: float = 1e-6,
              sinkhorn_iters: int = 0) -> Gradients:
-    """Backward pass of the mHC pre operator (CONTRACT.md).
+    """Backward pass of the mHC pre operator (docs/contract.md) on plain values.
+
+    The functional form, like :func:`forward`: plain values in, plain values out, nothing
+    recorded by autograd (use :func:`mhc_multi.mhc_pre` / :class:`mhc_multi.MHCPre` for that).
 
     Takes the forward's intermediates ``inv_rms [B,S], h_mix [B,S,F], h_pre, h_post [B,S,n]``
     and the gradients ``dh_in [B,S,D], dh_post [B,S,n], dh_res [B,S,n,n]`` (with
     ``sinkhorn_iters=k``, ``dh_res`` is with respect to the projected matrix). Floating
     gradients and intermediates of another dtype are cast: ``dh_in`` to x's dtype, the rest to
-    phi's.
+    the gates' dtype (fp32, or fp64 with fp64 parameters).
 
     Returns:
-        :class:`Gradients` ``(dx, dphi, dalpha, dbias, dgamma)``; ``dx`` in x's dtype, the
-        rest in phi's dtype; ``dgamma`` is None when ``gamma`` is None.
+        :class:`Gradients` ``(dx, dphi, dalpha, dbias, dgamma)``; ``dx`` in x's dtype, each
+        parameter gradient in its parameter's dtype (16-bit ones rounded once from the fp32
+        sums); ``dgamma`` is None when ``gamma`` is None.
     """
+    _warn_if_grad("backward", x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, dh_in,
+                  dh_post, dh_res)
+    return _backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res,
+                     gamma, backend, norm_eps, hc_eps, sinkhorn_iters)
+
+
+def _backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
+              backend, norm_eps, hc_eps, sinkhorn_iters):
     args, (B, S, n, D), norm_eps, hc_eps, k = validate_pre(
         x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters)
     F = n * n + 2 * n
@@ -315,17 +390,18 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
     for name, a, shape in per_token:
         args.check(name, a, shape, _FLOATS)
     _, mod = _select(args, B * S, needs="sinkhorn" if k else None)
-    T = B * S
-    small = {name: _cast_like(a, phi).reshape((T,) + shape[2:])
+    T, c = B * S, args.compute_dtype
+    small = {name: _cast_to(a, c).reshape((T,) + shape[2:])
              for name, a, shape in per_token if name != "dh_in"}
     out = _run(args, mod, "backward",
-               dict(x=x.reshape(T, n, D), phi=phi, alpha=alpha, bias=bias,
-                    dh_in=_cast_like(dh_in, x).reshape(T, D), gamma=gamma, **small),
+               dict(x=x.reshape(T, n, D), phi=_cast_to(phi, c), alpha=_cast_to(alpha, c),
+                    bias=_cast_to(bias, c), dh_in=_cast_like(dh_in, x).reshape(T, D),
+                    gamma=_cast_to(gamma, c), **small),
                norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=k)
-    dx, dphi, dalpha, dbias, dgamma = out
-    return Gradients(_from_backend(dx, args, (B, S, n, D)), _from_backend(dphi, args),
-                     _from_backend(dalpha, args), _from_backend(dbias, args),
-                     _from_backend(dgamma, args))
+    dx, *dparams = out
+    own = [None if g is None else _cast_like(_from_backend(g, args), p)   # rounded once
+           for g, p in zip(dparams, (phi, alpha, bias, gamma))]
+    return Gradients(_from_backend(dx, args, (B, S, n, D)), *own)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,9 +410,11 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
 def _check_post(args: _Args, x, f_out, h_post, h_res):
     B, S, n, D = _check_x(args, x)
     args.check("f_out", f_out, (B, S, D), _FLOATS)
-    args.check("h_post", h_post, (B, S, n), _PARAM_DTYPES, "gates: fp32 or fp64")
+    args.check("h_post", h_post, (B, S, n), _float_dtypes(args, _FLOATS),
+               "gates: 16-bit or fp32 (computed in fp32), or fp64")
     args.check("h_res", h_res, (B, S, n, n), _FLOATS)
     args.param_dtype = dtype_name(h_post)
+    args.compute_dtype = compute_dtype(args.param_dtype)
     return B, S, n, D
 
 
@@ -344,32 +422,38 @@ def post_forward(x, f_out, h_post, h_res, *, backend: str = "auto"):
     """``x_next[b,s,i,:] = sum_j h_res[b,s,i,j] x[b,s,j,:] + h_post[b,s,i] f_out[b,s,:]``.
 
     ``x [B,S,n,D]`` and ``f_out [B,S,D]`` are activations (f_out is cast to x's dtype);
-    ``h_post [B,S,n]`` and ``h_res [B,S,n,n]`` are gates (fp32/fp64; h_res is cast to
-    h_post's dtype). Returns ``x_next [B,S,n,D]`` in x's dtype.
+    ``h_post [B,S,n]`` and ``h_res [B,S,n,n]`` are gates (h_res is cast to h_post's dtype;
+    16-bit gates are computed in fp32). Returns ``x_next [B,S,n,D]`` in x's dtype. Plain
+    values, like :func:`forward`; :func:`mhc_multi.mhc_post` is the differentiable form.
     """
     args = _Args(x, backend)
     B, S, n, D = _check_post(args, x, f_out, h_post, h_res)
     _, mod = _select(args, B * S, needs="post")
-    T = B * S
+    T, c = B * S, args.compute_dtype
     out = _run(args, mod, "post_forward",
                dict(x=x.reshape(T, n, D), f_out=_cast_like(f_out, x).reshape(T, D),
-                    h_post=h_post.reshape(T, n), h_res=_cast_like(h_res, h_post).reshape(T, n, n)))
+                    h_post=_cast_to(h_post, c).reshape(T, n),
+                    h_res=_cast_to(h_res, c).reshape(T, n, n)))
     return _from_backend(out, args, (B, S, n, D))
 
 
 def post_backward(x, f_out, h_post, h_res, dx_next, *, backend: str = "auto") -> PostGradients:
     """Gradients of :func:`post_forward` given ``dx_next [B,S,n,D]`` (cast to x's dtype).
 
-    Returns :class:`PostGradients` ``(dx, df_out, dh_post, dh_res)``.
+    Returns :class:`PostGradients` ``(dx, df_out, dh_post, dh_res)``: ``dx`` and ``df_out`` in
+    x's dtype, ``dh_post`` and ``dh_res`` in h_post's dtype (rounded once from fp32 when it
+    is 16-bit).
     """
     args = _Args(x, backend)
     B, S, n, D = _check_post(args, x, f_out, h_post, h_res)
     args.check("dx_next", dx_next, (B, S, n, D), _FLOATS)
     _, mod = _select(args, B * S, needs="post")
-    T = B * S
+    T, c = B * S, args.compute_dtype
     out = _run(args, mod, "post_backward",
                dict(x=x.reshape(T, n, D), f_out=_cast_like(f_out, x).reshape(T, D),
-                    h_post=h_post.reshape(T, n), h_res=_cast_like(h_res, h_post).reshape(T, n, n),
+                    h_post=_cast_to(h_post, c).reshape(T, n),
+                    h_res=_cast_to(h_res, c).reshape(T, n, n),
                     dx_next=_cast_like(dx_next, x).reshape(T, n, D)))
-    shapes = ((B, S, n, D), (B, S, D), (B, S, n), (B, S, n, n))
-    return PostGradients(*(_from_backend(a, args, s) for a, s in zip(out, shapes)))
+    dx, df_out, dhp, dhr = (_from_backend(a, args, s) for a, s in
+                            zip(out, ((B, S, n, D), (B, S, D), (B, S, n), (B, S, n, n))))
+    return PostGradients(dx, df_out, _cast_like(dhp, h_post), _cast_like(dhr, h_post))

@@ -24,14 +24,20 @@ from . import api, registry
 def _pre_forward_op(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, gamma: Optional[Tensor],
                     backend: str, norm_eps: float, hc_eps: float, sinkhorn_iters: int
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(api.forward(x, phi, alpha, bias, gamma, backend=backend, norm_eps=norm_eps,
-                             hc_eps=hc_eps, sinkhorn_iters=sinkhorn_iters))
+    return tuple(api._forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps,
+                              sinkhorn_iters))
+
+
+def _gate_dtype(phi: Tensor) -> torch.dtype:
+    """Gates and intermediates: fp64 with fp64 parameters, else fp32 (api.compute_dtype)."""
+    return torch.float64 if phi.dtype == torch.float64 else torch.float32
 
 
 @_pre_forward_op.register_fake
 def _(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters):
     B, S, n, D = x.shape
-    p = phi.new_empty
+    def p(*shape):
+        return phi.new_empty(shape, dtype=_gate_dtype(phi))
     return (x.new_empty(B, S, D), p(B, S, n), p(B, S, n, n), p(B, S), p(B, S, n * n + 2 * n),
             p(B, S, n))
 
@@ -42,9 +48,8 @@ def _pre_backward_op(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, inv_rm
                      dh_post: Tensor, dh_res: Tensor, gamma: Optional[Tensor], backend: str,
                      norm_eps: float, hc_eps: float, sinkhorn_iters: int
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    g = api.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res,
-                     gamma, backend=backend, norm_eps=norm_eps, hc_eps=hc_eps,
-                     sinkhorn_iters=sinkhorn_iters)
+    g = api._backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res,
+                      gamma, backend, norm_eps, hc_eps, sinkhorn_iters)
     # a custom op returns tensors only: no gamma -> an empty dgamma, turned back into None
     return g.dx, g.dphi, g.dalpha, g.dbias, g.dgamma if gamma is not None else phi.new_empty(0)
 
@@ -163,11 +168,17 @@ def default_bias(n: int, sinkhorn_iters: int = 0) -> torch.Tensor:
 class MHCPre(torch.nn.Module):
     """The mHC pre operator as a module owning ``phi, alpha, bias`` and (optionally) ``gamma``.
 
-    Initialisation (the paper's recipe: start as a plain residual stream, learn to mix):
-    ``phi ~ N(0, 1/(n*D))`` so each projection is O(1) for unit-RMS inputs; ``alpha = 0.01``
-    for all three gates, so the data-dependent part starts small and the biases dominate;
-    ``bias`` from :func:`default_bias` (mean of streams in, output to every stream, identity
-    mixing); ``gamma = 1``.
+    Initialisation (:meth:`reset_parameters`; the paper's recipe: start as a plain residual
+    stream, learn to mix): ``phi ~ N(0, 1/(n*D))`` so each projection is O(1) for unit-RMS
+    inputs; ``alpha = 0.01`` for all three gates, so the data-dependent part starts small and
+    the biases dominate; ``bias`` from :func:`default_bias` (mean of streams in, output to every
+    stream, identity mixing); ``gamma = 1``. Values are drawn in fp32 (phi) or float64 (bias)
+    and rounded once to ``dtype``.
+
+    The parameters may be bf16, fp16, fp32 or fp64 (``dtype=``, ``.bfloat16()``, or FSDP2's
+    ``MixedPrecisionPolicy``): 16-bit ones are computed in fp32, the gates come out in fp32 and
+    the gradients in each parameter's dtype. Under ``torch.device("meta")`` the module is built
+    without memory; ``to_empty(device=...)`` then ``reset_parameters()`` initialise it.
 
     ``forward(x [B,S,n,D]) -> (h_in [B,S,D], h_post [B,S,n], h_res [B,S,n,n])``.
     """
@@ -186,10 +197,26 @@ class MHCPre(torch.nn.Module):
         self.n, self.D = n, D
         self.backend, self.norm_eps, self.hc_eps = backend, norm_eps, hc_eps
         self.sinkhorn_iters = sinkhorn_iters
-        self.phi = torch.nn.Parameter(torch.randn(F, n * D, **kw) / math.sqrt(n * D))
-        self.alpha = torch.nn.Parameter(torch.full((3,), 0.01, **kw))
-        self.bias = torch.nn.Parameter(default_bias(n, sinkhorn_iters).to(**kw))
-        self.gamma = torch.nn.Parameter(torch.ones(n, D, **kw)) if use_gamma else None
+        self.phi = torch.nn.Parameter(torch.empty(F, n * D, **kw))
+        self.alpha = torch.nn.Parameter(torch.empty(3, **kw))
+        self.bias = torch.nn.Parameter(torch.empty(F, **kw))
+        if use_gamma:
+            self.gamma = torch.nn.Parameter(torch.empty(n, D, **kw))
+        else:
+            self.register_parameter("gamma", None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The documented initialisation, in place (on meta tensors: nothing to draw)."""
+        n, D = self.n, self.D
+        dev = self.phi.device
+        self.phi.copy_(torch.randn(self.phi.shape, dtype=torch.float32, device=dev)
+                       / math.sqrt(n * D))
+        self.alpha.fill_(0.01)
+        self.bias.copy_(default_bias(n, self.sinkhorn_iters))
+        if self.gamma is not None:
+            self.gamma.fill_(1.0)
 
     def forward(self, x):
         return mhc_pre(x, self.phi, self.alpha, self.bias, self.gamma, backend=self.backend,
@@ -198,4 +225,5 @@ class MHCPre(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"n={self.n}, D={self.D}, gamma={self.gamma is not None}, "
-                f"sinkhorn_iters={self.sinkhorn_iters}, backend={self.backend!r}")
+                f"sinkhorn_iters={self.sinkhorn_iters}, norm_eps={self.norm_eps:g}, "
+                f"hc_eps={self.hc_eps:g}, backend={self.backend!r}")

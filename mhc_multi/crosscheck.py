@@ -77,11 +77,15 @@ def relative_error(got, ref64: np.ndarray) -> float:
 
 
 def _like(a64: np.ndarray, ref, dtype_of):
-    """float64 values in ``ref``'s container/device, in ``dtype_of``'s dtype."""
+    """float64 values in ``ref``'s container/device, in the dtype of ``dtype_of`` (an array or
+    tensor), or the one it names ("fp32" / "fp64")."""
     if _is_tensor(ref):
         import torch
-        return torch.from_numpy(a64).to(device=ref.device, dtype=dtype_of.dtype)
-    return a64.astype(dtype_of.dtype)
+        dt = ({"fp32": torch.float32, "fp64": torch.float64}[dtype_of]
+              if isinstance(dtype_of, str) else dtype_of.dtype)
+        return torch.from_numpy(a64).to(device=ref.device, dtype=dt)
+    return a64.astype({"fp32": np.float32, "fp64": np.float64}[dtype_of]
+                      if isinstance(dtype_of, str) else dtype_of.dtype)
 
 
 def random_inputs(shape, x_dtype: str = "bf16", *, param_dtype: str = "fp32", gamma: bool = True,
@@ -141,6 +145,10 @@ def crosscheck(x, phi, alpha, bias, gamma=None, *, backends: Sequence[str] | Non
     _, (B, S, n, D), norm_eps, hc_eps, k = api.validate_pre(
         x, phi, alpha, bias, gamma, "numpy", norm_eps, hc_eps, sinkhorn_iters)
     xd, pd = dtype_name(x), dtype_name(phi)
+    gd = api.compute_dtype(pd)   # the gates' and intermediates' dtype
+    # each parameter gradient is judged by its own parameter's dtype, the rest by phi's
+    own = {"dphi": pd, "dalpha": dtype_name(alpha), "dbias": dtype_name(bias),
+           "dgamma": None if gamma is None else dtype_name(gamma)}
     kw = dict(norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=k)
 
     as_np = [_to_backend(a, "numpy") for a in (x, phi, alpha, bias, gamma)]
@@ -154,8 +162,8 @@ def crosscheck(x, phi, alpha, bias, gamma=None, *, backends: Sequence[str] | Non
     d_post = rng.standard_normal((B, S, n))
     d_res = rng.standard_normal((B, S, n, n))
     dh_in = _like(d_in, x, x)  # the cotangent of h_in comes in x's dtype
-    mids = {k: _like(ref_fwd[k], x, phi) for k in ("inv_rms", "h_mix", "h_pre", "h_post")}
-    dh_post, dh_res = _like(d_post, x, phi), _like(d_res, x, phi)
+    mids = {k: _like(ref_fwd[k], x, gd) for k in ("inv_rms", "h_mix", "h_pre", "h_post")}
+    dh_post, dh_res = _like(d_post, x, gd), _like(d_res, x, gd)
     # the reference backward sees exactly what the backends see (rounded inputs, upcast)
     ref_bwd = numpy_ref.backward64(
         x_np, *as_np[1:4], *(_to_backend(mids[k], "numpy").reshape((B * S,) + mids[k].shape[2:])
@@ -171,7 +179,7 @@ def crosscheck(x, phi, alpha, bias, gamma=None, *, backends: Sequence[str] | Non
         if ref64 is None:
             return
         err = relative_error(got, ref64)
-        tol = tolerance(tol_name or output, xd, pd)
+        tol = tolerance(tol_name or output, xd, own.get(output, pd))
         rows.append(CheckRow(name, output, err, tol, err <= tol))
 
     for name in backends:
@@ -183,8 +191,8 @@ def crosscheck(x, phi, alpha, bias, gamma=None, *, backends: Sequence[str] | Non
         for k in PRE_GRADIENTS:
             add(name, k, getattr(grads, k), ref_grads[k])
         if post:
-            rows.extend(_check_post(name, x, mids["h_post"], _like(ref_fwd["h_res"], x, phi),
-                                    rng, xd, pd))
+            rows.extend(_check_post(name, x, mids["h_post"], _like(ref_fwd["h_res"], x, gd),
+                                    rng, xd, gd))
     return Report(rows, (B, S, n, D), xd, pd, seed)
 
 

@@ -14,7 +14,8 @@ class MHCLayer(torch.nn.Module):
 
     The layer's own parameters are ``phi, alpha, bias, gamma`` (as in :class:`MHCPre`,
     initialised as documented there: at the start the step is close to a plain residual
-    connection on every stream); the block's are under ``block``. ``sinkhorn_iters`` (default
+    connection on every stream); the block's are under ``block``. The parameters may be 16-bit
+    (``.bfloat16()``, FSDP2's mixed precision): see :class:`MHCPre`. ``sinkhorn_iters`` (default
     20, the paper's) projects ``h_res`` onto doubly stochastic matrices.
     """
 
@@ -33,6 +34,15 @@ class MHCLayer(torch.nn.Module):
     alpha = property(lambda self: self.pre.alpha)
     bias = property(lambda self: self.pre.bias)
     gamma = property(lambda self: self.pre.gamma)
+
+    def reset_parameters(self) -> None:
+        """The documented initialisation of the block's parameters, where the block has a
+        ``reset_parameters`` of its own, then of the pre operator's (MHCPre): the order in which
+        ``MHCLayer(Block(...), n, D)`` draws them, so that after meta-device construction,
+        ``to_empty()`` and this, a seeded model equals one built directly."""
+        if callable(getattr(self.block, "reset_parameters", None)):
+            self.block.reset_parameters()
+        self.pre.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h_in, h_post, h_res = self.pre(x)

@@ -1,11 +1,13 @@
 """The accuracy table of CONTRACT.md, as code: the one place every tolerance comes from.
 
 Errors are relative Frobenius norms ``||got - ref|| / ||ref||`` against a float64 evaluation
-of the contract. Outputs in the activation dtype (``h_in``, ``dx``, and the post operator's
-``x_next``, ``df_out``) are bounded by the rounding of that dtype: 1.5x (bf16) and 2x (fp16)
-its unit roundoff, so one final rounding fits and any intermediate 16-bit rounding does not.
-Everything else (gates, intermediates, parameter gradients) is fp32-class: 2e-5, or 1e-12 when
-both the activations and the parameters are fp64.
+of the contract (with 16-bit parameters: evaluated on the same rounded parameter values).
+Outputs in the activation dtype (``h_in``, ``dx``, and the post operator's ``x_next``,
+``df_out``) are bounded by the rounding of that dtype: 1.5x (bf16) and 2x (fp16) its unit
+roundoff, so one final rounding fits and any intermediate 16-bit rounding does not. The
+gradients of 16-bit parameters (and of 16-bit gates) are rounded once to their own dtype and
+take the same bound for it. Everything else (gates, intermediates, fp32 parameter gradients)
+is fp32-class: 2e-5, or 1e-12 when both the activations and the parameters are fp64.
 """
 from __future__ import annotations
 
@@ -14,7 +16,11 @@ DTYPE_NAMES = ("bf16", "fp16", "fp32", "fp64")
 #: outputs that take the activation (x) dtype
 ACTIVATION_OUTPUTS = frozenset({"h_in", "dx", "x_next", "df_out"})
 
-#: bound for activation-dtype outputs, by x's dtype
+#: outputs that take a parameter's (or, for the post operator, a gate's) own dtype
+PARAM_GRADIENTS = frozenset({"dphi", "dalpha", "dbias", "dgamma", "dh_post", "dh_res"})
+
+#: bound for an output rounded once to a dtype: activation outputs by x's dtype, and the
+#: gradients of 16-bit parameters by the parameter's dtype
 ACTIVATION_TOLERANCE = {"bf16": 6e-3, "fp16": 1e-3, "fp32": 1e-5, "fp64": 1e-12}
 
 #: bound for every other output: fp32-class unless x and the parameters are both fp64
@@ -28,14 +34,21 @@ SINKHORN_MARGIN_TOLERANCE = 1e-5
 def tolerance(output: str, x_dtype: str, param_dtype: str | None = None) -> float:
     """The bound on the relative error of ``output`` (a contract name such as ``"dphi"``).
 
-    ``x_dtype`` and ``param_dtype`` are names from :data:`DTYPE_NAMES`; ``param_dtype``
-    defaults to fp64 for fp64 activations and to fp32 otherwise.
+    ``x_dtype`` and ``param_dtype`` are names from :data:`DTYPE_NAMES`; ``param_dtype`` is the
+    dtype of the parameter whose gradient ``output`` is (or phi's, for the other outputs) and
+    defaults to fp64 for fp64 activations and to fp32 otherwise. 16-bit parameters are
+    computed in fp32: their gradients take their own dtype's bound, every other output the
+    fp32-class one.
     """
-    if x_dtype not in DTYPE_NAMES:
-        raise ValueError(f"x_dtype: expected one of {DTYPE_NAMES}, got {x_dtype!r}")
+    for name, d in (("x_dtype", x_dtype), ("param_dtype", param_dtype)):
+        if d is not None and d not in DTYPE_NAMES:
+            raise ValueError(f"{name}: expected one of {DTYPE_NAMES}, got {d!r}")
     if output in ACTIVATION_OUTPUTS:
         return ACTIVATION_TOLERANCE[x_dtype]
     if param_dtype is None:
         param_dtype = "fp64" if x_dtype == "fp64" else "fp32"
+    if param_dtype in ("bf16", "fp16"):
+        return ACTIVATION_TOLERANCE[param_dtype] if output in PARAM_GRADIENTS else \
+            PARAM_TOLERANCE["fp32"]
     both_fp64 = x_dtype == "fp64" and param_dtype == "fp64"
     return PARAM_TOLERANCE["fp64" if both_fp64 else "fp32"]

@@ -37,8 +37,10 @@ def _device(backend):
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
-def _check(backend, shape, x_dtype, gamma, seed, sinkhorn_iters=0, post=False):
-    param_dtype = "fp64" if x_dtype == "fp64" else "fp32"
+def _check(backend, shape, x_dtype, gamma, seed, sinkhorn_iters=0, post=False,
+           param_dtype=None):
+    if param_dtype is None:
+        param_dtype = "fp64" if x_dtype == "fp64" else "fp32"
     device = _device(backend)
     inputs = random_inputs(shape, x_dtype, param_dtype=param_dtype, gamma=gamma, seed=seed,
                            device=device)
@@ -131,6 +133,21 @@ SK_SHAPES = [(1, 3, 1, 7), (2, 5, 3, 130), (1, 17, 4, 96), (1, 4, 8, 33)]
                                      _backend_param("triton")])
 def test_sinkhorn_and_post_accuracy(backend, shape, sinkhorn_iters, x_dtype, poison, seed):
     _check(backend, shape, x_dtype, True, seed, sinkhorn_iters=sinkhorn_iters, post=True)
+
+
+# 16-bit parameters: against float64 on the same rounded values, each parameter gradient
+# within its own dtype's bound, the rest as for fp32 parameters (crosscheck)
+P16_SHAPES = [(1, 1, 1, 1), (2, 9, 3, 130), (1, 37, 4, 96), (1, 4, 8, 33)]
+
+
+@pytest.mark.parametrize("x_dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("param_dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("shape", P16_SHAPES, ids=lambda s: "B{}S{}n{}D{}".format(*s))
+@pytest.mark.parametrize("backend", [_backend_param("numba"), _backend_param("numpy"),
+                                     _backend_param("triton")])
+def test_16bit_parameters_accuracy(backend, shape, param_dtype, x_dtype, poison, seed):
+    _check(backend, shape, x_dtype, True, seed, sinkhorn_iters=3 if shape[2] == 4 else 0,
+           post=True, param_dtype=param_dtype)
 
 
 @pytest.mark.parametrize("backend", [_backend_param("numba"), _backend_param("triton")])

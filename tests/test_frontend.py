@@ -1,5 +1,6 @@
 """The front end: argument checks, containers, dtypes, backend choice, edge cases."""
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -51,13 +52,14 @@ def _bad_forward_cases():
         "x-list": (lambda a: a.update(x=[[1.0]]), TypeError, "x"),
         "phi-shape": (lambda a: a.update(phi=torch.zeros(F, n * D + 1)), ValueError, "phi"),
         "phi-int": (lambda a: a.update(phi=a["phi"].to(torch.int64)), TypeError, "phi"),
-        "phi-bf16": (lambda a: a.update(phi=a["phi"].bfloat16()), TypeError, "phi"),
+        "phi-fp64-alpha-fp32": (lambda a: a.update(phi=a["phi"].double()), TypeError, "alpha"),
         "phi-numpy": (lambda a: a.update(phi=a["phi"].numpy()), TypeError, "phi"),
         "alpha-shape": (lambda a: a.update(alpha=torch.zeros(4)), ValueError, "alpha"),
         "alpha-dtype": (lambda a: a.update(alpha=a["alpha"].double()), TypeError, "alpha"),
         "bias-shape": (lambda a: a.update(bias=torch.zeros(F - 1)), ValueError, "bias"),
         "gamma-shape": (lambda a: a.update(gamma=torch.ones(n, D - 1)), ValueError, "gamma"),
-        "gamma-dtype": (lambda a: a.update(gamma=a["gamma"].half()), TypeError, "gamma"),
+        "gamma-dtype": (lambda a: a.update(gamma=a["gamma"].int()), TypeError, "gamma"),
+        "bias-numpy-fp16": (lambda a: a.update(bias=a["bias"].half().numpy()), TypeError, "bias"),
         "device": (lambda a: a.update(bias=a["bias"].to("meta")), ValueError, "bias"),
         "norm_eps": (lambda a: a.update(norm_eps=0.0), ValueError, "norm_eps"),
         "hc_eps": (lambda a: a.update(hc_eps=float("nan")), ValueError, "hc_eps"),
@@ -299,3 +301,96 @@ def test_backend_dtype_limits_are_checked_before_it_runs(x_dtype, param_dtype, n
         forward(x, phi, alpha, bias, g, backend="triton")
     msg = str(info.value)
     assert msg.startswith(name) and "triton" in msg and "backend='numba'" in msg, msg
+
+
+@pytest.mark.parametrize("x_dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("param_dtype", ["bf16", "fp16"])
+def test_16bit_parameters_give_fp32_gates_and_own_dtype_gradients(x_dtype, param_dtype, seed):
+    """16-bit parameters are computed in fp32: the gates and intermediates come out fp32 (the
+    post operator consumes them), each gradient in its own parameter's dtype, rounded once."""
+    x, phi, alpha, bias, g = _inputs(seed, x_dtype, param_dtype=param_dtype)
+    g = g.float()    # parameters of different single-precision dtypes may be mixed
+    out = forward(x, phi, alpha, bias, g, backend="numpy")
+    assert out.h_in.dtype == x.dtype and all(a.dtype == torch.float32 for a in out[1:])
+    ref = forward(x, phi.float(), alpha.float(), bias.float(), g, backend="numpy")
+    for a, b in zip(out, ref):   # the same values as the fp32 parameters they round to
+        assert torch.equal(a, b)
+    kw = _bwd_args(x, phi, alpha, bias, g)
+    gr = backward(x, phi, alpha, bias, gamma=g, backend="numpy", **kw)
+    gr32 = backward(x, phi.float(), alpha.float(), bias.float(), gamma=g, backend="numpy", **kw)
+    for got, want, p in zip(gr[1:], gr32[1:], (phi, alpha, bias, g)):
+        assert got.dtype == p.dtype
+        assert torch.equal(got, want.to(p.dtype))   # one rounding of the fp32 result
+
+
+def test_post_takes_16bit_gates(seed):
+    x = torch.randn(2, 3, 4, 40, dtype=torch.bfloat16)
+    f_out, h_post, h_res = torch.randn(2, 3, 40), torch.rand(2, 3, 4) * 2, torch.rand(2, 3, 4, 4)
+    args = (x, f_out, h_post.bfloat16(), h_res.bfloat16())
+    got = mhc_multi.post_forward(*args, backend="numpy")
+    assert torch.equal(got, mhc_multi.post_forward(x, f_out, h_post.bfloat16().float(),
+                                                   h_res.bfloat16().float(), backend="numpy"))
+    gr = mhc_multi.post_backward(*args, torch.randn_like(x), backend="numpy")
+    assert gr.dh_post.dtype == gr.dh_res.dtype == torch.bfloat16
+
+
+def test_functional_forward_warns_once_when_an_input_requires_grad(monkeypatch, seed):
+    from mhc_multi import api
+    monkeypatch.setattr(api, "_warned_grad", False)
+    x, phi, alpha, bias, g = _inputs(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forward(x, phi, alpha, bias, g, backend="numpy")          # plain values: silent
+        with torch.no_grad():
+            forward(x, phi.requires_grad_(), alpha, bias, g, backend="numpy")
+    with pytest.warns(UserWarning, match="mhc_pre"):
+        forward(x, phi, alpha, bias, g, backend="numpy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forward(x, phi, alpha, bias, g, backend="numpy")          # once
+        h = mhc_multi.mhc_pre(x, phi, alpha, bias, g, backend="numpy")[0]   # never from here
+    assert h.requires_grad
+
+
+@pytest.mark.parametrize("use_gamma", [True, False], ids=["gamma", "nogamma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_meta_device_init_then_reset_parameters_is_the_documented_init(use_gamma, dtype, seed):
+    """Built under torch.device("meta"), materialised with to_empty() and reset: the same
+    parameters, bit for bit, as building the module directly from the same RNG state."""
+    n, D, k = 3, 20, 20
+    torch.manual_seed(seed)
+    direct = mhc_multi.MHCLayer(torch.nn.Linear(D, D, dtype=dtype), n, D, sinkhorn_iters=k,
+                                use_gamma=use_gamma, dtype=dtype)
+    with torch.device("meta"):
+        lazy = mhc_multi.MHCLayer(torch.nn.Linear(D, D, dtype=dtype), n, D, sinkhorn_iters=k,
+                                  use_gamma=use_gamma, dtype=dtype)
+    assert all(p.is_meta for p in lazy.parameters())
+    lazy.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    lazy.reset_parameters()
+    assert ([k for k, _ in lazy.named_parameters()] == [k for k, _ in direct.named_parameters()])
+    for (name, a), b in zip(direct.named_parameters(), lazy.parameters()):
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b), name
+    # and the documented values themselves
+    pre = lazy.pre
+    assert torch.equal(pre.alpha, torch.full((3,), 0.01, dtype=dtype))
+    assert torch.equal(pre.bias, mhc_multi.autograd.default_bias(n, k).to(dtype))
+    assert (pre.gamma is None) == (not use_gamma)
+    if use_gamma:
+        assert torch.equal(pre.gamma, torch.ones(n, D, dtype=dtype))
+    std = pre.phi.float().std().item() * (n * D) ** 0.5
+    assert 0.8 < std < 1.2, f"phi std * sqrt(nD) = {std}"
+    # MHCLayer.reset_parameters resets the pre operator and a block that has its own reset
+    with torch.no_grad():
+        lazy.pre.alpha.zero_()
+        lazy.block.weight.zero_()
+    lazy.reset_parameters()
+    assert torch.equal(lazy.pre.alpha, pre.alpha.new_full((3,), 0.01))
+    assert lazy.block.weight.abs().sum() > 0
+
+
+def test_module_repr_and_gamma_slot():
+    m = MHCPre(4, 32, use_gamma=False, norm_eps=1e-5, hc_eps=0.0)
+    assert "gamma" in m._parameters and m.gamma is None   # registered, as None
+    r = repr(m)
+    assert "norm_eps=1e-05" in r and "hc_eps=0" in r and "gamma=False" in r, r
