@@ -270,14 +270,20 @@ def _select(args: _Args, total_tokens: int, *, needs: str | None = None):
     return name, mod
 
 
-def _to_backend(a, kind: str):
-    """An argument as the backend's contiguous container (bf16 -> uint16 words for numpy)."""
+def _to_backend(a, kind: str, own: bool = False):
+    """An argument as the backend's contiguous container (bf16 -> uint16 words for numpy).
+
+    ``own``: a CPU tensor is copied rather than viewed as a numpy array. ``Tensor.numpy()``
+    makes the storage non-resizable for good, and FSDP2 frees its gathered parameters with
+    ``storage.resize_(0)``; the parameters are small, so they are copied."""
     if a is None:
         return None
     if kind == "numpy":
         if _is_tensor(a):
             torch = _torch()
             t = a.detach().cpu().contiguous()
+            if own and t.data_ptr() == a.data_ptr():
+                t = t.clone()
             if t.dtype == torch.bfloat16:
                 return t.view(torch.int16).numpy().view(np.uint16)
             return t.numpy()
@@ -304,8 +310,11 @@ def _from_backend(a, args: _Args, shape: tuple | None = None):
     return a if shape is None else a.reshape(shape)
 
 
+_PARAMETERS = frozenset({"phi", "alpha", "bias", "gamma"})
+
+
 def _run(args: _Args, mod, fn: str, inputs: dict, **kw):
-    conv = {k: _to_backend(v, mod.ARRAY_KIND) for k, v in inputs.items()}
+    conv = {k: _to_backend(v, mod.ARRAY_KIND, own=k in _PARAMETERS) for k, v in inputs.items()}
     return getattr(mod, fn)(**conv, **kw)
 
 

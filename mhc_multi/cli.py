@@ -1,7 +1,8 @@
 """``mhc-multi``: the backend table and the float64 audit.
 
     mhc-multi backends
-    mhc-multi check [--shape B,S,n,D] [--dtype bf16|fp16|fp32|fp64] [--backends a,b]
+    mhc-multi check [--shape B,S,n,D] [--dtype bf16|fp16|fp32|fp64]
+                    [--param-dtype bf16|fp16|fp32|fp64] [--backends a,b]
                     [--seed N] [--sinkhorn K] [--post] [--no-gamma]
 """
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--shape", type=_shape, default=(2, 33, 4, 200), help="B,S,n,D")
     chk.add_argument("--dtype", choices=("bf16", "fp16", "fp32", "fp64"), default=None,
                      help="x's dtype (default bf16 with torch, fp32 without)")
+    chk.add_argument("--param-dtype", choices=("bf16", "fp16", "fp32", "fp64"), default=None,
+                     help="phi, alpha, bias, gamma (default fp64 for fp64 x, else fp32)")
     chk.add_argument("--backends", default=None, help="comma-separated (default: all available)")
     chk.add_argument("--seed", type=int, default=None, help="default: a fresh random seed")
     chk.add_argument("--sinkhorn", type=int, default=0, metavar="K", help="sinkhorn_iters")
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
                 names.remove("triton")
     device = "cuda" if "triton" in names and container == "torch" and _cuda() else "cpu"
-    param_dtype = "fp64" if dtype == "fp64" else "fp32"
+    param_dtype = args.param_dtype or ("fp64" if dtype == "fp64" else "fp32")
     try:
         inputs = random_inputs(args.shape, dtype, param_dtype=param_dtype,
                                gamma=not args.no_gamma, seed=seed, container=container,

@@ -4,6 +4,7 @@ connections, on a synthetic regression task; print the losses and plot both curv
     python docs/examples/train_mhc.py                      # CPU, backend="auto" (numba)
     python docs/examples/train_mhc.py --backend numpy      # the float64 reference
     python docs/examples/train_mhc.py --device cuda        # GPU, backend="auto" (triton)
+    python docs/examples/train_mhc.py --dtype bf16         # model.bfloat16(): 16-bit weights
 """
 from __future__ import annotations
 
@@ -74,12 +75,13 @@ def make_task(D: int, seed: int, device):
     return batch
 
 
-def train(model, batch, steps, lr, B, S, log_every=50, label=""):
+def train(model, batch, steps, lr, B, S, log_every=50, label="", dtype=torch.float32):
+    """AdamW on the model's parameters (of any dtype); inputs in ``dtype``, the loss in fp32."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
     for step in range(steps):
         h, y = batch(B, S)
-        loss = torch.nn.functional.mse_loss(model(h), y)
+        loss = torch.nn.functional.mse_loss(model(h.to(dtype)).float(), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -93,6 +95,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backend", default="auto", help="auto | numba | numpy | triton")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="the models' parameters and activations (model.to(dtype))")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--layers", type=int, default=3)
@@ -103,13 +107,14 @@ def main(argv=None):
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     batch = make_task(a.dim, a.seed, a.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     curves = {}
     for label, build in (("mHC n=4", lambda: MHCStack(a.dim, 4, a.layers, a.backend, a.sinkhorn)),
                          ("residual", lambda: ResidualStack(a.dim, a.layers))):
         torch.manual_seed(a.seed)
-        model = build().to(a.device)
+        model = build().to(device=a.device, dtype=dtype)
         t0 = time.perf_counter()
-        curves[label] = train(model, batch, a.steps, 3e-3, 8, 16, label=label)
+        curves[label] = train(model, batch, a.steps, 3e-3, 8, 16, label=label, dtype=dtype)
         print(f"{label}: {a.steps} steps in {time.perf_counter() - t0:.1f} s, "
               f"loss {curves[label][0]:.4f} -> {curves[label][-1]:.4f}")
     if a.plot:
@@ -120,7 +125,7 @@ def main(argv=None):
         for label, ys in curves.items():
             ax.plot(ys, label=label, lw=1)
         ax.set(xlabel="step", ylabel="MSE loss", yscale="log",
-               title=f"{a.layers} MLP blocks, D={a.dim}, backend={a.backend}")
+               title=f"{a.layers} MLP blocks, D={a.dim}, {a.dtype}, backend={a.backend}")
         ax.legend()
         fig.tight_layout()
         fig.savefig(a.plot, dpi=120)
