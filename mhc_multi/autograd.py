@@ -165,6 +165,17 @@ def default_bias(n: int, sinkhorn_iters: int = 0) -> torch.Tensor:
     return torch.cat([pre, post, res.reshape(-1)])
 
 
+def _assign(param: Tensor, value: Tensor) -> None:
+    """``param.copy_(value)`` (rounded once to param's dtype), also for a sharded DTensor
+    parameter: ``value`` is the whole tensor, of which each rank keeps its shard."""
+    if param.device.type == "meta":
+        return
+    if type(param.data).__name__ == "DTensor":   # torch.distributed.tensor, imported only here
+        from torch.distributed.tensor import distribute_tensor
+        value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
+    param.copy_(value)
+
+
 class MHCPre(torch.nn.Module):
     """The mHC pre operator as a module owning ``phi, alpha, bias`` and (optionally) ``gamma``.
 
@@ -208,15 +219,17 @@ class MHCPre(torch.nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The documented initialisation, in place (on meta tensors: nothing to draw)."""
+        """The documented initialisation, in place: on meta tensors nothing is drawn; on
+        sharded (DTensor) parameters, as FSDP2 holds them, each takes its shard of the values
+        drawn on rank 0, so the gathered parameters equal a single process's."""
         n, D = self.n, self.D
         dev = self.phi.device
-        self.phi.copy_(torch.randn(self.phi.shape, dtype=torch.float32, device=dev)
-                       / math.sqrt(n * D))
-        self.alpha.fill_(0.01)
-        self.bias.copy_(default_bias(n, self.sinkhorn_iters))
+        _assign(self.phi, torch.randn(self.phi.shape, dtype=torch.float32, device=dev)
+                / math.sqrt(n * D))
+        _assign(self.alpha, torch.full((3,), 0.01, dtype=torch.float64, device=dev))
+        _assign(self.bias, default_bias(n, self.sinkhorn_iters).to(dev))
         if self.gamma is not None:
-            self.gamma.fill_(1.0)
+            _assign(self.gamma, torch.ones(self.gamma.shape, dtype=torch.float64, device=dev))
 
     def forward(self, x):
         return mhc_pre(x, self.phi, self.alpha, self.bias, self.gamma, backend=self.backend,

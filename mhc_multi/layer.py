@@ -36,18 +36,27 @@ class MHCLayer(torch.nn.Module):
     gamma = property(lambda self: self.pre.gamma)
 
     def reset_parameters(self) -> None:
-        """The documented initialisation of the block's parameters, where the block has a
-        ``reset_parameters`` of its own, then of the pre operator's (MHCPre): the order in which
+        """The documented initialisation: the block's parameters (its ``reset_parameters``, or
+        where it has none, that of each submodule that has one, as ``torch.nn`` layers do), then
+        the pre operator's (:meth:`MHCPre.reset_parameters`). That is the order in which
         ``MHCLayer(Block(...), n, D)`` draws them, so that after meta-device construction,
-        ``to_empty()`` and this, a seeded model equals one built directly."""
-        if callable(getattr(self.block, "reset_parameters", None)):
-            self.block.reset_parameters()
+        ``to_empty()`` and this, a seeded layer equals one built directly."""
+        _reset(self.block)
         self.pre.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h_in, h_post, h_res = self.pre(x)
         f_out = self.block(h_in)
         return mhc_post(x, f_out, h_post, h_res, backend=self.backend)
+
+
+def _reset(module: torch.nn.Module) -> None:
+    """``module.reset_parameters()``, or where it has none, the same for each child, in order."""
+    if callable(getattr(module, "reset_parameters", None)):
+        module.reset_parameters()
+        return
+    for child in module.children():
+        _reset(child)
 
 
 def expand_streams(h: torch.Tensor, n: int) -> torch.Tensor:

@@ -106,7 +106,17 @@ def _worker(rank, port, seed, out_dir, param_dtype):
         grads.append({k: p.grad.full_tensor() for k, p in model.named_parameters()})
         opt.step()
     weights = {k: p.detach().full_tensor() for k, p in model.named_parameters()}
-    torch.save({"grads": grads, "weights": weights, "seen": seen},
+    # the README's flow: built on the meta device, sharded, materialised, reset per layer
+    with torch.device("meta"):
+        lazy = MHCStack(D, N, LAYERS)
+    for layer in lazy.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(lazy, mesh=mesh, mp_policy=policy)
+    lazy.to_empty(device="cpu")
+    for layer in lazy.layers:
+        layer.reset_parameters()
+    meta = {k: p.detach().full_tensor() for k, p in lazy.named_parameters()}
+    torch.save({"grads": grads, "weights": weights, "seen": seen, "meta": meta},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -116,6 +126,20 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _spawn(tmp_path, seed, param_dtype) -> list[dict]:
+    """Both ranks' results of _worker, or a failure when they do not finish in TIMEOUT_S."""
+    ctx = mp.spawn(_worker, args=(_free_port(), seed, str(tmp_path), param_dtype), nprocs=2,
+                   join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                p.kill()
+                p.join()
+            pytest.fail(f"seed={seed}: the FSDP2 processes did not finish in {TIMEOUT_S} s")
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
 
 
 def _output(key):
@@ -131,17 +155,7 @@ def test_fsdp2_gradients_equal_single_process(dtype, tmp_path, seed):
     array (the CPU backends' inputs are copies, api._to_backend)."""
     param_dtype = DTYPES[dtype]
     ref_grads, w0, ref_weights = _reference(seed, param_dtype)   # first: warms numba's cache
-    ctx = mp.spawn(_worker, args=(_free_port(), seed, str(tmp_path), param_dtype), nprocs=2,
-                   join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                p.kill()
-                p.join()
-            pytest.fail(f"seed={seed}: the FSDP2 processes did not finish in {TIMEOUT_S} s")
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, got in enumerate(_spawn(tmp_path, seed, param_dtype)):
         assert got["seen"] == {(param_dtype, param_dtype)}, got["seen"]
         for step in range(STEPS):
             for k, g in ref_grads[step].items():
@@ -150,3 +164,23 @@ def test_fsdp2_gradients_equal_single_process(dtype, tmp_path, seed):
         for k, w in ref_weights.items():  # the change: the weights alone would hide the steps
             assert_close((got["weights"][k] - w0[k]).numpy(), (w - w0[k]).double().numpy(),
                          _output(k), dtype, dtype, where=f"seed={seed} rank={rank} trained {k}")
+
+
+def test_fsdp2_meta_device_init_is_the_documented_one(tmp_path, seed):
+    """The parameters that the README's meta-device flow (fully_shard, to_empty, then
+    reset_parameters per layer) gathers are the documented initialisation: exactly for alpha,
+    bias, gamma; phi ~ N(0, 1/(nD)); the blocks' Linear layers reset (DTensor draws its own
+    random streams, so those are not the single-process values)."""
+    from mhc_multi.autograd import default_bias
+    metas = [r["meta"] for r in _spawn(tmp_path, seed, torch.bfloat16)]
+    for k in metas[0]:
+        assert torch.equal(metas[0][k], metas[1][k]), k      # one model, whichever rank asks
+    for i in range(LAYERS):
+        pre = {k.rsplit(".", 1)[-1]: v for k, v in metas[0].items() if f"{i}.pre." in k}
+        assert torch.equal(pre["alpha"], torch.full((3,), 0.01))
+        assert torch.equal(pre["bias"], default_bias(N, 20).float())
+        assert torch.equal(pre["gamma"], torch.ones(N, D))
+        std = pre["phi"].std().item() * (N * D) ** 0.5
+        assert 0.8 < std < 1.2, f"layer {i}: phi std * sqrt(nD) = {std}"
+        up = metas[0][f"layers.{i}.block.up.weight"]
+        assert torch.isfinite(up).all() and up.abs().max() <= D ** -0.5 and up.std() > 0
