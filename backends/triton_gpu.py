@@ -30,6 +30,7 @@ reach fp32.  bf16 x is exact in one piece.  See docs/triton.md for the measureme
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -53,6 +54,15 @@ ARRAY_KIND = "torch"
 SUPPORTS_SINKHORN = True
 X_DTYPES = ("bf16", "fp16", "fp32")  # the front end refuses others before we run
 PARAM_DTYPES = ("fp32",)
+#: The most tokens T = B*S the kernels take (the front end refuses more).  They number tokens
+#: in int32 (rows = block * BLOCK_T + arange(BLOCK_T), the token loops' counters), which reach
+#: T + BLOCK_T - 1 in the last block; 2^16 below 2^31 leaves room for any token block up to
+#: 2^16 (the rules' largest is 64).  Offsets of token * row length are int64 (rows64).
+MAX_TOKENS = 2**31 - 2**16
+
+#: CUDA's grid limits: programs along axis 0, and along axes 1 and 2 (_checked).
+_MAX_GRID0 = 2**31 - 1
+_MAX_GRID12 = 65535
 
 
 def _interpret() -> bool:
@@ -512,7 +522,7 @@ if triton is not None:
     #   _pre_fwd_part_kernel  grid (T/BT, S): pass 1 over the program's share of the D chunks
     #                         (all n streams) -> fp32 partials [S, T, F] of m and [S, T] of the
     #                         sum of squares (S > 1 only at small T: T < 1.5 * 64 * SMs)
-    #   _pre_fwd_fin_kernel   grid (T/BT2, D/BD2): fixed-order sum over s, r, gates (in every
+    #   _pre_fwd_fin_kernel   grid (T/BT2 * D/BD2,): fixed-order sum over s, r, gates (in every
     #                         program; stored, with Sinkhorn, by the first D chunk's),
     #                         h_in = sum_i h_pre[i] x[i, :]
     @triton.jit(do_not_specialize=["T", "S"])
@@ -562,12 +572,13 @@ if triton is not None:
                 acc, ss2 = _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, d, ff, acc, ss2, ND, D,
                                      F_PAD, NPA, NPB, INTERP, SEP, CAT)
         acc = _fwd_acc_sum(acc, FA, CAT)
-        tl.store(mpart_ptr + (s * T + rows64[:, None]) * F + ff[None, :], acc,
+        sT = tl.cast(s, tl.int64) * T   # int64: S * T can pass 2^31
+        tl.store(mpart_ptr + (sT + rows64[:, None]) * F + ff[None, :], acc,
                  mask=rmask[:, None] & (ff < F)[None, :])
         if FB > 0:
-            tl.store(mpart_ptr + (s * T + rows64[:, None]) * F + fb[None, :], accb,
+            tl.store(mpart_ptr + (sT + rows64[:, None]) * F + fb[None, :], accb,
                      mask=rmask[:, None] & (fb < F)[None, :])
-        tl.store(spart_ptr + s * T + rows64, tl.sum(ss2, axis=1), mask=rmask)
+        tl.store(spart_ptr + sT + rows64, tl.sum(ss2, axis=1), mask=rmask)
 
     @triton.jit(do_not_specialize=["T", "S"])
     def _pre_fwd_fin_kernel(
@@ -580,16 +591,22 @@ if triton is not None:
         EV: tl.constexpr = "",         # eviction policy of the x loads
     ):
         ND: tl.constexpr = N * D
-        if ORDER == "rev":   # grid (D chunks, token blocks), token blocks last first: the x
-            #                  that pass 1 read last is still in L2 when it is read again here
-            blk = tl.num_programs(1) - 1 - tl.program_id(1)
-            c = tl.program_id(0)
-        elif ORDER == "dlast":   # grid (token blocks, D chunks), D chunks last first
-            blk = tl.program_id(0)
-            c = tl.num_programs(1) - 1 - tl.program_id(1)
-        else:     # grid (token blocks, D chunks)
-            blk = tl.program_id(0)
-            c = tl.program_id(1)
+        # one grid axis of NBLK token blocks x NCH D chunks (_split_grids: a 2-D grid with the
+        # token blocks on axis 1 fails to launch past 65535 blocks); the programs take their
+        # (block, chunk) in the order a 2-D grid's axis 0 fastest would run them
+        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        pid = tl.program_id(0)
+        nblk = tl.num_programs(0) // NCH
+        if ORDER == "rev":   # D chunks fastest, token blocks last first: the x that pass 1
+            #                  read last is still in L2 when it is read again here
+            blk = nblk - 1 - pid // NCH
+            c = pid % NCH
+        elif ORDER == "dlast":   # token blocks fastest, D chunks last first
+            blk = pid % nblk
+            c = NCH - 1 - pid // nblk
+        else:     # token blocks fastest
+            blk = pid % nblk
+            c = pid // nblk
         rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)
         rmask = rows < T
         rows64 = rows.to(tl.int64)
@@ -599,9 +616,10 @@ if triton is not None:
         acc = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)
         ss = tl.zeros([BLOCK_T], dtype=tl.float32)
         for s in range(S):
-            acc += tl.load(mpart_ptr + (s * T + rows64[:, None]) * F + ff[None, :],
+            sT = tl.cast(s, tl.int64) * T   # int64: S * T can pass 2^31
+            acc += tl.load(mpart_ptr + (sT + rows64[:, None]) * F + ff[None, :],
                            mask=rm2 & (ff < F)[None, :], other=0.0)
-            ss += tl.load(spart_ptr + s * T + rows64, mask=rmask, other=0.0)
+            ss += tl.load(spart_ptr + sT + rows64, mask=rmask, other=0.0)
         # every D chunk's program computes the gates (a few hundred flops per token); the
         # first one stores them
         r, gate = _gates(acc, ss, ff, alpha_ptr, bias_ptr, norm_eps, hc_eps, N, F, ND)
@@ -689,6 +707,7 @@ if triton is not None:
         a_col = tl.where(is_pre, a_pre, tl.where(is_post, a_post, tl.where(fmask, a_res, 0.0)))
         sum_raw = tl.zeros([F_PAD], dtype=tl.float32)
         sum_ru = tl.zeros([F_PAD], dtype=tl.float32)
+        dstride = tl.cast(T, tl.int64) * F_PAD   # dm's pieces apart (int64: past 2^31)
         for blk in range(pid, NBLK, nprog):
             rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)
             rmask = rows < T
@@ -750,9 +769,9 @@ if triton is not None:
             doff = rows64[:, None] * F_PAD + ff[None, :]
             tl.store(dm_ptr + doff, dm0, mask=rm2)
             if NDM > 1:
-                tl.store(dm_ptr + T * F_PAD + doff, dm1, mask=rm2)
+                tl.store(dm_ptr + dstride + doff, dm1, mask=rm2)
             if NDM > 2:
-                tl.store(dm_ptr + 2 * T * F_PAD + doff, dm2, mask=rm2)
+                tl.store(dm_ptr + 2 * dstride + doff, dm2, mask=rm2)
             tl.store(coef_ptr + rows, coef, mask=rmask)
             sum_raw += tl.sum(raw, axis=0)
             sum_ru += tl.sum(raw * (r[:, None] * m), axis=0)
@@ -778,7 +797,8 @@ if triton is not None:
         w = tl.zeros(xv.shape, dtype=tl.float64)
         dr = tl.zeros(r.shape, dtype=tl.float64)
         for f in range(F):
-            a0, a1, a2 = _load_pieces(dm_ptr, rows64 * F_PAD + f, T * F_PAD, rmask, NDM)
+            a0, a1, a2 = _load_pieces(dm_ptr, rows64 * F_PAD + f, tl.cast(T, tl.int64) * F_PAD,
+                                      rmask, NDM)
             dmf = a0.to(tl.float64)
             if NDM > 1:
                 dmf += a1.to(tl.float64)
@@ -794,7 +814,9 @@ if triton is not None:
                 + hp.to(tl.float64)[:, None] * dh.to(tl.float64)).to(tl.float32)
 
     # -----------------------------------------------------------------------------------------
-    # Backward, column part: program (stream i, D chunk c, token split s).
+    # Backward, column part: program (stream i, D chunk c, token split s), grid
+    # (n, D chunks, splits), or past 65535 D chunks (n * D chunks, splits) in the same order
+    # (_col_fold, _col_grid).
     #   w = dm @ phi[:, i*D + d];  dx[i, d] = w*g - coef*x[i, d] + h_pre[i]*dh_in[d]
     #   P[f, i*D + d] += sum_t dm[t, f] x[t, i, d]      (registers; dphi = g*P, dgamma = sum_f phi*P)
     # The gate columns f go in one block [0, FA) (FA = F_PAD) or, at n = 8 (FB > 0), in two,
@@ -823,9 +845,15 @@ if triton is not None:
         hmix_ptr=None,   # [T, F] fp32 (EXACT)
     ):
         ND: tl.constexpr = N * D
-        i = tl.program_id(0)
-        c = tl.program_id(1)
-        s = tl.program_id(2)
+        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        if NCH > 65535:   # streams and D chunks on grid axis 0 (the rule of _col_fold)
+            i = tl.program_id(0) % N
+            c = tl.program_id(0) // N
+            s = tl.program_id(1)
+        else:
+            i = tl.program_id(0)
+            c = tl.program_id(1)
+            s = tl.program_id(2)
         d = c * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = d < D
         col = i * D + d
@@ -841,7 +869,7 @@ if triton is not None:
         if HAS_G:
             g = tl.load(g_ptr + col, mask=dmask, other=0.0)
         t_lo = s * TOK_PER_SPLIT
-        t_hi = tl.minimum(t_lo + TOK_PER_SPLIT, T)
+        t_hi = t_lo + tl.minimum(TOK_PER_SPLIT, T - t_lo)   # = min(t_lo + TOK, T), in int32
         for t0 in range(t_lo, t_hi, BLOCK_T):
             rows = t0 + tl.arange(0, BLOCK_T)
             rmask = rows < t_hi
@@ -871,7 +899,7 @@ if triton is not None:
             P = _col_p(dm_ptr, rows64, rmask, ff, xv, P, T, F_PAD, NPA, NPB, INTERP)
             if FB > 0:
                 PB = _col_p(dm_ptr, rows64, rmask, fb, xv, PB, T, F_PAD, NPA, NPB, INTERP)
-        ws = wscol_ptr + s * (F * ND)
+        ws = wscol_ptr + tl.cast(s, tl.int64) * (F * ND)
         tl.store(ws + ff[:, None] * ND + col[None, :], P, mask=(ff < F)[:, None] & dmask[None, :])
         if FB > 0:
             tl.store(ws + fb[:, None] * ND + col[None, :], PB,
@@ -889,8 +917,8 @@ if triton is not None:
     def _col_w(dm_ptr, rows64, rm2, fc, p0, p1, p2, w, T, F_PAD: tl.constexpr,
                NWA: tl.constexpr, NWB: tl.constexpr, INTERP: tl.constexpr):
         """w + dm[rows, fc] @ phi[fc, :] from the pieces of both."""
-        a0, a1, a2 = _load_pieces(dm_ptr, rows64[:, None] * F_PAD + fc[None, :], T * F_PAD, rm2,
-                                  NWA)
+        a0, a1, a2 = _load_pieces(dm_ptr, rows64[:, None] * F_PAD + fc[None, :],
+                                  tl.cast(T, tl.int64) * F_PAD, rm2, NWA)
         return _mm_core(a0, a1, a2, p0, p1, p2, w, NWA, NWB, INTERP)
 
     @triton.jit
@@ -900,8 +928,8 @@ if triton is not None:
         pieces are loaded as [len(fc), BLOCK_T] tiles (an in-register tl.trans of w's tiles, or
         P^T = x^T @ dm with the x tile as the big operand, measured 1.1-2.3x and 1.15x slower
         on the H200)."""
-        t0, t1, t2 = _load_pieces(dm_ptr, rows64[None, :] * F_PAD + fc[:, None], T * F_PAD,
-                                  rmask[None, :], NPA)
+        t0, t1, t2 = _load_pieces(dm_ptr, rows64[None, :] * F_PAD + fc[:, None],
+                                  tl.cast(T, tl.int64) * F_PAD, rmask[None, :], NPA)
         x0, x1, x2 = _split3(xv, NPB, INTERP)
         return _mm_core(t0, t1, t2, x0, x1, x2, P, NPA, NPB, INTERP)
 
@@ -934,7 +962,7 @@ if triton is not None:
         off = ff[:, None] * ND + k[None, :]
         q = tl.zeros([F_PAD, BLOCK], dtype=tl.float32)
         for s in range(SPLITS):
-            q += tl.load(wscol_ptr + s * (F * ND) + off, mask=m2, other=0.0)
+            q += tl.load(wscol_ptr + tl.cast(s, tl.int64) * (F * ND) + off, mask=m2, other=0.0)
         if HAS_G:
             g = tl.load(g_ptr + k, mask=km, other=0.0)
             tl.store(dphi_ptr + off, q * g[None, :], mask=m2)
@@ -957,8 +985,9 @@ if triton is not None:
     # -----------------------------------------------------------------------------------------
     # The post operator (CONTRACT.md, "The post operator"), per token t:
     #   x_next[i, :] = sum_j h_res[i, j] x[j, :] + h_post[i] f_out[:]
-    # Forward: grid (token blocks, D chunks); each program reads its x tile of all n streams
-    # once ([BLOCK_T, NP, BLOCK_D], NP = pow2(n) padded), f_out once, writes x_next once.
+    # Forward: grid (token blocks * D chunks,), token blocks fastest (_post_fwd_grid); each
+    # program reads its x tile of all n streams once ([BLOCK_T, NP, BLOCK_D], NP = pow2(n)
+    # padded), f_out once, writes x_next once.
     @triton.jit(do_not_specialize=["T"])
     def _post_fwd_kernel(
         x_ptr,       # [T, n, D] x dtype
@@ -971,8 +1000,11 @@ if triton is not None:
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
     ):
         ND: tl.constexpr = N * D
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        pid = tl.program_id(0)
+        nblk = tl.num_programs(0) // NCH
+        rows = (pid % nblk) * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = (pid // nblk) * BLOCK_D + tl.arange(0, BLOCK_D)
         jj = tl.arange(0, NP)
         rmask = rows < T
         dmask = d < D
@@ -1266,11 +1298,11 @@ def _col_splits(cfg, programs: int, nblk: int, sms: int, occ: int | None = None)
     SMs) and the compiled kernel: the split of the dphi sums, hence the bits, is fixed per
     shape."""
     if cfg.get("col_splits"):
-        return max(1, min(nblk, int(cfg["col_splits"])))
+        return max(1, min(nblk, int(cfg["col_splits"]), _MAX_GRID12))
     if occ is None and cfg.get("col_occ") != "auto":
         occ = cfg.get("col_occ")
     if not occ:
-        return max(1, min(nblk, _cdiv(sms * cfg["col_waves"], programs)))
+        return max(1, min(nblk, _cdiv(sms * cfg["col_waves"], programs), _MAX_GRID12))
     slots = sms * occ
     best, best_fill = 1, 0.0
     for s in range(min(2, nblk), min(16, nblk) + 1):
@@ -1283,7 +1315,7 @@ def _col_splits(cfg, programs: int, nblk: int, sms: int, occ: int | None = None)
     return best
 
 
-def _fwd_splits(cfg, T, D, device, F_pad, dname) -> int:
+def _fwd_splits(cfg, T, D, device, F_pad, dname, sms: int | None = None) -> int:
     """0: the fused one-kernel forward; S >= 1: the split forward with S D-shares per token
     block (a runtime value of both kernels: no recompilation as it follows T).
 
@@ -1303,22 +1335,132 @@ def _fwd_splits(cfg, T, D, device, F_pad, dname) -> int:
       (2,4096,6,4096) 1.827 vs 0.726, (2,4096,8,4096) 2.879 vs 1.030, (1,2048,8,4096) 2.561 vs
       0.313 (bench/results/gpu_quick-h200-fp32-*.json).
     The fused kernel otherwise (16-bit x, n <= 4 at short T: one launch fewer).
-    -1: S = ceil(4 SMs / token blocks), at most one share per D chunk."""
+    -1: S = ceil(4 SMs / token blocks), at most one share per D chunk (and at most 65535, the
+    grid's axis 1).  ``sms``: the device's multiprocessors (default: asked of ``device``)."""
     S = cfg.get("fwd_split", "auto")
     if S == "auto":
         S = 0
         if device.type == "cuda" and (dname == "fp32" or F_pad > 32):
             S = -1
         elif device.type == "cuda" and T >= 2048:
-            nblk, sms = _cdiv(T, cfg["fwd_bt"]), _sm_count(device)
+            nblk, sms = _cdiv(T, cfg["fwd_bt"]), sms or _sm_count(device)
             S = 4 if 2 * nblk <= sms else (2 if 2 * nblk < 3 * sms else 1)
     S = int(S)
     if S == 0:
         return 0
     nch = _cdiv(D, cfg["fwd_split_bd"])
     if S < 0:
-        S = _cdiv(4 * _sm_count(device), _cdiv(T, cfg["fwd_split_bt"]))
-    return max(1, min(S, nch))
+        S = _cdiv(4 * (sms or _sm_count(device)), _cdiv(T, cfg["fwd_split_bt"]))
+    return max(1, min(S, nch, _MAX_GRID12))
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids: pure functions of ints (T, n, D), the launch rule's dict and the device's counts
+# (multiprocessors, resident programs), which the launchers call and tests/test_grids.py checks
+# without a GPU.  CUDA runs at most 2^31 - 1 programs along grid axis 0 and 65535 along axes 1
+# and 2, so the token blocks, the one count that grows with T, are always on axis 0, and the D
+# chunks go there with them (the kernel unfolds its program id so that the programs run in the
+# order a 2-D grid, axis 0 fastest, gave them: same work per program, same bits).  Axes 1 and
+# 2 hold only counts bounded apart from T: the split forward's shares S and the column
+# kernel's token splits (each clamped to 65535), phi's padded gate rows (<= 128), and the
+# column kernel's D chunks (folded onto axis 0 with the streams past 65535, _col_fold).
+
+def _checked(grid: tuple) -> tuple:
+    """``grid``, asserted inside CUDA's limits (a few comparisons: it runs per launch)."""
+    assert (0 < grid[0] <= _MAX_GRID0 and (len(grid) < 2 or 0 < grid[1] <= _MAX_GRID12)
+            and (len(grid) < 3 or 0 < grid[2] <= _MAX_GRID12)), \
+        f"launch grid {grid} outside CUDA's limits"
+    return grid
+
+
+def _prep_phi_grid(ND: int, F_pad: int, cuda: bool) -> tuple[tuple, int]:
+    """(grid (phi column chunks, F_PAD rows), BLOCK) of _prep_phi_kernel."""
+    block = 1024 if cuda else 256
+    return _checked((_cdiv(ND, block), F_pad)), block
+
+
+def _fwd_grid(T: int, cfg) -> tuple:
+    """The fused forward's grid: one program per token block."""
+    return _checked((_cdiv(T, cfg["fwd_bt"]),))
+
+
+def _split_grids(T: int, D: int, S: int, cfg) -> tuple[tuple, tuple, int, int]:
+    """The split forward's grids and h_in blocks: (pass 1's grid (token blocks, S shares),
+    the h_in pass's (token blocks * D chunks,), its BLOCK_T, its BLOCK_D).  The h_in pass has
+    one grid axis in every ORDER; the kernel unfolds the program id (_pre_fwd_fin_kernel)."""
+    hbt = cfg["hin_bt"]
+    hbd = min(cfg["hin_bd"], max(16, _next_pow2(D)))
+    return (_checked((_cdiv(T, cfg["fwd_split_bt"]), S)),
+            _checked((_cdiv(T, hbt) * _cdiv(D, hbd),)), hbt, hbd)
+
+
+def _sk_bwd_mode(cfg, T: int, sms: int, cuda: bool) -> str:
+    """Where the Sinkhorn backward runs: "sep" (_sk_bwd_kernel) or "fused" (the row kernel).
+    "auto": H200 A/B (docs/performance.md), sep wins at T = 8192, 16384 (k20/k0 bwd 1.05,
+    1.01 vs 1.16, 1.15), fused at T = 4096."""
+    mode = cfg.get("sk_bwd", "auto")
+    if mode == "auto":
+        mode = "sep" if cuda and T >= 48 * sms else "fused"
+    return mode
+
+
+def _sk_grid(T: int, cfg) -> tuple:
+    """_sk_bwd_kernel's grid: one program per token block."""
+    return _checked((_cdiv(T, cfg["sk_bt"]),))
+
+
+def _row_grid(T: int, cfg, sms: int, resident: int | None = None) -> tuple:
+    """The persistent row kernel's grid: one program per slot (``row_waves`` per SM; "auto":
+    ``resident``, the compiled kernel's programs per SM from _resident, else 4), at most one
+    per token block.  Each program walks the blocks pid, pid + programs, ..."""
+    waves = cfg["row_waves"]
+    if waves == "auto":
+        waves = resident or 4
+    return _checked((max(1, min(_cdiv(T, cfg["row_bt"]), sms * waves)),))
+
+
+def _col_fold(D: int, cfg) -> bool:
+    """The column kernel's streams and D chunks on one grid axis (the kernel applies the same
+    rule to its constexprs D, BLOCK_D): only past 65535 D chunks (D > 4M at 64 columns), as
+    the 3-D grid (n, D chunks, splits) ran 1 % faster on the H200 (column kernel 0.390 vs
+    0.395 ms at (2,4096,4,7168), 0.404 vs 0.409 at (2,4096,6,4096); the same registers and
+    programs per SM)."""
+    return _cdiv(D, cfg["col_bd"]) > _MAX_GRID12
+
+
+def _col_grid(T: int, n: int, D: int, cfg, sms: int, resident: int | None = None
+              ) -> tuple[tuple, int]:
+    """(grid (n, D chunks, token splits) or, with _col_fold, (n * D chunks, token splits);
+    tokens per split) of the column kernel: the splits by _col_splits (``col_occ`` "auto":
+    ``resident`` programs per SM, else 4), each a whole number of token blocks, none empty."""
+    bt = cfg["col_bt"]
+    nch = _cdiv(D, cfg["col_bd"])
+    nblk = _cdiv(T, bt)
+    occ = cfg.get("col_occ")
+    if occ == "auto":
+        occ = resident or 4
+    tok = _cdiv(nblk, _col_splits(cfg, n * nch, nblk, sms, occ)) * bt
+    splits = _cdiv(T, tok)
+    return _checked((n * nch, splits) if _col_fold(D, cfg) else (n, nch, splits)), tok
+
+
+def _reduce_grid(ND: int, F: int, F_pad: int, cuda: bool) -> tuple[tuple, int]:
+    """(grid, BLOCK) of _reduce_partials_kernel: ND / BLOCK column programs, at least F + 3
+    (one per row of the row kernel's partials)."""
+    block = max(16, min(64, 2048 // F_pad)) if cuda else 64
+    return _checked((max(_cdiv(ND, block), F + 3),)), block
+
+
+def _post_fwd_grid(T: int, D: int, cfg) -> tuple:
+    """_post_fwd_kernel's grid: token blocks * D chunks on one axis, token blocks fastest."""
+    return _checked((_cdiv(T, cfg["pf_bt"]) * _cdiv(D, cfg["pf_bd"]),))
+
+
+def _post_bwd_grid(T: int, n: int, cfg) -> tuple[tuple, int]:
+    """(grid, BLOCK_T) of _post_bwd_kernel: token blocks of >= 16 rows (token, stream) per
+    dot."""
+    bt = max(cfg["pb_bt"], 16 // _next_pow2(n))
+    return _checked((_cdiv(T, bt),)), bt
 
 
 def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pre, T, n, D, F,
@@ -1330,14 +1472,12 @@ def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pr
     kw = _launch_kw(cfg, "fwd_split")
     fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
     ilv, order, hin_ev = _l2_reuse(cfg, S, F_pad, dev)
-    _pre_fwd_part_kernel[(_cdiv(T, bt), S)](
+    grid1, grid2, hbt, hbd = _split_grids(T, D, S, cfg)
+    _pre_fwd_part_kernel[grid1](
         x, pg, mpart, spart, T, S, N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd,
         NPA=npa, NPB=npb, INTERP=_interpret(), FA=fa, FB=fb, CAT=_cat(npa, npb, F_pad),
         ILV=ilv, SEP=few, **kw)
-    hbt = cfg["hin_bt"]
-    hbd = min(cfg["hin_bd"], max(16, _next_pow2(D)))
-    grid = (_cdiv(T, hbt), _cdiv(D, hbd))
-    _pre_fwd_fin_kernel[grid[::-1] if order == "rev" else grid](
+    _pre_fwd_fin_kernel[grid2](
         x, mpart, spart, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre, T,
         S, float(norm_eps), float(hc_eps), N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=hbt,
         BLOCK_D=hbd, INTERP=_interpret(), ORDER=order, EV=hin_ev, **_sk_kw(k, n), num_warps=4)
@@ -1381,8 +1521,7 @@ def _launch_kw(cfg, prefix):
 def _prep_phi(phi, g, F_pad, npieces):
     F, ND = phi.shape
     out = torch.empty((npieces, F_pad, ND), dtype=torch.bfloat16, device=phi.device)
-    BLOCK = 1024 if phi.device.type == "cuda" else 256
-    grid = (_cdiv(ND, BLOCK), F_pad)
+    grid, BLOCK = _prep_phi_grid(ND, F_pad, phi.device.type == "cuda")
     _prep_phi_kernel[grid](phi, g if g is not None else phi, out, F=F, ND=ND, F_PAD=F_pad,
                            NPIECE=npieces, HAS_G=g is not None, BLOCK=BLOCK, INTERP=_interpret(),
                            num_warps=4)
@@ -1419,6 +1558,22 @@ def _sk_kw(k: int, n: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 
+def _on_x_device(fn):
+    """``fn`` run with x's CUDA device current.  Triton launches (and _resident compiles) on
+    the current device and its current stream, so tensors on cuda:1 while cuda:0 is current
+    would go to the wrong GPU.  The device is switched only when it differs (otherwise the
+    cost is one current_device() call); nothing changes on the CPU (the interpreter)."""
+    @functools.wraps(fn)
+    def run(*args, **kw):
+        dev = (args[0] if args else kw["x"]).device
+        if dev.type != "cuda" or dev.index == torch.cuda.current_device():
+            return fn(*args, **kw)
+        with torch.cuda.device(dev.index):
+            return fn(*args, **kw)
+    return run
+
+
+@_on_x_device
 def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
     """(h_in [T,D] x dtype, h_post [T,n], h_res [T,n,n], inv_rms [T], h_mix [T,F], h_pre [T,n])"""
     k = int(sinkhorn_iters)
@@ -1449,7 +1604,7 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
             _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pre, T, n,
                            D, F, F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps, few)
         else:
-            _pre_fwd_kernel[(_cdiv(T, cfg["fwd_bt"]),)](
+            _pre_fwd_kernel[_fwd_grid(T, cfg)](
                 x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre,
                 T, float(norm_eps), float(hc_eps),
                 N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=cfg["fwd_bt"], BLOCK_D=cfg["fwd_bd"],
@@ -1460,6 +1615,7 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
     return (h_in,) + tuple(o if o.dtype == pdt else o.to(pdt) for o in outs)
 
 
+@_on_x_device
 def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
              *, norm_eps, hc_eps, sinkhorn_iters=0):
     """(dx [T,n,D] x dtype, dphi [F,nD], dalpha [3], dbias [F], dgamma [n,D] or None)"""
@@ -1497,17 +1653,12 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         coef = torch.empty((T,), dtype=torch.float32, device=dev)
         sk = _sk_kw(k, n)
         dhr = _f32(dh_res).reshape(T, n * n)
-        sk_mode = cfg.get("sk_bwd", "auto")
-        if sk_mode == "auto":   # H200 A/B (docs/performance.md): sep wins at T = 8192, 16384
-            #                     (k20/k0 bwd 1.05, 1.01 vs 1.16, 1.15), fused at T = 4096
-            sk_mode = "sep" if dev.type == "cuda" and T >= 48 * sms else "fused"
-        if k > 0 and sk_mode == "sep":
+        if k > 0 and _sk_bwd_mode(cfg, T, sms, dev.type == "cuda") == "sep":
             # d(logits) by its own kernel; the row kernel then runs its k = 0 code on it
             dlog = torch.empty((T, n * n), dtype=torch.float32, device=dev)
-            sbt = cfg["sk_bt"]
-            _sk_bwd_kernel[(_cdiv(T, sbt),)](
+            _sk_bwd_kernel[_sk_grid(T, cfg)](
                 _f32(h_mix), _f32(inv_rms), _f32(alpha), _f32(bias), dhr, dlog, T,
-                N=n, F=F, K=k, NP=_next_pow2(n), BLOCK_T=sbt,
+                N=n, F=F, K=k, NP=_next_pow2(n), BLOCK_T=cfg["sk_bt"],
                 num_warps=cfg["sk_warps"])
             dhr, sk = dlog, {}
         elif k > 0:   # d(logits) scratch, [T, n*n] (the size class of dh_res)
@@ -1517,39 +1668,36 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
                     dhr, _f32(alpha), dm, coef, coef, T, nblk, float(hc_eps)]
         row_kw = dict(N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=cfg["row_bd"], NDM=ndm,
                       INTERP=_interpret(), **sk, **_launch_kw(cfg, "row"))
-        waves = cfg["row_waves"]
-        if waves == "auto":   # one program per slot (coef stands in for wsrow: same dtype)
-            waves = _resident(_pre_bwd_row_kernel, ("row", n, D, dname, dev, sk.get("K", 0)),
-                              dev, row_args, row_kw) or 4
-        prow = max(1, min(nblk, sms * waves))
+        res = None
+        if cfg["row_waves"] == "auto":   # one program per slot (coef stands in for wsrow)
+            res = _resident(_pre_bwd_row_kernel, ("row", n, D, dname, dev, sk.get("K", 0)),
+                            dev, row_args, row_kw)
+        grid = _row_grid(T, cfg, sms, res)
+        prow = grid[0]
         row_args[11] = wsrow = torch.empty((F_pad + 4, prow), dtype=torch.float32, device=dev)
-        _pre_bwd_row_kernel[(prow,)](*row_args, **row_kw)
-        # column kernel: grid (n, D chunks, token splits); splits by (n, D, T, SMs, programs
-        # per SM): fixed per shape
-        bt = cfg["col_bt"]
-        bd = cfg["col_bd"]
-        nch = _cdiv(D, bd)
-        nblk = _cdiv(T, bt)
+        _pre_bwd_row_kernel[grid](*row_args, **row_kw)
+        # column kernel: grid (n, D chunks, token splits) (_col_grid); splits by (n, D, T, SMs,
+        # programs per SM): fixed per shape
         exact = {}
         if ND <= SMALL_ND:   # short rows: dx in float64 (_dx_exact)
             exact = dict(EXACT=True, rms_ptr=_f32(inv_rms), hmix_ptr=_f32(h_mix))
         col_args = [x, dh_in, hp32, dm, coef, phi32, g if g is not None else phi32, dx, coef,
                     T, 0]
         fa, fb = (F_pad, 0) if exact or not cfg.get("col_fblocks", True) else _f_blocks(F, F_pad)
-        col_kw = dict(N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd, HAS_G=g is not None,
+        col_kw = dict(N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=cfg["col_bt"], BLOCK_D=cfg["col_bd"],
+                      HAS_G=g is not None,
                       NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(),
                       FA=fa, FB=fb, **exact, **_launch_kw(cfg, "col"))
-        occ = cfg.get("col_occ")
-        if occ == "auto":   # the splits fill waves of the programs that fit on an SM
-            occ = _resident(_pre_bwd_col_kernel, ("col", n, D, dname, dev, g is not None),
-                            dev, col_args, col_kw) or 4
-        splits = _col_splits(cfg, n * nch, nblk, sms, occ)
-        col_args[10] = tok_per_split = _cdiv(nblk, splits) * bt
-        splits = _cdiv(T, tok_per_split)
+        res = None
+        if cfg.get("col_occ") == "auto":   # the splits fill waves of the programs that fit
+            res = _resident(_pre_bwd_col_kernel, ("col", n, D, dname, dev, g is not None),
+                            dev, col_args, col_kw)
+        grid, col_args[10] = _col_grid(T, n, D, cfg, sms, res)
+        splits = grid[-1]
         col_args[8] = wscol = torch.empty((splits, F, ND), dtype=torch.float32, device=dev)
-        _pre_bwd_col_kernel[(n, nch, splits)](*col_args, **col_kw)
-        BLOCK = max(16, min(64, 2048 // F_pad)) if dev.type == "cuda" else 64
-        _reduce_partials_kernel[(max(_cdiv(ND, BLOCK), F + 3),)](
+        _pre_bwd_col_kernel[grid](*col_args, **col_kw)
+        grid, BLOCK = _reduce_grid(ND, F, F_pad, dev.type == "cuda")
+        _reduce_partials_kernel[grid](
             wscol, wsrow, phi32, g if g is not None else phi32, dphi,
             dgamma if dgamma is not None else dphi, dalpha, dbias, splits, prow,
             ND=ND, F=F, F_PAD=F_pad, HAS_G=g is not None, BLOCK=BLOCK,
@@ -1584,6 +1732,7 @@ def _post_config(n: int, D: int, device, fp32: bool = False) -> dict:
     return cfg
 
 
+@_on_x_device
 def post_forward(x, f_out, h_post, h_res):
     """x_next [T,n,D] (x's dtype) = h_res @ x + h_post * f_out, per token."""
     T, n, D = x.shape
@@ -1594,14 +1743,14 @@ def post_forward(x, f_out, h_post, h_res):
         kw = {"num_warps": cfg["warps"]}
         if not _interpret():
             kw["num_stages"] = cfg["pf_stages"]
-        grid = (_cdiv(T, cfg["pf_bt"]), _cdiv(D, cfg["pf_bd"]))
-        _post_fwd_kernel[grid](
+        _post_fwd_kernel[_post_fwd_grid(T, D, cfg)](
             x.contiguous(), f_out.to(x.dtype).contiguous(), _f32(h_post), _f32(h_res), out, T,
             N=n, NP=_next_pow2(n), D=D, BLOCK_T=cfg["pf_bt"], BLOCK_D=cfg["pf_bd"],
             INTERP=_interpret(), **kw)
     return out
 
 
+@_on_x_device
 def post_backward(x, f_out, h_post, h_res, dx_next):
     """(dx [T,n,D], df_out [T,D] in x's dtype; dh_post [T,n], dh_res [T,n,n] in h_post's)"""
     T, n, D = x.shape
@@ -1613,11 +1762,11 @@ def post_backward(x, f_out, h_post, h_res, dx_next):
     if T > 0:
         cfg = _post_config(n, D, dev, x.dtype == torch.float32)
         npad = _next_pow2(n)
-        bt = max(cfg["pb_bt"], 16 // npad)   # >= 16 rows per dot
+        grid, bt = _post_bwd_grid(T, n, cfg)   # >= 16 rows per dot
         kw = {"num_warps": cfg["pb_warps"]}
         if not _interpret():
             kw["num_stages"] = cfg["pb_stages"]
-        _post_bwd_kernel[(_cdiv(T, bt),)](
+        _post_bwd_kernel[grid](
             x.contiguous(), f_out.to(x.dtype).contiguous(), _f32(h_post), _f32(h_res),
             dx_next.to(x.dtype).contiguous(), dx, df, dhp, dhr, T,
             N=n, NP=npad, D=D, BLOCK_T=bt, BLOCK_D=cfg["pb_bd"], FR=max(16, _next_pow2(bt)),

@@ -2,7 +2,7 @@
 one process on the same inputs (per-kernel device times, CUDA-graph totals, agreement).
 
     git show REV:backends/triton_gpu.py > /tmp/other.py     # on this machine
-    python3 bench/gpu_ab.py /tmp/other.py [--flush]          # on the GPU
+    python3 bench/gpu_ab.py /tmp/other.py [--flush] [--shapes B,S,n,D ...] [--dtypes bf16,fp32]
 
 The other file is loaded as a sibling module of the installed backend (it imports ._common).
 --flush also times each call after writing 256 MB (L2 holds no x, and no dirty dx lines from
@@ -34,17 +34,21 @@ def load_other(path):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("other")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("other", help="the other version of backends/triton_gpu.py")
     ap.add_argument("--flush", action="store_true")
+    ap.add_argument("--shapes", nargs="*", default=[",".join(map(str, s)) for s in SHAPES])
+    ap.add_argument("--dtypes", default="bf16", help="x dtypes, comma-separated")
     args = ap.parse_args()
+    dts = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     mods = [("this", tg), ("other", load_other(args.other))]
     junk = torch.empty(2 ** 28, dtype=torch.uint8, device="cuda")
     kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS)
     rows = []
-    for shape in SHAPES:
-        x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(*shape, torch.bfloat16,
-                                                                     seed=5)
+    cases = [(tuple(int(v) for v in sh.split(",")), dt) for sh in args.shapes
+             for dt in args.dtypes.split(",")]
+    for shape, dname in cases:
+        x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(*shape, dts[dname], seed=5)
         ref = {}
         for name, mod in mods:
             fo = mod.forward(x, phi, alpha, bias, g, **kw)
@@ -54,13 +58,16 @@ def main():
                                   ("bwd", lambda: mod.backward(*bargs, **kw), bo)):
                 ref.setdefault(kind, out)
                 diff = max(rel(a, b.double()) for a, b in zip(out, ref[kind]) if a is not None)
-                r = dict(shape=shape, kind=kind, version=name, graph_ms=bench_graph(fn, 100),
-                         kernels=kernel_ms(fn),
-                         diff_vs_this=diff)
+                same = all(torch.equal(a, b) for a, b in zip(out, ref[kind]) if a is not None)
+                r = dict(shape=shape, dtype=dname, kind=kind, version=name,
+                         graph_ms=bench_graph(fn, 100), kernels=kernel_ms(fn),
+                         diff_vs_this=diff, bitwise_vs_this=same)
                 if args.flush:
                     r["kernels_flushed"] = kernel_ms(lambda: (junk.zero_(), fn()))
                 rows.append(r)
-                print(f"{shape} {kind} {name:5s} graph {r['graph_ms']:.4f} ms diff {diff:.1e} "
+                print(f"{shape} {dname} {kind} {name:5s} graph {r['graph_ms']:.4f} ms "
+                      f"diff {diff:.1e} "
+                      f"{'bitwise' if same else 'NOT bitwise'} "
                       f"{r['kernels']}" + (f"\n      flushed {r['kernels_flushed']}"
                                            if args.flush else ""), flush=True)
         del x, dh_in, fo, bo, bargs
