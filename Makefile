@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 # CPU index; macOS has no +cpu wheel and its plain wheel is a CPU build.
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: setup check test bench clean
+.PHONY: setup check test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ check: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# the edit-run loop: everything but the slow and the Triton-interpreter tests (conftest.py)
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not interpreter" tests
 
 bench: setup
 	$(BIN)/python bench/bench.py

@@ -1,7 +1,12 @@
-"""Shared test set-up: fresh random seeds (printed on failure) and one tolerance helper.
+"""Shared test set-up: fresh random seeds (printed on failure), one tolerance helper, markers.
 
 Without a GPU the Triton kernels run on the CPU interpreter; TRITON_INTERPRET must be set before
 triton is first imported, so it is set here, before any test module loads.
+
+Markers, given here by rule so that every test file stays a plain table of cases:
+``interpreter`` for tests that run Triton kernels on the CPU interpreter (any test of the triton
+backend when no GPU is present), ``slow`` for tests that spawn processes, train, compile or run
+large shapes. ``make test`` runs everything (CI); ``make test-fast`` deselects both.
 """
 import os
 import random
@@ -19,6 +24,30 @@ import pytest
 
 from mhc_multi.crosscheck import relative_error
 from mhc_multi.tolerances import tolerance
+
+
+#: test modules (or module::test prefixes) whose tests are slow on 2 cores
+SLOW = ("test_fsdp.py", "test_ddp.py", "test_example.py", "test_bench_smoke.py",
+        "test_triton_codegen.py", "test_compile.py::test_compile_fullgraph",
+        "test_accuracy.py::test_realistic_shape", "test_accuracy.py::test_property_every_backend",
+        "test_reference.py::test_gradcheck")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: spawns processes, trains, compiles or runs large "
+                                       "shapes (deselected by make test-fast)")
+    config.addinivalue_line("markers", "interpreter: runs Triton kernels on the CPU interpreter "
+                                       "(deselected by make test-fast)")
+
+
+def pytest_collection_modifyitems(config, items):
+    interpreted = not _cuda
+    for item in items:
+        where = item.nodeid.split("/")[-1]
+        if any(where.startswith(s) for s in SLOW):
+            item.add_marker(pytest.mark.slow)
+        if interpreted and "triton" in where and not where.startswith("test_grids.py"):
+            item.add_marker(pytest.mark.interpreter)
 
 
 @pytest.fixture
