@@ -205,20 +205,22 @@ def validate_pre(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn
 
 
 def _cast_like(a, ref):
-    """``a`` in ``ref``'s dtype (no copy when it already is)."""
+    """``a`` in ``ref``'s dtype (itself, with no dispatch, when it already is)."""
+    if a.dtype == ref.dtype:
+        return a
     if _is_tensor(a):
         return a.to(ref.dtype)
-    return a.astype(ref.dtype, copy=False)
+    return a.astype(ref.dtype)
 
 
 def _cast_to(a, name: str):
-    """``a`` in the dtype named ``name`` ("fp32" or "fp64"; no copy when it already is)."""
-    if a is None:
-        return None
+    """``a`` in the dtype named ``name`` ("fp32" or "fp64"; itself when it already is)."""
+    if a is None or dtype_name(a) == name:
+        return a
     if _is_tensor(a):
         torch = _torch()
         return a.to(torch.float64 if name == "fp64" else torch.float32)
-    return a.astype(np.float64 if name == "fp64" else np.float32, copy=False)
+    return a.astype(np.float64 if name == "fp64" else np.float32)
 
 
 _warned_grad = False
