@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mhc_multi.backends import numba_cpu as nb  # noqa: E402
+from mhc_multi.backends import numba as nb  # noqa: E402
 from mhc_multi.backends import numpy_ref as ref  # noqa: E402
 
 KW = dict(norm_eps=1e-6, hc_eps=1e-6)
@@ -194,7 +194,7 @@ import sys, json, numpy as np
 sys.path.insert(0, sys.argv[1])
 sys.path.insert(0, sys.argv[2])
 from bench_numba import make_inputs, KW
-from mhc_multi.backends import numba_cpu as nb
+from mhc_multi.backends import numba as nb
 def hwm():
     for line in open('/proc/self/status'):
         if line.startswith('VmHWM'):
@@ -238,11 +238,14 @@ def peak_rss():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--numpy-reps", type=int, default=3)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=15, help="interleaved repetitions (numba, eager)")
+    p.add_argument("--numpy-reps", type=int, default=3,
+                   help="repetitions of the NumPy reference (a third of it at the larger shape)")
     p.add_argument("--quick", action="store_true", help="first shape only, no peak-RSS run")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "numba.json"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "numba.json"),
+                   help="JSON path (default bench/results/numba.json)")
     args = p.parse_args(argv)
     import numba
     import torch

@@ -1,10 +1,13 @@
-"""A/B of this checkout's Triton backend against another version of backends/triton_gpu.py, in
-one process on the same inputs (per-kernel device times, CUDA-graph totals, agreement).
+"""A/B of this checkout's Triton backend against another version of it, in one process on the
+same inputs (per-kernel device times, CUDA-graph totals, agreement).
 
-    git show REV:backends/triton_gpu.py > /tmp/other.py     # on this machine
-    python3 bench/gpu_ab.py /tmp/other.py [--flush] [--shapes B,S,n,D ...] [--dtypes bf16,fp32]
+    mkdir /tmp/other && git archive REV backends/triton | tar -x -C /tmp/other   # a package
+    python3 bench/gpu_ab.py /tmp/other/backends/triton [--flush] [--shapes B,S,n,D ...]
+    git show REV:backends/triton_gpu.py > /tmp/other.py    # or a one-file version (older REVs)
+    python3 bench/gpu_ab.py /tmp/other.py [--dtypes bf16,fp32]
 
-The other file is loaded as a sibling module of the installed backend (it imports ._common).
+The other version is loaded as a sibling of the installed backend, mhc_multi.backends._ab_other
+(it imports the backends' _common).
 --flush also times each call after writing 256 MB (L2 holds no x, and no dirty dx lines from
 the previous call are left to write back). Prints one line per (shape, pass, version) and
 writes $OUT/gpu_ab.json.
@@ -28,16 +31,24 @@ SHAPES = [(4, 4096, 4, 4096), (1, 4096, 4, 2560), (2, 4096, 4, 7168)]
 
 
 def load_other(path):
-    pkg = tg.__name__.rsplit(".", 1)[0]
-    shutil.copy(path, os.path.join(os.path.dirname(tg.__file__), "_ab_other.py"))
+    pkg = tg.__name__.rsplit(".", 1)[0]                       # mhc_multi.backends
+    backends = os.path.dirname(os.path.dirname(tg.__file__))   # its folder
+    if os.path.isdir(path):
+        shutil.rmtree(os.path.join(backends, "_ab_other"), ignore_errors=True)
+        shutil.copytree(path, os.path.join(backends, "_ab_other"))
+    else:
+        shutil.copy(path, os.path.join(backends, "_ab_other.py"))
     return importlib.import_module(pkg + "._ab_other")
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("other", help="the other version of backends/triton_gpu.py")
-    ap.add_argument("--flush", action="store_true")
-    ap.add_argument("--shapes", nargs="*", default=[",".join(map(str, s)) for s in SHAPES])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("other", help="the other version: a backends/triton folder, or one file")
+    ap.add_argument("--flush", action="store_true",
+                    help="also time each call after writing 256 MB (L2 flushed)")
+    ap.add_argument("--shapes", nargs="*", default=[",".join(map(str, s)) for s in SHAPES],
+                    help="B,S,n,D (default: the three realistic shapes)")
     ap.add_argument("--dtypes", default="bf16", help="x dtypes, comma-separated")
     args = ap.parse_args()
     dts = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

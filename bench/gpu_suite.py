@@ -33,10 +33,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 try:
-    from mhc_multi.backends import triton_gpu as tg
+    from mhc_multi.backends import triton as tg
 except Exception:  # not installed: import the module from the checkout
     sys.path.insert(0, ROOT)
-    from backends import triton_gpu as tg
+    from backends import triton as tg
 import triton  # noqa: E402
 
 NORM_EPS = 1e-6
@@ -674,7 +674,7 @@ def main_issue5(args, report, save, t_start):
 
 
 # ---------------------------------------------------------------------------------------------
-# A/B of the switchable variants (backends/triton_gpu.set_config): the split forward
+# A/B of the switchable variants (backends/triton set_config): the split forward
 # (fwd_split) and the separate Sinkhorn-backward kernel (sk_bwd="sep"), in one device call.
 
 AB_FWD = {"default": {}, "split_auto": dict(fwd_split=-1), "fused_bt16": dict(fwd_bt=16, fwd_bd=128),
@@ -798,15 +798,18 @@ def main_ab(args, report, save, t_start):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ab", action="store_true", help="A/B of the set_config variants")
-    ap.add_argument("--ab-sanitize-child", action="store_true")
-    ap.add_argument("--sanitize-child", action="store_true")
+    ap.add_argument("--ab-sanitize-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sanitize-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="one realistic shape only")
-    ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--no-sanitize", action="store_true")
-    ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--no-accuracy", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="no torch.compile baseline")
+    ap.add_argument("--no-sanitize", action="store_true", help="no compute-sanitizer memcheck")
+    ap.add_argument("--no-sweep", action="store_true",
+                    help="time the launch rules as shipped, no sweep of launch configurations")
+    ap.add_argument("--no-accuracy", action="store_true",
+                    help="timings only (no accuracy or repeatability cases)")
     ap.add_argument("--issue5", action="store_true", help="post operator and Sinkhorn rows")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds; stop starting work")
     args = ap.parse_args()

@@ -21,8 +21,8 @@ from .errors import BackendUnavailableError
 
 #: name -> module path, in the order ``"auto"`` prefers them
 BACKENDS: dict[str, str] = {
-    "triton": "mhc_multi.backends.triton_gpu",
-    "numba": "mhc_multi.backends.numba_cpu",
+    "triton": "mhc_multi.backends.triton",
+    "numba": "mhc_multi.backends.numba",
     "numpy": "mhc_multi.backends.numpy_ref",
 }
 ENV_VAR = "MHC_MULTI_BACKEND"

@@ -1,8 +1,8 @@
 """Launch grids of the Triton backend inside CUDA's limits at any number of tokens.
 
 CUDA runs at most 2^31 - 1 programs along grid axis 0 and 65535 along axes 1 and 2 (the
-device's maxGridSize).  The grid of every launch in backends/triton_gpu.py comes from a pure
-function of ints and the launch rule ("Grids" there), the one the launcher itself calls, so
+device's maxGridSize).  The grid of every launch of backends/triton/ comes from a pure
+function of ints and the launch rule (backends/triton/grids.py), the one the launcher calls, so
 these tests evaluate the real code path without a GPU: the CUDA launch rule
 (``_make_config`` with a CUDA device type), 132 multiprocessors (H200), several counts of
 resident programs per SM, at T = 2^20 and 2^24 tokens (and one past them), for every
@@ -21,7 +21,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from mhc_multi.backends import triton_gpu as tg  # noqa: E402
+from mhc_multi.backends import triton as tg  # noqa: E402
+from mhc_multi.backends.triton import _util, config, grids  # noqa: E402
 
 AXIS0, AXIS12 = 2**31 - 1, 65535   # CUDA's limits, written out here (not the module's copy)
 CUDA = torch.device("cuda")          # only its type is read: nothing below touches a GPU
@@ -69,53 +70,53 @@ def _check_all(T, n, D, dname, sms, resident, cfg, post_f, post_b):
     covering what it must."""
     where = f"T={T} n={n} D={D} {dname} resident={resident}"
     F = n * n + 2 * n
-    F_pad = max(16, tg._next_pow2(F))
+    F_pad = max(16, _util._next_pow2(F))
     ND = n * D
     # forward: phi*g pieces, then the fused kernel or the split forward's two passes
-    grid, block = tg._prep_phi_grid(ND, F_pad, True)
+    grid, block = grids._prep_phi_grid(ND, F_pad, True)
     _within(grid, f"prep_phi {where}")
     assert grid[0] * block >= ND and grid[1] == F_pad, (where, grid, block)
-    S = tg._fwd_splits(cfg, T, D, CUDA, F_pad, dname, sms=sms)
+    S = config._fwd_splits(cfg, T, D, CUDA, F_pad, dname, sms=sms)
     if S == 0:
-        grid = tg._fwd_grid(T, cfg)
+        grid = grids._fwd_grid(T, cfg)
         _within(grid, f"pre_fwd {where}")
         assert grid[0] * cfg["fwd_bt"] >= T, (where, grid)
     else:
         assert 1 <= S <= _cdiv(D, cfg["fwd_split_bd"]), (where, S)   # no share without a chunk
-        tg._l2_reuse(cfg, S, F_pad, CUDA)
-        grid1, grid2, hbt, hbd = tg._split_grids(T, D, S, cfg)
+        config._l2_reuse(cfg, S, F_pad, CUDA)
+        grid1, grid2, hbt, hbd = grids._split_grids(T, D, S, cfg)
         _within(grid1, f"pre_fwd_part S={S} {where}")
         assert grid1[0] * cfg["fwd_split_bt"] >= T and grid1[1] == S, (where, grid1)
         _within(grid2, f"pre_fwd_fin {where}")
         # one program per (token block, D chunk): the kernel unfolds pid by the D chunks
         assert grid2[0] == _cdiv(T, hbt) * _cdiv(D, hbd) and hbd >= 1, (where, grid2, hbt, hbd)
     # backward: Sinkhorn (separate kernel), row kernel, column kernel, reduction
-    mode = tg._sk_bwd_mode(cfg, T, sms, True)
+    mode = config._sk_bwd_mode(cfg, T, sms, True)
     assert mode in ("sep", "fused"), mode
     if mode == "sep":
-        grid = tg._sk_grid(T, cfg)
+        grid = grids._sk_grid(T, cfg)
         _within(grid, f"sk_bwd {where}")
         assert grid[0] * cfg["sk_bt"] >= T, (where, grid)
-    grid = tg._row_grid(T, cfg, sms, resident)
+    grid = grids._row_grid(T, cfg, sms, resident)
     _within(grid, f"pre_bwd_row {where}")
     assert grid == (grid[0],) and grid[0] <= _cdiv(T, cfg["row_bt"]), (where, grid)  # persistent
-    grid, tok = tg._col_grid(T, n, D, cfg, sms, resident)
+    grid, tok = grids._col_grid(T, n, D, cfg, sms, resident)
     _within(grid, f"pre_bwd_col {where}")
     # every (stream, D chunk) on the leading axes (folded onto axis 0 past 65535 chunks); the
     # token splits on the last, each a whole number of token blocks, none empty
     assert int(np.prod(grid[:-1])) == n * _cdiv(D, cfg["col_bd"]), (where, grid)
     splits = grid[-1]
     assert tok % cfg["col_bt"] == 0 and splits * tok >= T > (splits - 1) * tok, (where, grid, tok)
-    grid, block = tg._reduce_grid(ND, F, F_pad, True)
+    grid, block = grids._reduce_grid(ND, F, F_pad, True)
     _within(grid, f"reduce_partials {where}")
     assert grid[0] * block >= ND and grid[0] >= F + 3, (where, grid, block)
     # the post operator
-    grid = tg._post_fwd_grid(T, D, post_f)
+    grid = grids._post_fwd_grid(T, D, post_f)
     _within(grid, f"post_fwd {where}")
     assert grid[0] == _cdiv(T, post_f["pf_bt"]) * _cdiv(D, post_f["pf_bd"]), (where, grid)
-    grid, bt = tg._post_bwd_grid(T, n, post_b)
+    grid, bt = grids._post_bwd_grid(T, n, post_b)
     _within(grid, f"post_bwd {where}")
-    assert grid[0] * bt >= T and bt * tg._next_pow2(n) >= 16, (where, grid, bt)
+    assert grid[0] * bt >= T and bt * _util._next_pow2(n) >= 16, (where, grid, bt)
 
 
 @pytest.fixture
@@ -131,9 +132,9 @@ def variant(request):
 def test_grids_within_cuda_limits(dname, n, variant):
     """T = 2^20, 2^24 (and one token more), D = 1, 100, 4096, 7168, every resident count."""
     for D in DS:
-        cfg = tg._make_config(n, D, dname, CUDA)
-        post_f = tg._post_config(n, D, CUDA)
-        post_b = tg._post_config(n, D, CUDA, dname == "fp32")
+        cfg = config._make_config(n, D, dname, CUDA)
+        post_f = config._post_config(n, D, CUDA)
+        post_b = config._post_config(n, D, CUDA, dname == "fp32")
         for T in TS:
             for res in RESIDENT:
                 _check_all(T, n, D, dname, SMS, res, cfg, post_f, post_b)
@@ -154,10 +155,10 @@ EXTREMES = [(tg.MAX_TOKENS, 1, 1, "bf16"), (tg.MAX_TOKENS, 1, 16, "fp16"),
                          ids=[f"{c[3]}-n{c[1]}-D{c[2]}-T{c[0]}" for c in EXTREMES])
 def test_grids_at_the_extremes(T, n, D, dname, variant):
     assert T * n * D * {"bf16": 2, "fp16": 2, "fp32": 4}[dname] <= 141 * 10**9
-    cfg = tg._make_config(n, D, dname, CUDA)
+    cfg = config._make_config(n, D, dname, CUDA)
     for res in RESIDENT:
-        _check_all(T, n, D, dname, SMS, res, cfg, tg._post_config(n, D, CUDA),
-                   tg._post_config(n, D, CUDA, dname == "fp32"))
+        _check_all(T, n, D, dname, SMS, res, cfg, config._post_config(n, D, CUDA),
+                   config._post_config(n, D, CUDA, dname == "fp32"))
 
 
 def test_max_tokens_leaves_room_for_token_blocks():
@@ -167,11 +168,11 @@ def test_max_tokens_leaves_room_for_token_blocks():
     blocks = []
     for n in range(1, 9):
         for dname in DTYPES:
-            cfg = tg._make_config(n, 4096, dname, CUDA)
+            cfg = config._make_config(n, 4096, dname, CUDA)
             blocks += [cfg[k] for k in ("fwd_bt", "fwd_split_bt", "hin_bt", "sk_bt", "row_bt",
                                         "col_bt")]
-            pb = tg._post_config(n, 4096, CUDA)
-            blocks += [pb["pf_bt"], max(16, tg._next_pow2(tg._post_bwd_grid(1, n, pb)[1]))]
+            pb = config._post_config(n, 4096, CUDA)
+            blocks += [pb["pf_bt"], max(16, _util._next_pow2(grids._post_bwd_grid(1, n, pb)[1]))]
     assert tg.MAX_TOKENS + max(blocks) - 1 <= 2**31 - 1 and tg.MAX_TOKENS <= AXIS0
 
 

@@ -1,4 +1,4 @@
-"""Direct tests of the Numba CPU backend (issue 3) against the float64 NumPy reference.
+"""Direct tests of the Numba CPU backend against the float64 NumPy reference.
 
 Small shapes only (the all-backend accuracy sweep lives in tests/test_accuracy.py). Every test
 draws a fresh seed and prints it in its failure message. Kernels are compiled once per dtype
@@ -11,15 +11,18 @@ import subprocess
 import sys
 import textwrap
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 numba = pytest.importorskip("numba")
 
-from mhc_multi.backends import numba_cpu as nb  # noqa: E402
+from mhc_multi.backends import numba as nb  # noqa: E402
+from mhc_multi.backends.numba import _kernels as nbk  # noqa: E402
+from mhc_multi.backends.numba import pre_backward as nb_bwd  # noqa: E402
+from mhc_multi.backends.numba import pre_forward as nb_fwd  # noqa: E402
 from mhc_multi.backends import numpy_ref as ref  # noqa: E402
+from mhc_multi.crosscheck import random_inputs, relative_error  # noqa: E402
 from mhc_multi.tolerances import tolerance  # noqa: E402
 
 KW = dict(norm_eps=1e-6, hc_eps=1e-6)
@@ -39,14 +42,15 @@ def to_x(a64, x_dtype):
 
 
 def make(T, n, D, x_dtype="bf16", p_dtype=np.float32, gamma=True, seed=0):
-    rng = np.random.default_rng(seed)
-    F = n * n + 2 * n
+    """The backend's flattened inputs: mhc_multi.random_inputs (realistic scales, per-token RMS
+    not 1) and unit-normal cotangents, in the given dtypes."""
+    x64, phi, alpha, bias, g = random_inputs((1, T, n, D), "fp64", param_dtype="fp64",
+                                             gamma=gamma, seed=seed, container="numpy")
+    rng = np.random.default_rng(seed + 1)
     return dict(
-        x=to_x(rng.standard_normal((T, n, D)), x_dtype),
-        phi=(rng.standard_normal((F, n * D)) / np.sqrt(n * D)).astype(p_dtype),
-        alpha=(rng.choice([-1.0, 1.0], 3) * rng.uniform(0.5, 1.5, 3)).astype(p_dtype),
-        bias=(0.1 * rng.standard_normal(F)).astype(p_dtype),
-        gamma=(1 + 0.1 * rng.standard_normal((n, D))).astype(p_dtype) if gamma else None,
+        x=to_x(x64.reshape(T, n, D), x_dtype),
+        phi=phi.astype(p_dtype), alpha=alpha.astype(p_dtype), bias=bias.astype(p_dtype),
+        gamma=None if g is None else g.astype(p_dtype),
         dh_in=to_x(rng.standard_normal((T, D)), x_dtype),
         dh_post=rng.standard_normal((T, n)).astype(p_dtype),
         dh_res=rng.standard_normal((T, n, n)).astype(p_dtype),
@@ -64,9 +68,8 @@ def run_bwd(a, fwd, mod=nb):
 
 
 def rel_err(got, want):
-    got, want = ref._to64(got), ref._to64(want)
-    den = np.linalg.norm(want)
-    return np.linalg.norm(got - want) / (den if den > 0 else 1.0)
+    """crosscheck.relative_error of backend arrays (bf16 as np.uint16 words)."""
+    return relative_error(ref._to64(got), ref._to64(want))
 
 
 def assert_same(xs, ys, msg):
@@ -168,7 +171,7 @@ def test_numba_num_threads_env_bitwise_identical(tmp_path):
     np.savez(tmp_path / "in.npz", **{k: v for k, v in a.items() if v is not None})
     child = textwrap.dedent(f"""
         import numpy as np
-        from mhc_multi.backends import numba_cpu as nb
+        from mhc_multi.backends import numba as nb
         a = dict(np.load({str(tmp_path / 'in.npz')!r}))
         kw = dict(norm_eps=1e-6, hc_eps=1e-6)
         f = nb.forward(a['x'], a['phi'], a['alpha'], a['bias'], a['gamma'], **kw)
@@ -227,15 +230,15 @@ def test_two_python_threads_match_serial():
 @numba.njit(cache=False)
 def _encode_all(f32, out_bf16, out_f16):
     for i in range(f32.shape[0]):
-        out_bf16[i] = nb._f32_to_bf16(f32[i])
-        out_f16[i] = nb._f32_to_f16(f32[i])
+        out_bf16[i] = nbk._f32_to_bf16(f32[i])
+        out_f16[i] = nbk._f32_to_f16(f32[i])
 
 
 @numba.njit(cache=False)
 def _decode_all(bits, out_bf, out_h):
     for i in range(bits.shape[0]):
-        out_bf[i] = nb._bf16_to_f32(bits[i])
-        out_h[i] = nb._f16_to_f32(np.int16(bits[i]))
+        out_bf[i] = nbk._bf16_to_f32(bits[i])
+        out_h[i] = nbk._f16_to_f32(np.int16(bits[i]))
 
 
 def _interesting_f32(rng, k):
@@ -319,20 +322,19 @@ def test_module_imports_without_numba():
                 raise ImportError('no numba here')
             return real(name, *a, **k)
         builtins.__import__ = fake
-        import importlib.util
-        # a module of the backends package (it imports ._common), loaded from its file
-        spec = importlib.util.spec_from_file_location('mhc_multi.backends._nbc_probe', sys.argv[1])
-        m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+        import mhc_multi.backends.numba as m   # the package and all its modules
+        assert 'numba' not in sys.modules
+        assert m.ARRAY_KIND == 'numpy' and m.SUPPORTS_SINKHORN
+        assert all(callable(f) for f in (m.forward, m.backward, m.post_forward, m.post_backward))
         print(m.availability())
     """)
-    res = subprocess.run([sys.executable, "-c", code, str(Path(nb.__file__))],
-                         capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "numba is not installed" in res.stdout
 
 
 # ---------------------------------------------------------------------------------------------
-# the post operator (issue 5): x_next = H_res x + H_post f_out, and its one-pass backward
+# the post operator: x_next = H_res x + H_post f_out, and its one-pass backward
 
 POST_NAMES = ("x_next", "dx", "df_out", "dh_post", "dh_res")
 
@@ -466,7 +468,7 @@ def test_sinkhorn_k0_is_the_same_kernel(seed):
     a = make(40, 4, 48, seed=seed)
     f0 = run_fwd(a)
     b0 = run_bwd(a, f0)
-    sigs = (len(nb._fwd_kernel.signatures), len(nb._bwd_kernel.signatures))
+    sigs = (len(nb_fwd._pre_fwd_kernel.signatures), len(nb_bwd._pre_bwd_kernel.signatures))
     fk0 = nb.forward(a["x"], a["phi"], a["alpha"], a["bias"], a["gamma"], sinkhorn_iters=0, **KW)
     f3 = nb.forward(a["x"], a["phi"], a["alpha"], a["bias"], a["gamma"], sinkhorn_iters=3, **KW)
     h_in, h_post, h_res, r, m, h_pre = f0
@@ -474,7 +476,7 @@ def test_sinkhorn_k0_is_the_same_kernel(seed):
              a["dh_post"], a["dh_res"], a["gamma"])
     bk0 = nb.backward(*bargs, sinkhorn_iters=0, **KW)
     b3 = nb.backward(*bargs, sinkhorn_iters=3, **KW)
-    assert (len(nb._fwd_kernel.signatures), len(nb._bwd_kernel.signatures)) == sigs
+    assert (len(nb_fwd._pre_fwd_kernel.signatures), len(nb_bwd._pre_bwd_kernel.signatures)) == sigs
     assert_same(tuple(fk0) + tuple(bk0), tuple(f0) + tuple(b0), "k=0 vs default")
     for i, name in enumerate(FWD_NAMES):
         same = np.array_equal(f3[i].view(np.uint8), f0[i].view(np.uint8))

@@ -27,15 +27,18 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from mhc_multi.backends import numpy_ref, triton_gpu  # noqa: E402
+from mhc_multi.backends import numpy_ref  # noqa: E402
+from mhc_multi.backends import triton as triton_backend  # noqa: E402
+from mhc_multi.backends.triton import _util, config, pre_forward  # noqa: E402
+from mhc_multi.crosscheck import random_inputs, relative_error  # noqa: E402
 from mhc_multi.tolerances import tolerance  # noqa: E402
 
-_why = triton_gpu.availability()
+_why = triton_backend.availability()
 if _why is not None:
     pytest.skip(f"triton backend unavailable: {_why}; run this file in its own process with "
                 "TRITON_INTERPRET=1", allow_module_level=True)
 
-DEVICE = "cpu" if triton_gpu._interpret() else "cuda"
+DEVICE = "cpu" if triton_backend._interpret() else "cuda"
 NORM_EPS, HC_EPS = 1e-6, 1e-6
 TORCH_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FWD = ("h_in", "h_post", "h_res", "inv_rms", "h_mix", "h_pre")
@@ -51,30 +54,21 @@ def _np(t):
 
 
 def _inputs(T, n, D, dname, with_gamma, seed):
-    g = torch.Generator().manual_seed(seed)
-    F = n * n + 2 * n
-    x = torch.randn(T, n, D, generator=g).to(TORCH_DT[dname])
-    phi = torch.randn(F, n * D, generator=g) / (n * D) ** 0.5
-    alpha = torch.randn(3, generator=g)
-    bias = 0.1 * torch.randn(F, generator=g)
-    gamma = (1 + 0.1 * torch.randn(n, D, generator=g)) if with_gamma else None
+    """The backend's flattened inputs: mhc_multi.random_inputs (realistic scales, per-token RMS
+    not 1) and unit-normal cotangents, on DEVICE."""
+    x, phi, alpha, bias, gamma = random_inputs((1, T, n, D), dname, gamma=with_gamma, seed=seed,
+                                               device=DEVICE)
+    g = torch.Generator().manual_seed(seed + 1)
     dh_in = torch.randn(T, D, generator=g).to(TORCH_DT[dname])
     dh_post = torch.randn(T, n, generator=g)
     dh_res = torch.randn(T, n, n, generator=g)
-    dev = lambda a: None if a is None else a.to(DEVICE)  # noqa: E731
-    return tuple(dev(a) for a in (x, phi, alpha, bias, gamma, dh_in, dh_post, dh_res))
-
-
-def _rel(got, ref64):
-    got = got.detach().cpu().double().numpy()
-    assert np.isfinite(got).all(), "non-finite (unwritten?) elements"
-    den = np.linalg.norm(ref64.ravel())
-    return float(np.linalg.norm((got - ref64).ravel()) / (den if den > 0 else 1.0))
+    dev = lambda a: a.to(DEVICE)  # noqa: E731
+    return (x.reshape(T, n, D), phi, alpha, bias, gamma, dev(dh_in), dev(dh_post), dev(dh_res))
 
 
 def _check(name, got, ref64, dname, seed):
     assert tuple(got.shape) == ref64.shape, (name, got.shape, ref64.shape)
-    err = _rel(got, ref64)
+    err = relative_error(got, ref64)   # inf where an element is NaN (unwritten)
     bound = tolerance(name, dname)
     print(f"{name:8s} err={err:.2e} bound={bound:.0e} seed={seed}")
     assert err <= bound, f"{name}: rel err {err:.3e} > {bound:.0e} (seed {seed})"
@@ -104,15 +98,15 @@ def test_forward_backward_vs_float64(T, n, D, dname, with_gamma):
     seed = int.from_bytes(os.urandom(4), "little")
     x, phi, alpha, bias, gamma, dh_in, dh_post, dh_res = _inputs(T, n, D, dname, with_gamma, seed)
     kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS)
-    out = triton_gpu.forward(x, phi, alpha, bias, gamma, **kw)
+    out = triton_backend.forward(x, phi, alpha, bias, gamma, **kw)
     gnp = None if gamma is None else _np(gamma)
     ref = numpy_ref.forward64(_np(x), _np(phi), _np(alpha), _np(bias), gnp, **kw)
     assert out[0].dtype == x.dtype and all(o.dtype == torch.float32 for o in out[1:])
     for name, o, r in zip(FWD, out, ref):
         _check(name, o, r, dname, seed)
     h_in, h_post, h_res, inv_rms, h_mix, h_pre = out
-    bout = triton_gpu.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in,
-                               dh_post, dh_res, gamma, **kw)
+    bout = triton_backend.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in,
+                                   dh_post, dh_res, gamma, **kw)
     bref = numpy_ref.backward64(_np(x), _np(phi), _np(alpha), _np(bias), _np(inv_rms),
                                 _np(h_mix), _np(h_pre), _np(h_post), _np(dh_in), _np(dh_post),
                                 _np(dh_res), gnp, **kw)
@@ -123,9 +117,9 @@ def test_forward_backward_vs_float64(T, n, D, dname, with_gamma):
             continue
         _check(name, o, r, dname, seed)
     # bitwise repeatability: no atomics, fixed reduction order
-    out2 = triton_gpu.forward(x, phi, alpha, bias, gamma, **kw)
-    bout2 = triton_gpu.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in,
-                                dh_post, dh_res, gamma, **kw)
+    out2 = triton_backend.forward(x, phi, alpha, bias, gamma, **kw)
+    bout2 = triton_backend.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in,
+                                    dh_post, dh_res, gamma, **kw)
     for a, b in zip(out + bout, out2 + bout2):
         assert (a is None and b is None) or torch.equal(a, b)
 
@@ -133,32 +127,43 @@ def test_forward_backward_vs_float64(T, n, D, dname, with_gamma):
 def test_empty_batch():
     x, phi, alpha, bias, gamma, dh_in, dh_post, dh_res = _inputs(0, 3, 7, "bf16", True, 0)
     kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS)
-    h_in, h_post, h_res, inv_rms, h_mix, h_pre = triton_gpu.forward(x, phi, alpha, bias, gamma, **kw)
+    h_in, h_post, h_res, inv_rms, h_mix, h_pre = triton_backend.forward(
+        x, phi, alpha, bias, gamma, **kw)
     assert h_in.shape == (0, 7) and h_res.shape == (0, 3, 3) and h_mix.shape == (0, 15)
-    dx, dphi, dalpha, dbias, dgamma = triton_gpu.backward(
+    dx, dphi, dalpha, dbias, dgamma = triton_backend.backward(
         x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma, **kw)
     assert dx.shape == (0, 3, 7)
     for g in (dphi, dalpha, dbias, dgamma):
         assert torch.count_nonzero(g) == 0
 
 
-def test_column_splits_fill_the_waves():
-    """_col_splits: with 4 resident programs per SM on 132 SMs (528 slots), the fewest token
-    splits >= 2 whose waves are >= 90 % full, the H200's best at the three realistic shapes
-    (n * D/64 = 256, 160, 448 column programs); at most 16 (few column programs: n = 1);
-    capped by the token blocks; overrides win."""
-    cfg = dict(col_occ=4, col_waves=4)
-    assert [triton_gpu._col_splits(cfg, p, 512, 132) for p in (256, 160, 448)] == [2, 3, 7]
-    assert triton_gpu._col_splits(cfg, 32, 512, 132) == 15        # n = 1, D = 4096: 480 of 528
-    assert triton_gpu._col_splits(cfg, 20, 512, 132) == 16        # none >= 90 %: the fullest
-    assert triton_gpu._col_splits(cfg, 32, 10, 132) == 10         # capped by 10 token blocks
-    assert triton_gpu._col_splits(cfg, 256, 1, 132) == 1          # one token block
-    assert triton_gpu._col_splits(cfg, 160, 2, 132) == 2          # cap: 3 wanted, 2 blocks
-    assert triton_gpu._col_splits(dict(cfg, col_splits=5), 256, 512, 132) == 5
-    assert triton_gpu._col_splits(dict(cfg, col_splits=5), 256, 3, 132) == 3
-    assert triton_gpu._col_splits(dict(col_waves=4), 256, 512, 132) == 3   # no col_occ: waves
-    assert triton_gpu._col_splits(dict(col_occ="auto", col_waves=4), 256, 512, 132, 4) == 2
-    assert triton_gpu._col_splits(dict(col_occ="auto", col_waves=4), 256, 512, 132, 3) == 3
+def _fill(programs: int, splits: int, slots: int) -> float:
+    """How full the waves of programs * splits programs are on ``slots`` resident slots."""
+    total = programs * splits
+    return total / (-(-total // slots) * slots)
+
+
+@pytest.mark.parametrize("occ", [1, 3, 4, 8])
+def test_column_splits_fill_the_waves(occ):
+    """_col_splits: every program walks its split's tokens, so a partly filled last wave is time
+    lost. The rule's properties, over column-program counts from n = 1 to n = 8 at many D and
+    token-block counts: at least 1 and at most the token blocks and 16; where some count in
+    2..16 fills the waves to >= 90 %, the result does and is the fewest that does; otherwise it
+    is the fullest; an override wins (capped by the token blocks)."""
+    sms, slots = 132, 132 * occ
+    cfg = dict(col_occ=occ, col_waves=4)
+    for programs in (8, 20, 32, 64, 96, 160, 256, 448, 512, 1024, 2048):
+        for nblk in (1, 2, 3, 10, 16, 17, 512, 2**20):
+            s = config._col_splits(cfg, programs, nblk, sms)
+            assert 1 <= s <= min(nblk, 16), (programs, nblk, s)
+            cands = range(min(2, nblk), min(16, nblk) + 1)
+            good = [c for c in cands if _fill(programs, c, slots) >= 0.9]
+            if good:
+                assert s == good[0], (programs, nblk, s, good)
+            elif nblk > 1:
+                best = max(_fill(programs, c, slots) for c in cands)
+                assert abs(_fill(programs, s, slots) - best) < 1e-9, (programs, nblk, s)
+            assert config._col_splits(dict(cfg, col_splits=5), programs, nblk, sms) == min(5, nblk)
 
 
 def test_gate_column_blocks_cover_f():
@@ -167,8 +172,8 @@ def test_gate_column_blocks_cover_f():
     are dot-sized powers of two, and split only where that saves rows (at n = 8 of n <= 8)."""
     split = []
     for F in list(range(1, 200)) + [n * n + 2 * n for n in range(1, 9)]:
-        F_pad = max(16, triton_gpu._next_pow2(F))
-        fa, fb = triton_gpu._f_blocks(F, F_pad)
+        F_pad = max(16, _util._next_pow2(F))
+        fa, fb = config._f_blocks(F, F_pad)
         assert fa >= 16 and fa & (fa - 1) == 0, (F, fa, fb)
         if fb == 0:
             assert fa == F_pad, (F, fa)
@@ -178,13 +183,32 @@ def test_gate_column_blocks_cover_f():
     assert [n for n in range(1, 9) if n * n + 2 * n in split] == [8]
 
 
+def test_set_config_refuses_unknown_keys_and_override_restores():
+    """set_config names an unknown key and lists the valid ones; config_override layers its
+    keys over the current overrides and restores them afterwards, also after an exception."""
+    with pytest.raises(ValueError, match="unknown key 'col_split'.*col_splits"):
+        triton_backend.set_config(col_split=3)
+    assert config._CONFIG_OVERRIDES == {}
+    triton_backend.set_config(fwd_split=2)
+    try:
+        with pytest.raises(RuntimeError):
+            with triton_backend.config_override(col_splits=3):
+                assert config._CONFIG_OVERRIDES == {"fwd_split": 2, "col_splits": 3}
+                assert config._config(4, 70, "bf16", torch.device("cpu"))["col_splits"] == 3
+                raise RuntimeError
+        assert config._CONFIG_OVERRIDES == {"fwd_split": 2}
+        assert "col_splits" not in config._config(4, 70, "bf16", torch.device("cpu"))
+    finally:
+        triton_backend.set_config()
+
+
 def test_programs_per_multiprocessor():
     """_fit_per_sm, the occupancy rules the persistent grids are sized by, at the H200's
     limits: the row kernel's 64 and 80 registers x 8 warps (4 and 3 programs; at 80 a grid of
     4 per SM ran a second wave, 0.29 instead of 0.17 ms), the column kernel's 127 and 129
     registers x 4 warps (the 256-register allocation unit), and the shared-memory, thread and
     32-block limits."""
-    fit = triton_gpu._fit_per_sm
+    fit = config._fit_per_sm
     assert (fit(64, 8, 1024), fit(80, 8, 1024)) == (4, 3)
     assert (fit(127, 4, 38912), fit(129, 4, 38912)) == (4, 3)
     assert fit(40, 4, 114688) == 2            # two 112 KB blocks (+1 KB each) in 228 KB
@@ -194,26 +218,26 @@ def test_programs_per_multiprocessor():
 
 def test_batch_size_does_not_recompile():
     """T is a runtime argument: new batch sizes reuse the compiled forward kernel."""
-    if triton_gpu._interpret():
+    if triton_backend._interpret():
         pytest.skip("the interpreter compiles nothing")
     kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS)
-    cache = triton_gpu._pre_fwd_kernel.device_caches[torch.cuda.current_device()][0]
+    cache = pre_forward._pre_fwd_kernel.device_caches[torch.cuda.current_device()][0]
     sizes = []
     for T in (65, 97, 1999):   # all past FEW_RES and below the split forward's T
         x, phi, alpha, bias, gamma, *_ = _inputs(T, 4, 64, "bf16", True, T)
-        triton_gpu.forward(x, phi, alpha, bias, gamma, **kw)
+        triton_backend.forward(x, phi, alpha, bias, gamma, **kw)
         sizes.append(len(cache))   # other tests may have compiled other variants before
     assert sizes[0] >= 1 and sizes[1:] == sizes[:1] * 2, sizes
     # the split forward, whose number of D shares per token block follows T (4, 2, 1 at n = 4
     # on the H200; up to one per D chunk at n = 8): one compiled variant of each kernel per
     # L2 regime (_l2_reuse: at >= 4 shares and n <= 6, interleaved shares and eviction hints)
     caches = [k.device_caches[torch.cuda.current_device()][0]
-              for k in (triton_gpu._pre_fwd_part_kernel, triton_gpu._pre_fwd_fin_kernel)]
+              for k in (pre_forward._pre_fwd_part_kernel, pre_forward._pre_fwd_fin_kernel)]
     for n, D, Ts in ((4, 512, (5003, 16384, 2048, 3000)), (8, 1000, (5, 9001, 40000))):
         sizes = []
         for T in Ts:
             x, phi, alpha, bias, gamma, *_ = _inputs(T, n, D, "bf16", True, T)
-            triton_gpu.forward(x, phi, alpha, bias, gamma, **kw)
+            triton_backend.forward(x, phi, alpha, bias, gamma, **kw)
             sizes.append([len(c) for c in caches])
         if n == 4:   # S = 2, 1 (one variant), then S = 4, 4 (the L2 variant: one more)
             assert sizes[1] == sizes[0] and sizes[3] == sizes[2], sizes
@@ -230,11 +254,11 @@ SK_CASES = [(13, 4, 130, "bf16", True, 1), (5, 3, 7, "fp16", False, 3), (19, 4, 
 @pytest.mark.parametrize("T,n,D,dname,with_gamma,k", SK_CASES,
                          ids=[f"sk{c[5]}-{c[3]}-n{c[1]}-D{c[2]}-T{c[0]}" for c in SK_CASES])
 def test_sinkhorn_vs_float64(T, n, D, dname, with_gamma, k):
-    assert triton_gpu.SUPPORTS_SINKHORN is True
+    assert triton_backend.SUPPORTS_SINKHORN is True
     seed = int.from_bytes(os.urandom(4), "little")
     x, phi, alpha, bias, gamma, dh_in, dh_post, dh_res = _inputs(T, n, D, dname, with_gamma, seed)
     kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS, sinkhorn_iters=k)
-    out = triton_gpu.forward(x, phi, alpha, bias, gamma, **kw)
+    out = triton_backend.forward(x, phi, alpha, bias, gamma, **kw)
     gnp = None if gamma is None else _np(gamma)
     ref = numpy_ref.forward64(_np(x), _np(phi), _np(alpha), _np(bias), gnp, **kw)
     for name, o, r in zip(FWD, out, ref):
@@ -243,16 +267,16 @@ def test_sinkhorn_vs_float64(T, n, D, dname, with_gamma, k):
     mids = [torch.from_numpy(np.ascontiguousarray(a)).float().to(DEVICE) for a in ref[3:]]
     inv_rms, h_mix, h_pre = mids
     h_post = torch.from_numpy(ref[1]).float().to(DEVICE)
-    bout = triton_gpu.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in,
-                               dh_post, dh_res, gamma, **kw)
+    bout = triton_backend.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in,
+                                   dh_post, dh_res, gamma, **kw)
     bref = numpy_ref.backward64(_np(x), _np(phi), _np(alpha), _np(bias), _np(inv_rms),
                                 _np(h_mix), _np(h_pre), _np(h_post), _np(dh_in), _np(dh_post),
                                 _np(dh_res), gnp, **kw)
     for name, o, r in zip(BWD, bout, bref):
         if r is not None:
             _check(name, o, r, dname, seed)
-    bout2 = triton_gpu.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in,
-                                dh_post, dh_res, gamma, **kw)
+    bout2 = triton_backend.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in,
+                                    dh_post, dh_res, gamma, **kw)
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(bout, bout2))
 
 
@@ -260,8 +284,8 @@ def test_sinkhorn_margins_k20():
     """k = 20 on realistic logits: rows and columns of h_res sum to 1 within 1e-5."""
     from mhc_multi.tolerances import SINKHORN_MARGIN_TOLERANCE
     x, phi, alpha, bias, gamma, *_ = _inputs(21, 4, 64, "bf16", True, 5)
-    h_res = triton_gpu.forward(x, phi, alpha, bias, gamma, norm_eps=NORM_EPS, hc_eps=HC_EPS,
-                               sinkhorn_iters=20)[2].double()
+    h_res = triton_backend.forward(x, phi, alpha, bias, gamma, norm_eps=NORM_EPS, hc_eps=HC_EPS,
+                                   sinkhorn_iters=20)[2].double()
     assert (h_res.sum(-1) - 1).abs().max() <= SINKHORN_MARGIN_TOLERANCE
     assert (h_res.sum(-2) - 1).abs().max() <= SINKHORN_MARGIN_TOLERANCE
 
@@ -270,10 +294,10 @@ def test_sinkhorn_zero_is_the_plain_path():
     """sinkhorn_iters=0 gives the logits, bit for bit the default call."""
     x, phi, alpha, bias, gamma, dh_in, dh_post, dh_res = _inputs(9, 3, 7, "bf16", True, 7)
     kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS)
-    a = triton_gpu.forward(x, phi, alpha, bias, gamma, **kw)
-    b = triton_gpu.forward(x, phi, alpha, bias, gamma, sinkhorn_iters=0, **kw)
+    a = triton_backend.forward(x, phi, alpha, bias, gamma, **kw)
+    b = triton_backend.forward(x, phi, alpha, bias, gamma, sinkhorn_iters=0, **kw)
     assert all(torch.equal(p, q) for p, q in zip(a, b))
-    c = triton_gpu.forward(x, phi, alpha, bias, gamma, sinkhorn_iters=1, **kw)
+    c = triton_backend.forward(x, phi, alpha, bias, gamma, sinkhorn_iters=1, **kw)
     assert not torch.equal(a[2], c[2]) and torch.equal(a[4], c[4])
 
 
@@ -298,18 +322,18 @@ def test_post_vs_float64(T, n, D, dname, monkeypatch):
     hr = torch.randn(T, n, n, generator=g)
     gn = torch.randn(T, n, D, generator=g).to(dt)
     x, f, hp, hr, gn = (a.to(DEVICE) for a in (x, f, hp, hr, gn))
-    out = triton_gpu.post_forward(x, f, hp, hr)
+    out = triton_backend.post_forward(x, f, hp, hr)
     ref = numpy_ref.post_forward64(_np(x), _np(f), _np(hp), _np(hr))
     assert out.dtype == dt
     _check("x_next", out, ref, dname, seed)
-    got = triton_gpu.post_backward(x, f, hp, hr, gn)
+    got = triton_backend.post_backward(x, f, hp, hr, gn)
     refs = numpy_ref.post_backward64(_np(x), _np(f), _np(hp), _np(hr), _np(gn))
     assert got[0].dtype == dt and got[1].dtype == dt
     assert got[2].dtype == torch.float32 and got[3].dtype == torch.float32
     for name, o, r in zip(("dx", "df_out", "dh_post", "dh_res"), got, refs):
         _check(name, o, r, dname, seed)
-    out2 = triton_gpu.post_forward(x, f, hp, hr)
-    got2 = triton_gpu.post_backward(x, f, hp, hr, gn)
+    out2 = triton_backend.post_forward(x, f, hp, hr)
+    got2 = triton_backend.post_backward(x, f, hp, hr, gn)
     assert torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(got, got2))
 
 
@@ -335,9 +359,9 @@ VAR_CASES = [(37, 4, 130, "bf16", True, 0), (19, 4, 130, "fp16", False, 20),
 
 @pytest.fixture
 def variant_config(request):
-    triton_gpu.set_config(**request.param)
+    triton_backend.set_config(**request.param)
     yield request.param
-    triton_gpu.set_config()
+    triton_backend.set_config()
 
 
 @pytest.mark.parametrize("variant_config", VARIANTS, indirect=True,
@@ -348,7 +372,7 @@ def test_variants_vs_float64(T, n, D, dname, with_gamma, k, variant_config):
     seed = int.from_bytes(os.urandom(4), "little")
     x, phi, alpha, bias, gamma, dh_in, dh_post, dh_res = _inputs(T, n, D, dname, with_gamma, seed)
     kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS, sinkhorn_iters=k)
-    out = triton_gpu.forward(x, phi, alpha, bias, gamma, **kw)
+    out = triton_backend.forward(x, phi, alpha, bias, gamma, **kw)
     gnp = None if gamma is None else _np(gamma)
     ref = numpy_ref.forward64(_np(x), _np(phi), _np(alpha), _np(bias), gnp, **kw)
     for name, o, r in zip(FWD, out, ref):
@@ -356,16 +380,16 @@ def test_variants_vs_float64(T, n, D, dname, with_gamma, k, variant_config):
     inv_rms, h_mix, h_pre = [torch.from_numpy(np.ascontiguousarray(a)).float().to(DEVICE)
                              for a in ref[3:]]
     h_post = torch.from_numpy(ref[1]).float().to(DEVICE)
-    bout = triton_gpu.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in,
-                               dh_post, dh_res, gamma, **kw)
+    bout = triton_backend.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in,
+                                   dh_post, dh_res, gamma, **kw)
     bref = numpy_ref.backward64(_np(x), _np(phi), _np(alpha), _np(bias), _np(inv_rms),
                                 _np(h_mix), _np(h_pre), _np(h_post), _np(dh_in), _np(dh_post),
                                 _np(dh_res), gnp, **kw)
     for name, o, r in zip(BWD, bout, bref):
         if r is not None:
             _check(name, o, r, dname, seed)
-    out2 = triton_gpu.forward(x, phi, alpha, bias, gamma, **kw)
-    bout2 = triton_gpu.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in,
-                                dh_post, dh_res, gamma, **kw)
+    out2 = triton_backend.forward(x, phi, alpha, bias, gamma, **kw)
+    bout2 = triton_backend.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in,
+                                    dh_post, dh_res, gamma, **kw)
     assert all(torch.equal(a, b) for a, b in zip(out, out2))
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(bout, bout2))

@@ -28,9 +28,9 @@ except ImportError as exc:  # exit 77: this environment cannot run the check (th
 import torch  # noqa: E402
 
 try:
-    from mhc_multi.backends import triton_gpu as tg
+    from mhc_multi.backends.triton import _util, config, post, pre_backward, pre_forward, precision
 except ImportError:  # a checkout that is not installed
-    from backends import triton_gpu as tg
+    from backends.triton import _util, config, post, pre_backward, pre_forward, precision
 
 DOT = re.compile(r"=\s*(tt\.dot|ttng\.warp_group_dot)\s+(%[\w.#]+),\s*(%[\w.#]+),\s*(%[\w.#]+)")
 DEF = re.compile(r"^\s*(%[\w.]+)(?::\d+)?\s*=\s*(.*)$")
@@ -77,54 +77,54 @@ def bad_accumulators(ttgir):
 
 
 def cases():
-    post = {"x_ptr": "*{0}", "f_ptr": "*{0}", "g_ptr": "*{0}", "dx_ptr": "*{0}", "df_ptr": "*{0}"}
+    ptypes = {"x_ptr": "*{0}", "f_ptr": "*{0}", "g_ptr": "*{0}", "dx_ptr": "*{0}", "df_ptr": "*{0}"}
     for dt, n, bt, bd, npc in (("bf16", 4, 4, 256, 1), ("fp16", 3, 4, 256, 1), ("fp32", 4, 4, 128, 3),
                                ("bf16", 8, 2, 512, 1), ("bf16", 1, 16, 256, 1)):
-        np_ = tg._next_pow2(n)
-        yield (f"_post_bwd_kernel {dt} n={n}", tg._post_bwd_kernel,
-               {k: v.format(dt) for k, v in post.items()},
+        np_ = _util._next_pow2(n)
+        yield (f"_post_bwd_kernel {dt} n={n}", post._post_bwd_kernel,
+               {k: v.format(dt) for k, v in ptypes.items()},
                dict(N=n, NP=np_, D=4096, BLOCK_T=bt, BLOCK_D=bd, FR=max(16, bt), NPC=npc,
                     INTERP=False))
     fwd = {"x_ptr": "*{0}", "hin_ptr": "*{0}", "pg_ptr": "*bf16", "norm_eps": "fp32", "hc_eps": "fp32"}
     for dt in ("bf16", "fp32"):
-        npa, npb = tg._PIECES[dt][0]
-        yield (f"_pre_fwd_kernel {dt}", tg._pre_fwd_kernel, {k: v.format(dt) for k, v in fwd.items()},
+        npa, npb = precision._PIECES[dt][0]
+        yield (f"_pre_fwd_kernel {dt}", pre_forward._pre_fwd_kernel, {k: v.format(dt) for k, v in fwd.items()},
                dict(N=4, D=4096, F=24, F_PAD=32, BLOCK_T=64, BLOCK_D=128, BLOCK_D2=128, NPA=npa,
-                    NPB=npb, INTERP=False, K=0, NP=1, SEP=False, CAT=tg._cat(npa, npb, 32)))
+                    NPB=npb, INTERP=False, K=0, NP=1, SEP=False, CAT=config._cat(npa, npb, 32)))
     for dt in ("fp16", "bf16"):   # the few-h_res-entries forward (SEP: separate dots)
-        npa = tg._PIECES[dt][0][0]
-        yield (f"_pre_fwd_kernel {dt} SEP", tg._pre_fwd_kernel,
+        npa = precision._PIECES[dt][0][0]
+        yield (f"_pre_fwd_kernel {dt} SEP", pre_forward._pre_fwd_kernel,
                {k: v.format(dt) for k, v in fwd.items()},
                dict(N=1, D=1, F=3, F_PAD=16, BLOCK_T=64, BLOCK_D=16, BLOCK_D2=16, NPA=npa, NPB=3,
                     INTERP=False, K=0, NP=1, SEP=True, CAT=False))
     part = {"x_ptr": "*{0}", "pg_ptr": "*bf16"}
     for dt, n in (("bf16", 4), ("bf16", 8), ("fp16", 8), ("fp32", 4), ("fp32", 8)):   # pass 1
-        cfg = tg._make_config(n, 4096, dt, torch.device("cuda"))
-        npa, npb = tg._PIECES[dt][0]
+        cfg = config._make_config(n, 4096, dt, torch.device("cuda"))
+        npa, npb = precision._PIECES[dt][0]
         F = n * n + 2 * n
-        F_pad = max(16, tg._next_pow2(F))
-        fa, fb = tg._f_blocks(F, F_pad)
-        yield (f"_pre_fwd_part_kernel {dt} n={n} F{fa}+{fb}", tg._pre_fwd_part_kernel,
+        F_pad = max(16, _util._next_pow2(F))
+        fa, fb = config._f_blocks(F, F_pad)
+        yield (f"_pre_fwd_part_kernel {dt} n={n} F{fa}+{fb}", pre_forward._pre_fwd_part_kernel,
                {k: v.format(dt) for k, v in part.items()},
                dict(N=n, D=4096, F=F, F_PAD=F_pad, BLOCK_T=cfg["fwd_split_bt"],
                     BLOCK_D=cfg["fwd_split_bd"], NPA=npa, NPB=npb, INTERP=False, FA=fa, FB=fb,
-                    CAT=tg._cat(npa, npb, F_pad), ILV=n == 4, SEP=False),   # ILV: as at short T
+                    CAT=config._cat(npa, npb, F_pad), ILV=n == 4, SEP=False),   # ILV: as at short T
                cfg["fwd_split_warps"], cfg["fwd_split_stages"])
     for dt in ("fp32", "bf16"):   # pass 1 for few h_res entries (SEP: separate dots)
-        yield (f"_pre_fwd_part_kernel {dt} SEP", tg._pre_fwd_part_kernel,
+        yield (f"_pre_fwd_part_kernel {dt} SEP", pre_forward._pre_fwd_part_kernel,
                {k: v.format(dt) for k, v in part.items()},
-               dict(N=1, D=1, F=3, F_PAD=16, BLOCK_T=64, BLOCK_D=32, NPA=tg._PIECES[dt][0][0],
+               dict(N=1, D=1, F=3, F_PAD=16, BLOCK_T=64, BLOCK_D=32, NPA=precision._PIECES[dt][0][0],
                     NPB=3, INTERP=False, FA=16, FB=0, CAT=False, ILV=False, SEP=True))
     col = {"x_ptr": "*{0}", "dhin_ptr": "*{0}", "dx_ptr": "*{0}", "dm_ptr": "*bf16"}
     for dt, D, n in (("bf16", 4096, 4), ("bf16", 16, 4), ("fp32", 4096, 4), ("bf16", 4096, 8),
                      ("fp16", 4096, 6), ("fp32", 4096, 8)):
-        cfg = tg._make_config(n, D, dt, torch.device("cuda"))   # the launch rule's pieces, tiles
+        cfg = config._make_config(n, D, dt, torch.device("cuda"))   # the launch rule's pieces, tiles
         (nwa, nwb), (npa, npb) = cfg["w_pieces"], cfg["p_pieces"]
         F = n * n + 2 * n
-        fa, fb = tg._f_blocks(F, max(16, tg._next_pow2(F)))
+        fa, fb = config._f_blocks(F, max(16, _util._next_pow2(F)))
         yield (f"_pre_bwd_col_kernel {dt} n={n} D={D} w{nwa}{nwb} P{npa}{npb} F{fa}+{fb}",
-               tg._pre_bwd_col_kernel, {k: v.format(dt) for k, v in col.items()},
-               dict(N=n, D=D, F=F, F_PAD=max(16, tg._next_pow2(F)), BLOCK_T=cfg["col_bt"],
+               pre_backward._pre_bwd_col_kernel, {k: v.format(dt) for k, v in col.items()},
+               dict(N=n, D=D, F=F, F_PAD=max(16, _util._next_pow2(F)), BLOCK_T=cfg["col_bt"],
                     BLOCK_D=cfg["col_bd"], HAS_G=True, NWA=nwa, NWB=nwb, NPA=npa, NPB=npb,
                     NDM=max(nwa, npa), INTERP=False, EXACT=False, rms_ptr=None, hmix_ptr=None,
                     FA=fa, FB=fb),

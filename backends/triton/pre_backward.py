@@ -1,0 +1,423 @@
+"""The pre operator's backward (CONTRACT.md; the math above each kernel, design in
+docs/triton.md): three launches, no atomics, every sum in a fixed order (bitwise repeatable).
+
+* ``_pre_bwd_row_kernel``  persistent: per token block the gate derivatives, dm = r*e (bf16
+  pieces) and coef = dr*r^3/(nD) into scratch, partial sums for dbias and dalpha; with
+  Sinkhorn, d(logits) first (sinkhorn.py: inside it, or before it in _sk_bwd_kernel).
+* ``_pre_bwd_col_kernel``  per (stream, D chunk, token split): w = dm @ phi, dx, and the partial
+  P = dm^T @ v of dphi/g in registers, written once to a [splits, F, nD] workspace.
+* ``_reduce_partials_kernel``  fixed-order sums: dphi = g*P, dgamma = sum_f phi*P, dbias, dalpha.
+"""
+from __future__ import annotations
+
+from .._common import SMALL_ND, empty_torch
+from ._util import _cdiv, _dtype_name, _f32, _f_pad, _interpret, _next_pow2, _on_x_device, tl, \
+    torch, triton
+from .config import _config, _f_blocks, _launch_kw, _resident, _sk_bwd_mode, _sm_count
+from .grids import _col_grid, _reduce_grid, _row_grid, _sk_grid
+from .sinkhorn import _sk_kw
+
+if triton is not None:
+    from .precision import _load_pieces, _mm_core, _round_out, _split3
+    from .sinkhorn import _sk_bwd_kernel, _sk_dlogits
+
+    # Backward, row part, per token t:
+    #   dh_pre[i] = sum_d dh_in[d] x[i, d];  s = h_pre - hc_eps
+    #   raw = [dh_pre*s*(1-s), dh_post*h_post*(1-h_post/2), dh_res]   (dp, dq, dR)
+    #   e = alpha_col * raw;  dm = r*e;  coef = (e . m) * r^3 / (n D)
+    # Partials per program (fixed token blocks pid, pid+P, ...): sum_t raw (-> dbias) and
+    # sum_t raw*u (-> dalpha, grouped by column class in the reduce kernel).
+    @triton.jit(do_not_specialize=["T", "NBLK"])
+    def _pre_bwd_row_kernel(
+        x_ptr,       # [T, n, D] x dtype
+        dhin_ptr,    # [T, D] x dtype
+        rms_ptr,     # [T] fp32
+        hmix_ptr,    # [T, F] fp32
+        hpre_ptr,    # [T, n] fp32
+        hpost_ptr,   # [T, n] fp32
+        dhpost_ptr,  # [T, n] fp32
+        dhres_ptr,   # [T, n*n] fp32
+        alpha_ptr,   # [3] fp32
+        dm_ptr,      # [NDM, T, F_PAD] bf16 scratch (out): pieces of dm = r * e, zero past F
+        coef_ptr,    # [T] fp32 scratch (out)
+        wsrow_ptr,   # [F_PAD + 4, P] fp32 (out): per program, sum raw (rows f < F_PAD) and
+        #              sum raw*u per gate class (rows F_PAD + c, c = pre, post, res)
+        T, NBLK, hc_eps,
+        N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NDM: tl.constexpr, INTERP: tl.constexpr,
+        K: tl.constexpr = 0, NP: tl.constexpr = 1,
+        bias_ptr=None,   # [F] fp32 (K > 0): to rebuild the logits
+        dlog_ptr=None,   # [T, n*n] fp32 scratch (K > 0): d(logits) of the block's tokens
+    ):
+        ND: tl.constexpr = N * D
+        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        dd = tl.arange(0, BLOCK_D)
+        ff = tl.arange(0, F_PAD)
+        fmask = ff < F
+        is_pre = ff < N
+        is_post = (ff >= N) & (ff < 2 * N)
+        is_res = (ff >= 2 * N) & fmask
+        a_pre = tl.load(alpha_ptr)
+        a_post = tl.load(alpha_ptr + 1)
+        a_res = tl.load(alpha_ptr + 2)
+        a_col = tl.where(is_pre, a_pre, tl.where(is_post, a_post, tl.where(fmask, a_res, 0.0)))
+        sum_raw = tl.zeros([F_PAD], dtype=tl.float32)
+        sum_ru = tl.zeros([F_PAD], dtype=tl.float32)
+        dstride = tl.cast(T, tl.int64) * F_PAD   # dm's pieces apart (int64: past 2^31)
+        for blk in range(pid, NBLK, nprog):
+            rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+            rmask = rows < T
+            rows64 = rows.to(tl.int64)
+            rm2 = rmask[:, None]
+            dhp = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)   # dh_pre in columns [0, n)
+            for c in range(NCH):
+                d = c * BLOCK_D + dd
+                m2 = rm2 & (d < D)[None, :]
+                g = tl.load(dhin_ptr + rows64[:, None] * D + d[None, :], mask=m2,
+                            other=0.0).to(tl.float32)
+                for i in tl.static_range(N):
+                    xv = tl.load(x_ptr + rows64[:, None] * ND + (i * D) + d[None, :], mask=m2,
+                                 other=0.0).to(tl.float32)
+                    p = tl.sum(xv * g, axis=1)
+                    dhp += tl.where(ff[None, :] == i, p[:, None], 0.0)
+            r = tl.load(rms_ptr + rows, mask=rmask, other=0.0)
+            m = tl.load(hmix_ptr + rows64[:, None] * F + ff[None, :], mask=rm2 & fmask[None, :],
+                        other=0.0)
+            hp = tl.load(hpre_ptr + rows64[:, None] * N + ff[None, :],
+                         mask=rm2 & is_pre[None, :], other=0.0)
+            hq = tl.load(hpost_ptr + rows64[:, None] * N + (ff[None, :] - N),
+                         mask=rm2 & is_post[None, :], other=0.0)
+            dq = tl.load(dhpost_ptr + rows64[:, None] * N + (ff[None, :] - N),
+                         mask=rm2 & is_post[None, :], other=0.0)
+            if K > 0:
+                # dh_res is w.r.t. SK_K(logits): d(logits) of the block's tokens (_sk_dlogits),
+                # handed to the 2-D code below through a [T, n*n] scratch (barrier: visible to
+                # all threads of this program).
+                _sk_dlogits(hmix_ptr, rms_ptr, bias_ptr, dhres_ptr, dlog_ptr, a_res, rows,
+                            rows64, rmask, N, F, K, NP)
+                tl.debug_barrier()
+                dR = tl.load(dlog_ptr + rows64[:, None] * (N * N) + (ff[None, :] - 2 * N),
+                             mask=rm2 & is_res[None, :], other=0.0)
+            else:
+                dR = tl.load(dhres_ptr + rows64[:, None] * (N * N) + (ff[None, :] - 2 * N),
+                             mask=rm2 & is_res[None, :], other=0.0)
+            s = hp - hc_eps
+            raw = tl.where(is_pre[None, :], dhp * s * (1.0 - s),
+                           tl.where(is_post[None, :], dq * hq * (1.0 - 0.5 * hq), dR))
+            raw = tl.where(rm2 & fmask[None, :], raw, 0.0)
+            e = a_col[None, :] * raw
+            dm = r[:, None] * e
+            dr = tl.sum(e * m, axis=1)
+            coef = dr * (r * r * r) / ND
+            dm0, dm1, dm2 = _split3(dm, NDM, INTERP)
+            doff = rows64[:, None] * F_PAD + ff[None, :]
+            tl.store(dm_ptr + doff, dm0, mask=rm2)
+            if NDM > 1:
+                tl.store(dm_ptr + dstride + doff, dm1, mask=rm2)
+            if NDM > 2:
+                tl.store(dm_ptr + 2 * dstride + doff, dm2, mask=rm2)
+            tl.store(coef_ptr + rows, coef, mask=rmask)
+            sum_raw += tl.sum(raw, axis=0)
+            sum_ru += tl.sum(raw * (r[:, None] * m), axis=0)
+        # one column per program, so that the reduction reads contiguous rows
+        tl.store(wsrow_ptr + ff * nprog + pid, sum_raw)
+        tl.store(wsrow_ptr + F_PAD * nprog + pid, tl.sum(tl.where(is_pre, sum_ru, 0.0)))
+        tl.store(wsrow_ptr + (F_PAD + 1) * nprog + pid, tl.sum(tl.where(is_post, sum_ru, 0.0)))
+        tl.store(wsrow_ptr + (F_PAD + 2) * nprog + pid, tl.sum(tl.where(is_res, sum_ru, 0.0)))
+
+    @triton.jit
+    def _dx_exact(dm_ptr, rms_ptr, hmix_ptr, phi_ptr, g_ptr, xv, dh, hp, rows64, rmask, col,
+                  dmask, T, N: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+                  F_PAD: tl.constexpr, NDM: tl.constexpr, HAS_G: tl.constexpr):
+        """dx of short rows (n*D <= SMALL_ND) in float64, one gate column f at a time (then fp32,
+        rounded once more to x's dtype by the caller).
+
+        dx = sum_f dm_f (phi_f g - r^2 x m_f / nD) + h_pre dh_in: for short rows the two parts
+        cancel (n*D = 1: to eps*r^2 of their size), so both are built from the same dm (its
+        bf16 pieces, summed exactly) and subtracted in float64 (docs/triton.md, "Short rows").
+        """
+        ND: tl.constexpr = N * D
+        r = tl.load(rms_ptr + rows64, mask=rmask, other=0.0).to(tl.float64)
+        w = tl.zeros(xv.shape, dtype=tl.float64)
+        dr = tl.zeros(r.shape, dtype=tl.float64)
+        for f in range(F):
+            a0, a1, a2 = _load_pieces(dm_ptr, rows64 * F_PAD + f, tl.cast(T, tl.int64) * F_PAD,
+                                      rmask, NDM)
+            dmf = a0.to(tl.float64)
+            if NDM > 1:
+                dmf += a1.to(tl.float64)
+            if NDM > 2:
+                dmf += a2.to(tl.float64)
+            phf = tl.load(phi_ptr + f * ND + col, mask=dmask, other=0.0).to(tl.float64)
+            w += dmf[:, None] * phf[None, :]
+            dr += dmf * tl.load(hmix_ptr + rows64 * F + f, mask=rmask, other=0.0).to(tl.float64)
+        if HAS_G:
+            w = w * tl.load(g_ptr + col, mask=dmask, other=0.0).to(tl.float64)[None, :]
+        coef = r * r * dr / ND
+        return (w - coef[:, None] * xv.to(tl.float64)
+                + hp.to(tl.float64)[:, None] * dh.to(tl.float64)).to(tl.float32)
+
+    # -----------------------------------------------------------------------------------------
+    # Backward, column part: program (stream i, D chunk c, token split s), grid
+    # (n, D chunks, splits), or past 65535 D chunks (n * D chunks, splits) in the same order
+    # (_col_fold, _col_grid).
+    #   w = dm @ phi[:, i*D + d];  dx[i, d] = w*g - coef*x[i, d] + h_pre[i]*dh_in[d]
+    #   P[f, i*D + d] += sum_t dm[t, f] x[t, i, d]   (registers; dphi = g*P, dgamma = sum_f phi*P)
+    # The gate columns f go in one block [0, FA) (FA = F_PAD) or, at n = 8 (FB > 0), in two,
+    # [0, FA) and [FA, FA + FB), so that the dots do not multiply zero rows: F = 80 takes
+    # 64 + 16 columns instead of 128 (_f_blocks).
+    @triton.jit(do_not_specialize=["T", "TOK_PER_SPLIT"])
+    def _pre_bwd_col_kernel(
+        x_ptr,       # [T, n, D] x dtype
+        dhin_ptr,    # [T, D] x dtype
+        hpre_ptr,    # [T, n] fp32
+        dm_ptr,      # [NDM, T, F_PAD] bf16 scratch: pieces of dm
+        coef_ptr,    # [T] fp32 scratch
+        phi_ptr,     # [F, ND] fp32
+        g_ptr,       # [ND] fp32 (unused unless HAS_G)
+        dx_ptr,      # [T, n, D] x dtype (out)
+        wscol_ptr,   # [SPLITS, F, ND] fp32 (out): per-split P
+        T, TOK_PER_SPLIT,
+        N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
+        NWA: tl.constexpr, NWB: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr,
+        NDM: tl.constexpr, INTERP: tl.constexpr,
+        FA: tl.constexpr,   # gate columns [0, FA) in the first block (_f_blocks)
+        FB: tl.constexpr,   # and [FA, FA + FB) in the second (0: none)
+        EXACT: tl.constexpr = False,
+        rms_ptr=None,    # [T] fp32 (EXACT)
+        hmix_ptr=None,   # [T, F] fp32 (EXACT)
+    ):
+        ND: tl.constexpr = N * D
+        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        if NCH > 65535:   # streams and D chunks on grid axis 0 (the rule of _col_fold)
+            i = tl.program_id(0) % N
+            c = tl.program_id(0) // N
+            s = tl.program_id(1)
+        else:
+            i = tl.program_id(0)
+            c = tl.program_id(1)
+            s = tl.program_id(2)
+        d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = d < D
+        col = i * D + d
+        # per gate-column block: the loop-invariant B operand of w, phi [FA, BLOCK_D] (rows >= F
+        # zero) split into bf16 pieces once per program, and the accumulator P
+        ff = tl.arange(0, FA)
+        p0, p1, p2 = _col_phi(phi_ptr, ff, col, dmask, F, ND, NWB, INTERP)
+        P = tl.zeros([FA, BLOCK_D], dtype=tl.float32)
+        if FB > 0:
+            fb = FA + tl.arange(0, FB)
+            q0, q1, q2 = _col_phi(phi_ptr, fb, col, dmask, F, ND, NWB, INTERP)
+            PB = tl.zeros([FB, BLOCK_D], dtype=tl.float32)
+        if HAS_G:
+            g = tl.load(g_ptr + col, mask=dmask, other=0.0)
+        t_lo = s * TOK_PER_SPLIT
+        t_hi = t_lo + tl.minimum(TOK_PER_SPLIT, T - t_lo)   # = min(t_lo + TOK, T), in int32
+        for t0 in range(t_lo, t_hi, BLOCK_T):
+            rows = t0 + tl.arange(0, BLOCK_T)
+            rmask = rows < t_hi
+            rows64 = rows.to(tl.int64)
+            rm2 = rmask[:, None]
+            m2 = rm2 & dmask[None, :]
+            coef = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
+            hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
+            xv = tl.load(x_ptr + rows64[:, None] * ND + col[None, :], mask=m2, other=0.0)
+            dh = tl.load(dhin_ptr + rows64[:, None] * D + d[None, :], mask=m2, other=0.0)
+            if EXACT:
+                dx = _dx_exact(dm_ptr, rms_ptr, hmix_ptr, phi_ptr, g_ptr, xv, dh, hp, rows64,
+                               rmask, col, dmask, T, N, D, F, F_PAD, NDM, HAS_G)
+            else:
+                w = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+                w = _col_w(dm_ptr, rows64, rm2, ff, p0, p1, p2, w, T, F_PAD, NWA, NWB, INTERP)
+                if FB > 0:
+                    w = _col_w(dm_ptr, rows64, rm2, fb, q0, q1, q2, w, T, F_PAD, NWA, NWB,
+                               INTERP)
+                if HAS_G:
+                    w = w * g[None, :]
+                xf = xv.to(tl.float32)
+                dx = w - coef[:, None] * xf + hp[:, None] * dh.to(tl.float32)
+            tl.store(dx_ptr + rows64[:, None] * ND + col[None, :],
+                     _round_out(dx, dx_ptr.dtype.element_ty, INTERP), mask=m2)
+            # P += dm^T @ x (_col_p)
+            P = _col_p(dm_ptr, rows64, rmask, ff, xv, P, T, F_PAD, NPA, NPB, INTERP)
+            if FB > 0:
+                PB = _col_p(dm_ptr, rows64, rmask, fb, xv, PB, T, F_PAD, NPA, NPB, INTERP)
+        ws = wscol_ptr + tl.cast(s, tl.int64) * (F * ND)
+        tl.store(ws + ff[:, None] * ND + col[None, :], P, mask=(ff < F)[:, None] & dmask[None, :])
+        if FB > 0:
+            tl.store(ws + fb[:, None] * ND + col[None, :], PB,
+                     mask=(fb < F)[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _col_phi(phi_ptr, fc, col, dmask, F: tl.constexpr, ND: tl.constexpr,
+                 NWB: tl.constexpr, INTERP: tl.constexpr):
+        """phi's rows fc (zero from F on) at the columns col, split into NWB bf16 pieces."""
+        return _split3(tl.load(phi_ptr + fc[:, None] * ND + col[None, :],
+                               mask=(fc < F)[:, None] & dmask[None, :], other=0.0),
+                       NWB, INTERP)
+
+    @triton.jit
+    def _col_w(dm_ptr, rows64, rm2, fc, p0, p1, p2, w, T, F_PAD: tl.constexpr,
+               NWA: tl.constexpr, NWB: tl.constexpr, INTERP: tl.constexpr):
+        """w + dm[rows, fc] @ phi[fc, :] from the pieces of both."""
+        a0, a1, a2 = _load_pieces(dm_ptr, rows64[:, None] * F_PAD + fc[None, :],
+                                  tl.cast(T, tl.int64) * F_PAD, rm2, NWA)
+        return _mm_core(a0, a1, a2, p0, p1, p2, w, NWA, NWB, INTERP)
+
+    @triton.jit
+    def _col_p(dm_ptr, rows64, rmask, fc, xv, P, T, F_PAD: tl.constexpr,
+               NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr):
+        """P + dm[rows, fc]^T @ x, from dm's pieces and x split into NPB.  The transposed dm
+        pieces are loaded as [len(fc), BLOCK_T] tiles (faster on the H200 than a tl.trans of
+        w's tiles, or P^T = x^T @ dm)."""
+        t0, t1, t2 = _load_pieces(dm_ptr, rows64[None, :] * F_PAD + fc[:, None],
+                                  tl.cast(T, tl.int64) * F_PAD, rmask[None, :], NPA)
+        x0, x1, x2 = _split3(xv, NPB, INTERP)
+        return _mm_core(t0, t1, t2, x0, x1, x2, P, NPA, NPB, INTERP)
+
+    # -----------------------------------------------------------------------------------------
+    # Fixed-order reduction of the workspaces:
+    #   Q[f, k] = sum_s wscol[s, f, k];  dphi = g*Q;  dgamma[k] = sum_f phi[f, k]*Q[f, k]
+    #   dbias[f] = sum_p wsrow[f, p];  dalpha[c] = sum_p wsrow[F_PAD + c, p]
+    # Grid: max(ND / BLOCK, F + 3) programs; program j < F + 3 also sums row j of wsrow (for
+    # j >= F: row F_PAD + j - F), RB columns at a time (one program for all of wsrow is slow).
+    @triton.jit
+    def _reduce_partials_kernel(
+        wscol_ptr,   # [SPLITS, F, ND] fp32
+        wsrow_ptr,   # [F_PAD + 4, P] fp32
+        phi_ptr,     # [F, ND] fp32
+        g_ptr,       # [ND] fp32 (unused unless HAS_G)
+        dphi_ptr,    # [F, ND] fp32 (out)
+        dgamma_ptr,  # [ND] fp32 (out, if HAS_G)
+        dalpha_ptr,  # [3] fp32 (out)
+        dbias_ptr,   # [F] fp32 (out)
+        SPLITS, PROW,
+        ND: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
+        HAS_G: tl.constexpr, BLOCK: tl.constexpr, RB: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        k = pid * BLOCK + tl.arange(0, BLOCK)
+        km = k < ND
+        ff = tl.arange(0, F_PAD)
+        m2 = (ff < F)[:, None] & km[None, :]
+        off = ff[:, None] * ND + k[None, :]
+        q = tl.zeros([F_PAD, BLOCK], dtype=tl.float32)
+        for s in range(SPLITS):
+            q += tl.load(wscol_ptr + tl.cast(s, tl.int64) * (F * ND) + off, mask=m2, other=0.0)
+        if HAS_G:
+            g = tl.load(g_ptr + k, mask=km, other=0.0)
+            tl.store(dphi_ptr + off, q * g[None, :], mask=m2)
+            ph = tl.load(phi_ptr + off, mask=m2, other=0.0)
+            tl.store(dgamma_ptr + k, tl.sum(q * ph, axis=0), mask=km)
+        else:
+            tl.store(dphi_ptr + off, q, mask=m2)
+        if pid < F + 3:   # a row of the row kernel's partials, RB programs' worth at a time
+            row = tl.where(pid < F, pid, F_PAD + pid - F)
+            pp = tl.arange(0, RB)
+            acc = tl.zeros([RB], dtype=tl.float32)
+            for p0 in range(0, PROW, RB):
+                acc += tl.load(wsrow_ptr + row * PROW + p0 + pp, mask=p0 + pp < PROW, other=0.0)
+            tot = tl.sum(acc)
+            if pid < F:
+                tl.store(dbias_ptr + pid, tot)
+            else:
+                tl.store(dalpha_ptr + pid - F, tot)
+
+
+@_on_x_device
+def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
+             *, norm_eps, hc_eps, sinkhorn_iters=0):
+    """(dx [T,n,D] x dtype, dphi [F,nD], dalpha [3], dbias [F], dgamma [n,D] or None; the
+    parameter gradients in phi's dtype) from the forward's inputs and intermediates and the
+    gradients dh_in [T,D] (x's dtype), dh_post [T,n], dh_res [T,n,n] (fp32)."""
+    k = int(sinkhorn_iters)
+    T, n, D = x.shape
+    F = n * n + 2 * n
+    F_pad = _f_pad(n)
+    ND = n * D
+    dev = x.device
+    pdt = phi.dtype
+    x = x.contiguous()
+    dx = empty_torch((T, n, D), x.dtype, dev)
+    dphi = empty_torch((F, ND), torch.float32, dev)
+    dalpha = empty_torch((3,), torch.float32, dev)
+    dbias = empty_torch((F,), torch.float32, dev)
+    dgamma = None if gamma is None else empty_torch((n, D), torch.float32, dev)
+    if T == 0:
+        dphi.zero_(); dalpha.zero_(); dbias.zero_()
+        if dgamma is not None:
+            dgamma.zero_()
+    else:
+        dname = _dtype_name(x.dtype)
+        cfg = _config(n, D, dname, dev)
+        (nwa, nwb), (npa, npb) = cfg["w_pieces"], cfg["p_pieces"]
+        sms = _sm_count(dev)
+        phi32 = _f32(phi)
+        g = None if gamma is None else _f32(gamma).reshape(ND)
+        dh_in = dh_in.contiguous()
+        hp32 = _f32(h_pre)
+        # row kernel: persistent, prow programs (as many as fit on the GPU at once)
+        bt = cfg["row_bt"]
+        nblk = _cdiv(T, bt)
+        ndm = max(nwa, npa)
+        dm = torch.empty((ndm, T, F_pad), dtype=torch.bfloat16, device=dev)
+        coef = torch.empty((T,), dtype=torch.float32, device=dev)
+        sk = _sk_kw(k, n)
+        dhr = _f32(dh_res).reshape(T, n * n)
+        if k > 0 and _sk_bwd_mode(cfg, T, sms, dev.type == "cuda") == "sep":
+            # d(logits) by its own kernel; the row kernel then runs its k = 0 code on it
+            dlog = torch.empty((T, n * n), dtype=torch.float32, device=dev)
+            _sk_bwd_kernel[_sk_grid(T, cfg)](
+                _f32(h_mix), _f32(inv_rms), _f32(alpha), _f32(bias), dhr, dlog, T,
+                N=n, F=F, K=k, NP=_next_pow2(n), BLOCK_T=cfg["sk_bt"],
+                num_warps=cfg["sk_warps"])
+            dhr, sk = dlog, {}
+        elif k > 0:   # d(logits) scratch, [T, n*n] (the size class of dh_res)
+            sk.update(bias_ptr=_f32(bias),
+                      dlog_ptr=torch.empty((T, n * n), dtype=torch.float32, device=dev))
+        row_args = [x, dh_in, _f32(inv_rms), _f32(h_mix), hp32, _f32(h_post), _f32(dh_post),
+                    dhr, _f32(alpha), dm, coef, coef, T, nblk, float(hc_eps)]
+        row_kw = dict(N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=cfg["row_bd"], NDM=ndm,
+                      INTERP=_interpret(), **sk, **_launch_kw(cfg, "row"))
+        res = None
+        if cfg["row_waves"] == "auto":   # one program per slot (coef stands in for wsrow)
+            res = _resident(_pre_bwd_row_kernel, ("row", n, D, dname, dev, sk.get("K", 0)),
+                            dev, row_args, row_kw)
+        grid = _row_grid(T, cfg, sms, res)
+        prow = grid[0]
+        row_args[11] = wsrow = torch.empty((F_pad + 4, prow), dtype=torch.float32, device=dev)
+        _pre_bwd_row_kernel[grid](*row_args, **row_kw)
+        # column kernel: grid (n, D chunks, token splits) (_col_grid); splits by (n, D, T, SMs,
+        # programs per SM): fixed per shape
+        exact = {}
+        if ND <= SMALL_ND:   # short rows: dx in float64 (_dx_exact)
+            exact = dict(EXACT=True, rms_ptr=_f32(inv_rms), hmix_ptr=_f32(h_mix))
+        col_args = [x, dh_in, hp32, dm, coef, phi32, g if g is not None else phi32, dx, coef,
+                    T, 0]
+        fa, fb = (F_pad, 0) if exact or not cfg.get("col_fblocks", True) else _f_blocks(F, F_pad)
+        col_kw = dict(N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=cfg["col_bt"], BLOCK_D=cfg["col_bd"],
+                      HAS_G=g is not None,
+                      NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(),
+                      FA=fa, FB=fb, **exact, **_launch_kw(cfg, "col"))
+        res = None
+        if cfg.get("col_occ") == "auto":   # the splits fill waves of the programs that fit
+            res = _resident(_pre_bwd_col_kernel, ("col", n, D, dname, dev, g is not None),
+                            dev, col_args, col_kw)
+        grid, col_args[10] = _col_grid(T, n, D, cfg, sms, res)
+        splits = grid[-1]
+        col_args[8] = wscol = torch.empty((splits, F, ND), dtype=torch.float32, device=dev)
+        _pre_bwd_col_kernel[grid](*col_args, **col_kw)
+        grid, BLOCK = _reduce_grid(ND, F, F_pad, dev.type == "cuda")
+        _reduce_partials_kernel[grid](
+            wscol, wsrow, phi32, g if g is not None else phi32, dphi,
+            dgamma if dgamma is not None else dphi, dalpha, dbias, splits, prow,
+            ND=ND, F=F, F_PAD=F_pad, HAS_G=g is not None, BLOCK=BLOCK,
+            RB=1024 if dev.type == "cuda" else 32, num_warps=4)
+    outs = (dphi, dalpha, dbias, dgamma)
+    return (dx,) + tuple(None if o is None else (o if o.dtype == pdt else o.to(pdt))
+                         for o in outs)
+
+

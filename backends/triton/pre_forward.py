@@ -1,0 +1,375 @@
+"""The pre operator's forward (CONTRACT.md; the math above ``_pre_fwd_kernel``).
+
+Kernels (design in docs/triton.md):
+* ``_prep_phi_kernel``  phi*g -> bf16 pieces (precision.py), rows padded to F_PAD.
+* ``_pre_fwd_kernel``   the fused forward, one program per BLOCK_T tokens: pass 1 over the row
+                        (sum of squares, m on the tensor cores), the gates (gates.py), pass 2
+                        over D in reverse order (the most recently read x is re-read from L2)
+                        writes h_in.  Nothing bigger than [T, F] is written besides the outputs.
+* ``_pre_fwd_part_kernel``, ``_pre_fwd_fin_kernel``  the split forward (config._fwd_splits):
+                        pass 1 over a share of the row -> fp32 partials; then gates and h_in.
+"""
+from __future__ import annotations
+
+from .._common import FEW_RES, empty_torch
+from ._util import _dtype_name, _f32, _f_pad, _interpret, _on_x_device, tl, torch, triton
+from .config import _cat, _config, _f_blocks, _fwd_splits, _l2_reuse, _launch_kw
+from .grids import _fwd_grid, _prep_phi_grid, _split_grids
+from .precision import fwd_pieces
+from .sinkhorn import _sk_kw
+
+if triton is not None:
+    from .gates import _gates, _gates_epilogue, _gates_store
+    from .precision import _bf16, _load_pieces, _mm_core, _mm_pieces, _round_out
+
+    @triton.jit
+    def _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, d, ff, acc, ss2, ND: tl.constexpr,
+                  D: tl.constexpr, F_PAD: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr,
+                  INTERP: tl.constexpr, SEP: tl.constexpr = False, CAT: tl.constexpr = False):
+        """One (stream i, D chunk d) step of the forward's pass 1: the x tile's squares into
+        ss2 and its products with the phi*g pieces (B tile [BLOCK_D, F_PAD]) into acc.
+
+        CAT (one x piece and two phi*g pieces, i.e. bf16 x, and F_PAD <= 32; chosen by the
+        wrapper): the two pieces are one B tile [BLOCK_D, 2 * F_PAD] (they are stored one after
+        the other) and one dot; acc is then [BLOCK_T, 2 * F_PAD], the pieces' products side by
+        side, summed by _fwd_acc_sum."""
+        xv, ss2 = _fwd_x(x_ptr, rows64, rmask, i, d, ss2, ND, D)
+        if CAT:
+            dmask = d < D
+            fc = tl.arange(0, 2 * F_PAD)
+            b = tl.load(pg_ptr + fc[None, :] * ND + i * D + d[:, None], mask=dmask[:, None],
+                        other=0.0)
+            acc = _mm_core(xv, xv, xv, b, b, b, acc, 1, 1, INTERP)
+        else:
+            acc = _fwd_dot(xv, pg_ptr, i, d, ff, acc, ND, D, F_PAD, NPA, NPB, INTERP, SEP)
+        return acc, ss2
+
+    @triton.jit
+    def _fwd_x(x_ptr, rows64, rmask, i, d, ss2, ND: tl.constexpr, D: tl.constexpr):
+        """The x tile of (stream i, D chunk d), and ss2 plus its squares."""
+        xv = tl.load(x_ptr + rows64[:, None] * ND + i * D + d[None, :],
+                     mask=rmask[:, None] & (d < D)[None, :], other=0.0)
+        xf = xv.to(tl.float32)
+        return xv, ss2 + xf * xf
+
+    @triton.jit
+    def _fwd_dot(xv, pg_ptr, i, d, ff, acc, ND: tl.constexpr, D: tl.constexpr,
+                 F_PAD: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr,
+                 INTERP: tl.constexpr, SEP: tl.constexpr = False):
+        """acc + the x tile @ the phi*g pieces' columns ff (B tile [BLOCK_D, len(ff)])."""
+        b0, b1, b2 = _load_pieces(pg_ptr, ff[None, :] * ND + i * D + d[:, None], F_PAD * ND,
+                                  (d < D)[:, None], NPB)
+        return _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP, SEP)
+
+    @triton.jit
+    def _fwd_acc_sum(acc, F_PAD: tl.constexpr, CAT: tl.constexpr):
+        """m [BLOCK_T, F_PAD] from pass 1's accumulator: with CAT the two pieces' columns
+        added."""
+        if CAT:
+            m = tl.sum(tl.reshape(acc, [acc.shape[0], 2, F_PAD]), axis=1)
+        else:
+            m = acc
+        return m
+
+    @triton.jit
+    def _prep_phi_kernel(
+        phi_ptr,     # [F, ND] fp32
+        g_ptr,       # [ND] fp32 (unused unless HAS_G)
+        out_ptr,     # [NPIECE, F_PAD, ND] bf16: pieces of phi (* g), rows >= F zero
+        F: tl.constexpr, ND: tl.constexpr, F_PAD: tl.constexpr,
+        NPIECE: tl.constexpr, HAS_G: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
+    ):
+        # p = phi[f, k] * g[k]; p0 = bf16(p); p1 = bf16(p - p0); p2 = bf16(p - p0 - p1)
+        f = tl.program_id(1)
+        k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        km = k < ND
+        fv = f + tl.zeros([BLOCK], dtype=tl.int32)
+        p = tl.load(phi_ptr + f * ND + k, mask=km & (fv < F), other=0.0).to(tl.float32)
+        if HAS_G:
+            p = p * tl.load(g_ptr + k, mask=km, other=0.0).to(tl.float32)
+        p0 = _bf16(p, INTERP)
+        tl.store(out_ptr + f * ND + k, p0, mask=km)
+        if NPIECE > 1:
+            r = p - p0.to(tl.float32)
+            p1 = _bf16(r, INTERP)
+            tl.store(out_ptr + F_PAD * ND + f * ND + k, p1, mask=km)
+            if NPIECE > 2:
+                p2 = _bf16(r - p1.to(tl.float32), INTERP)
+                tl.store(out_ptr + 2 * F_PAD * ND + f * ND + k, p2, mask=km)
+
+    # -----------------------------------------------------------------------------------------
+    # Forward, per token t (CONTRACT.md):
+    #   r = 1/sqrt(mean(v*v) + norm_eps);  m = v @ (phi*g)^T;  u = r*m
+    #   h_pre = sigmoid(a0*u[:n] + b[:n]) + hc_eps;  h_post = 2*sigmoid(a1*u[n:2n] + b[n:2n])
+    #   h_res = a2*u[2n:] + b[2n:];  h_in = sum_i h_pre[i] * x[i, :]
+    @triton.jit(do_not_specialize=["T"])
+    def _pre_fwd_kernel(
+        x_ptr,       # [T, n, D] x dtype
+        pg_ptr,      # [NPB, F_PAD, ND] bf16 pieces of phi*g
+        alpha_ptr,   # [3] fp32
+        bias_ptr,    # [F] fp32
+        hin_ptr,     # [T, D] x dtype          (out)
+        hpost_ptr,   # [T, n] fp32             (out)
+        hres_ptr,    # [T, n*n] fp32           (out)
+        rms_ptr,     # [T] fp32                (out)
+        hmix_ptr,    # [T, F] fp32             (out)
+        hpre_ptr,    # [T, n] fp32             (out)
+        T, norm_eps, hc_eps,
+        N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+        NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr,
+        K: tl.constexpr = 0, NP: tl.constexpr = 1, SEP: tl.constexpr = False,
+        CAT: tl.constexpr = False,
+    ):
+        ND: tl.constexpr = N * D
+        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        rows64 = rows.to(tl.int64)
+        dd = tl.arange(0, BLOCK_D)
+        ff = tl.arange(0, F_PAD)
+
+        W: tl.constexpr = 2 * F_PAD if CAT else F_PAD   # see _fwd_step
+        acc = tl.zeros([BLOCK_T, W], dtype=tl.float32)
+        ss2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)   # sum of squares, reduced once
+        # pass 1: D chunks outer, streams inner (so pass 2 can walk back over the freshest x);
+        # one flat loop so that one x tile and its B tiles are in flight per stage
+        for j in range(NCH * N):
+            c = j // N
+            i = j - c * N
+            acc, ss2 = _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, c * BLOCK_D + dd, ff, acc,
+                                 ss2, ND, D, F_PAD, NPA, NPB, INTERP, SEP, CAT)
+        acc = _fwd_acc_sum(acc, F_PAD, CAT)
+
+        ss = tl.sum(ss2, axis=1)
+        _gates_epilogue(acc, ss, rows, rows64, rmask, ff, alpha_ptr, bias_ptr, rms_ptr,
+                        hmix_ptr, hpre_ptr, hpost_ptr, hres_ptr, norm_eps, hc_eps, N, F, ND, K,
+                        NP)
+
+        # pass 2: h_in = sum_i h_pre[i] * x[i, :], D chunks (of BLOCK_D2) in reverse order.
+        # h_pre[i] is re-read from the h_pre just stored (L1; the barrier makes the program's
+        # stores visible to all its threads) rather than pulled out of the gate tile by a
+        # cross-thread reduction per chunk and stream.
+        tl.debug_barrier()
+        NCH2: tl.constexpr = (D + BLOCK_D2 - 1) // BLOCK_D2
+        dd2 = tl.arange(0, BLOCK_D2)
+        for cc in range(NCH2):
+            c = NCH2 - 1 - cc
+            d = c * BLOCK_D2 + dd2
+            dmask = d < D
+            m2 = rmask[:, None] & dmask[None, :]
+            h = tl.zeros([BLOCK_T, BLOCK_D2], dtype=tl.float32)
+            for i in tl.static_range(N):
+                hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
+                xv = tl.load(x_ptr + rows64[:, None] * ND + (i * D) + d[None, :], mask=m2,
+                             other=0.0)
+                h += hp[:, None] * xv.to(tl.float32)
+            tl.store(hin_ptr + rows64[:, None] * D + d[None, :],
+                     _round_out(h, hin_ptr.dtype.element_ty, INTERP), mask=m2)
+
+    # -----------------------------------------------------------------------------------------
+    # Forward, split variant (the rule in _fwd_splits, or set_config(fwd_split=S)): S programs
+    # per token block (more programs when T is small), pass 1 and pass 2 apart.  Two launches:
+    #   _pre_fwd_part_kernel  grid (T/BT, S): pass 1 over the program's share of the D chunks
+    #                         (all n streams) -> fp32 partials [S, T, F] of m and [S, T] of the
+    #                         sum of squares (S from _fwd_splits)
+    #   _pre_fwd_fin_kernel   grid (T/BT2 * D/BD2,): fixed-order sum over s, r, gates (in every
+    #                         program; stored, with Sinkhorn, by the first D chunk's),
+    #                         h_in = sum_i h_pre[i] x[i, :]
+    @triton.jit(do_not_specialize=["T", "S"])
+    def _pre_fwd_part_kernel(
+        x_ptr,       # [T, n, D] x dtype
+        pg_ptr,      # [NPB, F_PAD, ND] bf16 pieces of phi*g
+        mpart_ptr,   # [S, T, F] fp32 (out): share s's part of m
+        spart_ptr,   # [S, T] fp32 (out): share s's part of the sum of squares
+        T, S,
+        N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr,
+        FA: tl.constexpr, FB: tl.constexpr,   # gate columns in one or two blocks (_f_blocks)
+        CAT: tl.constexpr = False,
+        ILV: tl.constexpr = False,   # shares interleaved: share s takes D chunks s, s + S, ...
+        SEP: tl.constexpr = False,   # separate dots, added in fp32 (few h_res entries, _mm_core)
+    ):
+        ND: tl.constexpr = N * D
+        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        pid = tl.program_id(0)
+        s = tl.program_id(1)
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        rows64 = rows.to(tl.int64)
+        dd = tl.arange(0, BLOCK_D)
+        ff = tl.arange(0, FA)
+        W: tl.constexpr = 2 * FA if CAT else FA   # see _fwd_step (CAT only with one block)
+        acc = tl.zeros([BLOCK_T, W], dtype=tl.float32)
+        if FB > 0:
+            fb = FA + tl.arange(0, FB)
+            accb = tl.zeros([BLOCK_T, FB], dtype=tl.float32)
+        ss2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        if ILV:
+            c_lo = s
+            c_step = S
+            nj = ((NCH - s + S - 1) // S) * N
+        else:
+            CPS = (NCH + S - 1) // S     # D chunks per share (S a runtime value: no recompile)
+            c_lo = s * CPS
+            c_step = 1
+            nj = (tl.minimum(c_lo + CPS, NCH) - c_lo) * N
+        for j in range(0, nj):
+            cl = j // N
+            i = j - cl * N
+            d = (c_lo + cl * c_step) * BLOCK_D + dd
+            if FB > 0:
+                xv, ss2 = _fwd_x(x_ptr, rows64, rmask, i, d, ss2, ND, D)
+                acc = _fwd_dot(xv, pg_ptr, i, d, ff, acc, ND, D, F_PAD, NPA, NPB, INTERP, SEP)
+                accb = _fwd_dot(xv, pg_ptr, i, d, fb, accb, ND, D, F_PAD, NPA, NPB, INTERP, SEP)
+            else:
+                acc, ss2 = _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, d, ff, acc, ss2, ND, D,
+                                     F_PAD, NPA, NPB, INTERP, SEP, CAT)
+        acc = _fwd_acc_sum(acc, FA, CAT)
+        sT = tl.cast(s, tl.int64) * T   # int64: S * T can pass 2^31
+        tl.store(mpart_ptr + (sT + rows64[:, None]) * F + ff[None, :], acc,
+                 mask=rmask[:, None] & (ff < F)[None, :])
+        if FB > 0:
+            tl.store(mpart_ptr + (sT + rows64[:, None]) * F + fb[None, :], accb,
+                     mask=rmask[:, None] & (fb < F)[None, :])
+        tl.store(spart_ptr + sT + rows64, tl.sum(ss2, axis=1), mask=rmask)
+
+    @triton.jit(do_not_specialize=["T", "S"])
+    def _pre_fwd_fin_kernel(
+        x_ptr,       # [T, n, D] x dtype
+        mpart_ptr,   # [S, T, F] fp32
+        spart_ptr,   # [S, T] fp32
+        alpha_ptr, bias_ptr,   # [3], [F] fp32
+        hin_ptr,     # [T, D] x dtype (out)
+        hpost_ptr, hres_ptr, rms_ptr, hmix_ptr, hpre_ptr,   # as _pre_fwd_kernel's (out)
+        T, S, norm_eps, hc_eps,
+        N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
+        K: tl.constexpr = 0, NP: tl.constexpr = 1,
+        ORDER: tl.constexpr = "rev",   # programs' order over (token blocks, D chunks), _l2_reuse
+        EV: tl.constexpr = "",         # eviction policy of the x loads
+    ):
+        ND: tl.constexpr = N * D
+        # one grid axis of NBLK token blocks x NCH D chunks (_split_grids: a 2-D grid with the
+        # token blocks on axis 1 fails to launch past 65535 blocks); the programs take their
+        # (block, chunk) in the order a 2-D grid's axis 0 fastest would run them
+        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        pid = tl.program_id(0)
+        nblk = tl.num_programs(0) // NCH
+        if ORDER == "rev":   # D chunks fastest, token blocks last first: the x that pass 1
+            #                  read last is still in L2 when it is read again here
+            blk = nblk - 1 - pid // NCH
+            c = pid % NCH
+        elif ORDER == "dlast":   # token blocks fastest, D chunks last first
+            blk = pid % nblk
+            c = NCH - 1 - pid // nblk
+        else:     # token blocks fastest
+            blk = pid % nblk
+            c = pid // nblk
+        rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        rows64 = rows.to(tl.int64)
+        ff = tl.arange(0, F_PAD)
+        rm2 = rmask[:, None]
+        # the block's projections and sums of squares: its S partials, in a fixed order
+        acc = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for s in range(S):
+            sT = tl.cast(s, tl.int64) * T   # int64: S * T can pass 2^31
+            acc += tl.load(mpart_ptr + (sT + rows64[:, None]) * F + ff[None, :],
+                           mask=rm2 & (ff < F)[None, :], other=0.0)
+            ss += tl.load(spart_ptr + sT + rows64, mask=rmask, other=0.0)
+        # every D chunk's program computes the gates (a few hundred flops per token); the
+        # first one stores them
+        r, gate = _gates(acc, ss, ff, alpha_ptr, bias_ptr, norm_eps, hc_eps, N, F, ND)
+        if c == 0:
+            _gates_store(acc, r, gate, rows, rows64, rmask, ff, rms_ptr, hmix_ptr, hpre_ptr,
+                         hpost_ptr, hres_ptr, N, F, K, NP)
+        d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+        m2 = rm2 & (d < D)[None, :]
+        h = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for i in tl.static_range(N):
+            hp = tl.sum(tl.where(ff[None, :] == i, gate, 0.0), axis=1)   # h_pre[:, i]
+            xv = tl.load(x_ptr + rows64[:, None] * ND + i * D + d[None, :], mask=m2, other=0.0,
+                         eviction_policy=EV)
+            h += hp[:, None] * xv.to(tl.float32)
+        tl.store(hin_ptr + rows64[:, None] * D + d[None, :],
+                 _round_out(h, hin_ptr.dtype.element_ty, INTERP), mask=m2)
+
+
+
+def _prep_phi(phi, g, F_pad, npieces):
+    """[npieces, F_PAD, nD] bf16: the pieces of phi [F, nD] (times g [nD], if given)."""
+    F, ND = phi.shape
+    out = torch.empty((npieces, F_pad, ND), dtype=torch.bfloat16, device=phi.device)
+    grid, BLOCK = _prep_phi_grid(ND, F_pad, phi.device.type == "cuda")
+    _prep_phi_kernel[grid](phi, g if g is not None else phi, out, F=F, ND=ND, F_PAD=F_pad,
+                           NPIECE=npieces, HAS_G=g is not None, BLOCK=BLOCK, INTERP=_interpret(),
+                           num_warps=4)
+    return out
+
+
+def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pre, T, n, D, F,
+                   F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps, few):
+    """The split forward: pass 1 in S shares -> partials [S, T, F] and [S, T], then the gates
+    and h_in (_pre_fwd_fin_kernel) into the outputs."""
+    dev = x.device
+    bt, bd = cfg["fwd_split_bt"], cfg["fwd_split_bd"]
+    mpart = torch.empty((S, T, F), dtype=torch.float32, device=dev)
+    spart = torch.empty((S, T), dtype=torch.float32, device=dev)
+    kw = _launch_kw(cfg, "fwd_split")
+    fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
+    ilv, order, hin_ev = _l2_reuse(cfg, S, F_pad, dev)
+    grid1, grid2, hbt, hbd = _split_grids(T, D, S, cfg)
+    _pre_fwd_part_kernel[grid1](
+        x, pg, mpart, spart, T, S, N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd,
+        NPA=npa, NPB=npb, INTERP=_interpret(), FA=fa, FB=fb, CAT=_cat(npa, npb, F_pad),
+        ILV=ilv, SEP=few, **kw)
+    _pre_fwd_fin_kernel[grid2](
+        x, mpart, spart, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre, T,
+        S, float(norm_eps), float(hc_eps), N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=hbt,
+        BLOCK_D=hbd, INTERP=_interpret(), ORDER=order, EV=hin_ev, **_sk_kw(k, n), num_warps=4)
+
+
+@_on_x_device
+def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
+    """(h_in [T,D] x dtype, h_post [T,n], h_res [T,n,n], inv_rms [T], h_mix [T,F], h_pre [T,n])
+    from x [T,n,D] (bf16/fp16/fp32), phi [F,nD], alpha [3], bias [F], gamma [n,D] or None
+    (fp32; the gates come back in phi's dtype)."""
+    k = int(sinkhorn_iters)
+    T, n, D = x.shape
+    F = n * n + 2 * n
+    F_pad = _f_pad(n)
+    ND = n * D
+    dev = x.device
+    pdt = phi.dtype
+    x = x.contiguous()
+    h_in = empty_torch((T, D), x.dtype, dev)
+    h_post = empty_torch((T, n), torch.float32, dev)
+    h_res = empty_torch((T, n, n), torch.float32, dev)
+    inv_rms = empty_torch((T,), torch.float32, dev)
+    h_mix = empty_torch((T, F), torch.float32, dev)
+    h_pre = empty_torch((T, n), torch.float32, dev)
+    if T > 0:
+        dname = _dtype_name(x.dtype)
+        few = T * n * n < FEW_RES   # few h_res entries: products added in fp32 (SEP)
+        npa, npb = fwd_pieces(dname, few)
+        cfg = _config(n, D, dname, dev)
+        g = None if gamma is None else _f32(gamma).reshape(ND)
+        pg = _prep_phi(_f32(phi), g, F_pad, npb)
+        S = _fwd_splits(cfg, T, D, dev, F_pad, dname)
+        if S > 0:
+            _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pre, T, n,
+                           D, F, F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps, few)
+        else:
+            _pre_fwd_kernel[_fwd_grid(T, cfg)](
+                x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre,
+                T, float(norm_eps), float(hc_eps),
+                N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=cfg["fwd_bt"], BLOCK_D=cfg["fwd_bd"],
+                BLOCK_D2=cfg.get("fwd_bd2", cfg["fwd_bd"]), NPA=npa, NPB=npb,
+                INTERP=_interpret(), CAT=_cat(npa, npb, F_pad), **_sk_kw(k, n),
+                **_launch_kw(cfg, "fwd"), SEP=few)
+    outs = (h_post, h_res, inv_rms, h_mix, h_pre)
+    return (h_in,) + tuple(o if o.dtype == pdt else o.to(pdt) for o in outs)
