@@ -70,11 +70,14 @@ def _mids(lo: int):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="1,600017,4,1024")
-    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    ap.add_argument("--param-dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
-    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="1,600017,4,1024", help="B,S,n,D of x")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="x's dtype")
+    ap.add_argument("--param-dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                    help="phi, alpha, bias, gamma")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
+                    help="CPU processes evaluating the float64 reference")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test on the interpreter")
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/gpu_long_tokens-*.json)")

@@ -32,10 +32,12 @@ SHAPES = [(1, 4096, 4, 2560), (4, 4096, 4, 4096), (2, 4096, 4, 7168)]
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--passes", default="fwd,bwd")
-    ap.add_argument("--variants", default='{"rule": {}}')
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", default="bf16", help="x dtype: bf16, fp16 or fp32")
+    ap.add_argument("--passes", default="fwd,bwd", help="comma-separated: fwd, bwd")
+    ap.add_argument("--variants", default='{"rule": {}}',
+                    help='JSON {"name": {set_config keys}}; the first is the reference')
     ap.add_argument("--shapes", nargs="*", help="B,S,n,D (default: the three realistic shapes)")
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
