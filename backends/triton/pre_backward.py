@@ -18,7 +18,7 @@ from .grids import _col_grid, _reduce_grid, _row_grid, _sk_grid
 from .sinkhorn import _sk_kw
 
 if triton is not None:
-    from .precision import _load_pieces, _mm_core, _round_out, _split3
+    from .precision import _dx_exact, _load_pieces, _mm_core, _round_out, _split3
     from .sinkhorn import _sk_bwd_kernel, _sk_dlogits
 
     # Backward, row part, per token t:
@@ -126,38 +126,6 @@ if triton is not None:
         tl.store(wsrow_ptr + F_PAD * nprog + pid, tl.sum(tl.where(is_pre, sum_ru, 0.0)))
         tl.store(wsrow_ptr + (F_PAD + 1) * nprog + pid, tl.sum(tl.where(is_post, sum_ru, 0.0)))
         tl.store(wsrow_ptr + (F_PAD + 2) * nprog + pid, tl.sum(tl.where(is_res, sum_ru, 0.0)))
-
-    @triton.jit
-    def _dx_exact(dm_ptr, rms_ptr, hmix_ptr, phi_ptr, g_ptr, xv, dh, hp, rows64, rmask, col,
-                  dmask, T, N: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
-                  F_PAD: tl.constexpr, NDM: tl.constexpr, HAS_G: tl.constexpr):
-        """dx of short rows (n*D <= SMALL_ND) in float64, one gate column f at a time (then fp32,
-        rounded once more to x's dtype by the caller).
-
-        dx = sum_f dm_f (phi_f g - r^2 x m_f / nD) + h_pre dh_in: for short rows the two parts
-        cancel (n*D = 1: to eps*r^2 of their size), so both are built from the same dm (its
-        bf16 pieces, summed exactly) and subtracted in float64 (docs/triton.md, "Short rows").
-        """
-        ND: tl.constexpr = N * D
-        r = tl.load(rms_ptr + rows64, mask=rmask, other=0.0).to(tl.float64)
-        w = tl.zeros(xv.shape, dtype=tl.float64)
-        dr = tl.zeros(r.shape, dtype=tl.float64)
-        for f in range(F):
-            a0, a1, a2 = _load_pieces(dm_ptr, rows64 * F_PAD + f, tl.cast(T, tl.int64) * F_PAD,
-                                      rmask, NDM)
-            dmf = a0.to(tl.float64)
-            if NDM > 1:
-                dmf += a1.to(tl.float64)
-            if NDM > 2:
-                dmf += a2.to(tl.float64)
-            phf = tl.load(phi_ptr + f * ND + col, mask=dmask, other=0.0).to(tl.float64)
-            w += dmf[:, None] * phf[None, :]
-            dr += dmf * tl.load(hmix_ptr + rows64 * F + f, mask=rmask, other=0.0).to(tl.float64)
-        if HAS_G:
-            w = w * tl.load(g_ptr + col, mask=dmask, other=0.0).to(tl.float64)[None, :]
-        coef = r * r * dr / ND
-        return (w - coef[:, None] * xv.to(tl.float64)
-                + hp.to(tl.float64)[:, None] * dh.to(tl.float64)).to(tl.float32)
 
     # -----------------------------------------------------------------------------------------
     # Backward, column part: program (stream i, D chunk c, token split s), grid

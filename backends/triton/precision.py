@@ -4,7 +4,8 @@ Every fp32 operand of a dot is split into bf16 pieces (a = a0 + a1 + a2, each th
 of what is left) and the dot is the sum of the piece products a_i @ b_j with
 i + j < max(pieces): two or three bf16 dots reach ~2^-17 relative, six reach fp32.  bf16 x is
 exact in one piece, fp16 x in two.  How many pieces each product takes is a correctness
-choice, made here and nowhere else (``pieces``); tiles and splits live in config.py.
+choice, made here and nowhere else (``pieces``); so is ``_dx_exact``, the float64 dx of short
+rows.  Tiles and splits live in config.py.
 
 The three products:
     fwd: m = x @ (phi*g)^T                      (A = x,  B = phi*g)
@@ -182,3 +183,35 @@ if triton is not None:
         else:
             r = v.to(dtype)
         return r
+
+    @triton.jit
+    def _dx_exact(dm_ptr, rms_ptr, hmix_ptr, phi_ptr, g_ptr, xv, dh, hp, rows64, rmask, col,
+                  dmask, T, N: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+                  F_PAD: tl.constexpr, NDM: tl.constexpr, HAS_G: tl.constexpr):
+        """dx of short rows (n*D <= SMALL_ND) in float64, one gate column f at a time (then fp32,
+        rounded once more to x's dtype by the caller).
+
+        dx = sum_f dm_f (phi_f g - r^2 x m_f / nD) + h_pre dh_in: for short rows the two parts
+        cancel (n*D = 1: to eps*r^2 of their size), so both are built from the same dm (its
+        bf16 pieces, summed exactly) and subtracted in float64 (docs/triton.md, "Short rows").
+        """
+        ND: tl.constexpr = N * D
+        r = tl.load(rms_ptr + rows64, mask=rmask, other=0.0).to(tl.float64)
+        w = tl.zeros(xv.shape, dtype=tl.float64)
+        dr = tl.zeros(r.shape, dtype=tl.float64)
+        for f in range(F):
+            a0, a1, a2 = _load_pieces(dm_ptr, rows64 * F_PAD + f, tl.cast(T, tl.int64) * F_PAD,
+                                      rmask, NDM)
+            dmf = a0.to(tl.float64)
+            if NDM > 1:
+                dmf += a1.to(tl.float64)
+            if NDM > 2:
+                dmf += a2.to(tl.float64)
+            phf = tl.load(phi_ptr + f * ND + col, mask=dmask, other=0.0).to(tl.float64)
+            w += dmf[:, None] * phf[None, :]
+            dr += dmf * tl.load(hmix_ptr + rows64 * F + f, mask=rmask, other=0.0).to(tl.float64)
+        if HAS_G:
+            w = w * tl.load(g_ptr + col, mask=dmask, other=0.0).to(tl.float64)[None, :]
+        coef = r * r * dr / ND
+        return (w - coef[:, None] * xv.to(tl.float64)
+                + hp.to(tl.float64)[:, None] * dh.to(tl.float64)).to(tl.float32)
