@@ -10,6 +10,7 @@ large shapes. ``make test`` runs everything (CI); ``make test-fast`` deselects b
 """
 import os
 import random
+import socket
 
 try:
     import torch
@@ -48,6 +49,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if interpreted and "triton" in where and not where.startswith("test_grids.py"):
             item.add_marker(pytest.mark.interpreter)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback, for the 2-process gloo tests (DDP, FSDP2)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

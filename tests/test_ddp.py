@@ -2,7 +2,6 @@
 single-process run on the concatenated batch, within the table, for a few training steps
 (in float64, where the table's bound is tight and all-reduce order cannot hide behind it)."""
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ torch = pytest.importorskip("torch")
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from example import MHCStack as TinyMHCModel
 
 STEPS, BATCH, SEQ, D = 3, 2, 5, 24
@@ -48,14 +48,8 @@ def _worker(rank, port, seed, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_gradients_equal_single_process(tmp_path, seed):
-    mp.spawn(_worker, args=(_free_port(), seed, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), seed, str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(seed)
     single = _train(TinyMHCModel(24, 4, 2).double())
     from conftest import assert_close

@@ -22,7 +22,6 @@ bf16 once where FSDP2 rounds each half, and where the halves nearly cancel (dalp
 import copy
 import datetime
 import os
-import socket
 import time
 
 import pytest
@@ -34,7 +33,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from conftest import assert_close
+from conftest import assert_close, free_port
 from example import MHCStack
 
 STEPS, BATCH, SEQ, D, N, LAYERS, LR = 3, 2, 5, 24, 4, 2, 0.1
@@ -122,15 +121,9 @@ def _worker(rank, port, seed, out_dir, param_dtype):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(tmp_path, seed, param_dtype) -> list[dict]:
     """Both ranks' results of _worker, or a failure when they do not finish in TIMEOUT_S."""
-    ctx = mp.spawn(_worker, args=(_free_port(), seed, str(tmp_path), param_dtype), nprocs=2,
+    ctx = mp.spawn(_worker, args=(free_port(), seed, str(tmp_path), param_dtype), nprocs=2,
                    join=False)
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
