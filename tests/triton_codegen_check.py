@@ -28,8 +28,10 @@ except ImportError as exc:  # exit 77: this environment cannot run the check (th
 import torch  # noqa: E402
 
 try:
+    from mhc_multi.backends import _common
     from mhc_multi.backends.triton import _util, config, post, pre_backward, pre_forward, precision
 except ImportError:  # a checkout that is not installed
+    from backends import _common
     from backends.triton import _util, config, post, pre_backward, pre_forward, precision
 
 DOT = re.compile(r"=\s*(tt\.dot|ttng\.warp_group_dot)\s+(%[\w.#]+),\s*(%[\w.#]+),\s*(%[\w.#]+)")
@@ -115,19 +117,26 @@ def cases():
                {k: v.format(dt) for k, v in part.items()},
                dict(N=1, D=1, F=3, F_PAD=16, BLOCK_T=64, BLOCK_D=32, NPA=precision._PIECES[dt][0][0],
                     NPB=3, INTERP=False, FA=16, FB=0, CAT=False, ILV=False, SEP=True))
-    col = {"x_ptr": "*{0}", "dhin_ptr": "*{0}", "dx_ptr": "*{0}", "dm_ptr": "*bf16"}
+    col = {"x_ptr": "*{0}", "dhin_ptr": "*{0}", "dx_ptr": "*{0}", "dm_ptr": "*bf16",
+           "hc_eps": "fp32"}
+    no_exact = dict.fromkeys(("rms_ptr", "hmix_ptr", "hpost_ptr", "dhpost_ptr", "dres_ptr",
+                              "alpha_ptr"))
     for dt, D, n in (("bf16", 4096, 4), ("bf16", 16, 4), ("fp32", 4096, 4), ("bf16", 4096, 8),
-                     ("fp16", 4096, 6), ("fp32", 4096, 8)):
+                     ("fp16", 4096, 6), ("fp32", 4096, 8), ("fp32", 3, 2), ("bf16", 1, 1)):
         cfg = config._make_config(n, D, dt, torch.device("cuda"))   # the launch rule's pieces, tiles
         (nwa, nwb), (npa, npb) = cfg["w_pieces"], cfg["p_pieces"]
         F = n * n + 2 * n
         fa, fb = config._f_blocks(F, max(16, _util._next_pow2(F)))
-        yield (f"_pre_bwd_col_kernel {dt} n={n} D={D} w{nwa}{nwb} P{npa}{npb} F{fa}+{fb}",
+        exact = n * D <= _common.SMALL_ND   # short rows: _dx_exact, as the launch takes it
+        if exact:
+            fa, fb = max(16, _util._next_pow2(F)), 0
+        yield (f"_pre_bwd_col_kernel {dt} n={n} D={D} w{nwa}{nwb} P{npa}{npb} F{fa}+{fb}"
+               + " EXACT" * exact,
                pre_backward._pre_bwd_col_kernel, {k: v.format(dt) for k, v in col.items()},
                dict(N=n, D=D, F=F, F_PAD=max(16, _util._next_pow2(F)), BLOCK_T=cfg["col_bt"],
                     BLOCK_D=cfg["col_bd"], HAS_G=True, NWA=nwa, NWB=nwb, NPA=npa, NPB=npb,
-                    NDM=max(nwa, npa), INTERP=False, EXACT=False, rms_ptr=None, hmix_ptr=None,
-                    FA=fa, FB=fb),
+                    NDM=max(nwa, npa), INTERP=False, EXACT=exact, FA=fa, FB=fb,
+                    **({} if exact else no_exact)),
                cfg["col_warps"], cfg["col_stages"])
 
 

@@ -155,8 +155,10 @@ if triton is not None:
         FA: tl.constexpr,   # gate columns [0, FA) in the first block (_f_blocks)
         FB: tl.constexpr,   # and [FA, FA + FB) in the second (0: none)
         EXACT: tl.constexpr = False,
-        rms_ptr=None,    # [T] fp32 (EXACT)
-        hmix_ptr=None,   # [T, F] fp32 (EXACT)
+        # EXACT only (_dx_exact), fp32: inv_rms [T], h_mix [T, F], h_post / dh_post [T, n],
+        # dR [T, n*n] (dh_res, or its Sinkhorn pull-back), alpha [3]; and hc_eps
+        rms_ptr=None, hmix_ptr=None, hpost_ptr=None, dhpost_ptr=None, dres_ptr=None,
+        alpha_ptr=None, hc_eps=0.0,
     ):
         ND: tl.constexpr = N * D
         NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
@@ -195,8 +197,9 @@ if triton is not None:
             xv = tl.load(x_ptr + rows64[:, None] * ND + col[None, :], mask=m2, other=0.0)
             dh = tl.load(dhin_ptr + rows64[:, None] * D + d[None, :], mask=m2, other=0.0)
             if EXACT:
-                dx = _dx_exact(dm_ptr, rms_ptr, hmix_ptr, phi_ptr, g_ptr, xv, dh, hp, rows64,
-                               rmask, col, dmask, T, N, D, F, F_PAD, NDM, HAS_G)
+                dx = _dx_exact(x_ptr, rms_ptr, hmix_ptr, hpre_ptr, hpost_ptr, dhin_ptr,
+                               dhpost_ptr, dres_ptr, alpha_ptr, phi_ptr, g_ptr, hc_eps, xv, dh, hp, rows64, rmask, col, dmask,
+                               N, D, HAS_G)
             else:
                 w = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
                 w = _col_w(dm_ptr, rows64, rm2, ff, p0, p1, p2, w, T, F_PAD, NWA, NWB, INTERP)
@@ -362,7 +365,10 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         # programs per SM): fixed per shape
         exact = {}
         if ND <= SMALL_ND:   # short rows: dx in float64 (_dx_exact)
-            exact = dict(EXACT=True, rms_ptr=_f32(inv_rms), hmix_ptr=_f32(h_mix))
+            rms32, hmix32, _, hpost32, dhpost32, dres, alpha32 = row_args[2:9]
+            exact = dict(EXACT=True, rms_ptr=rms32, hmix_ptr=hmix32, hpost_ptr=hpost32,
+                         dhpost_ptr=dhpost32, dres_ptr=sk.get("dlog_ptr", dres),
+                         alpha_ptr=alpha32, hc_eps=float(hc_eps))
         col_args = [x, dh_in, hp32, dm, coef, phi32, g if g is not None else phi32, dx, coef,
                     T, 0]
         fa, fb = (F_pad, 0) if exact or not cfg.get("col_fblocks", True) else _f_blocks(F, F_pad)
