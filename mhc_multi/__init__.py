@@ -21,10 +21,10 @@ __version__ = "0.1.0"
 __all__ = ["forward", "backward", "post_forward", "post_backward", "ForwardOutput", "Gradients",
            "PostGradients", "available_backends", "BackendInfo", "BackendUnavailableError",
            "crosscheck", "Report", "random_inputs", "tolerance", "mhc_pre", "mhc_post", "MHCPre",
-           "MHCLayer", "expand_streams", "merge_streams"]
+           "MHCLayer", "MHCStack", "expand_streams", "merge_streams"]
 
 _TORCH_NAMES = {"mhc_pre": "autograd", "mhc_post": "autograd", "MHCPre": "autograd",
-                "MHCLayer": "layer", "expand_streams": "layer", "merge_streams": "layer"}
+                "MHCLayer": "layer", "MHCStack": "layer", "expand_streams": "layer", "merge_streams": "layer"}
 
 
 def __getattr__(name):  # the torch API is imported on first use, so numpy-only users skip torch

@@ -33,13 +33,18 @@ def _gate_dtype(phi: Tensor) -> torch.dtype:
     return torch.float64 if phi.dtype == torch.float64 else torch.float32
 
 
-@_pre_forward_op.register_fake
-def _(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters):
+def _pre_forward_fake(x, phi):
+    """Empty outputs of the pre forward: ``(h_in, h_post, h_res, inv_rms, h_mix, h_pre)``."""
     B, S, n, D = x.shape
     def p(*shape):
         return phi.new_empty(shape, dtype=_gate_dtype(phi))
     return (x.new_empty(B, S, D), p(B, S, n), p(B, S, n, n), p(B, S), p(B, S, n * n + 2 * n),
             p(B, S, n))
+
+
+@_pre_forward_op.register_fake
+def _(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters):
+    return _pre_forward_fake(x, phi)
 
 
 @torch.library.custom_op("mhc_multi::pre_backward", mutates_args=())
@@ -68,18 +73,26 @@ def _pre_setup_context(ctx, inputs, output):
     ctx.opts = (backend, norm_eps, hc_eps, sinkhorn_iters)
 
 
-def _pre_backward(ctx, dh_in, dh_post, dh_res, *_intermediates):
-    # inv_rms, h_mix and h_pre are saved for the backward, not differentiable outputs:
-    # mhc_pre does not hand them out
-    x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post = ctx.saved_tensors
+def pre_gradients(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
+                  dh_res, opts):
+    """``(dx, dphi, dalpha, dbias, dgamma or None)`` of the pre operator; a gradient that autograd
+    passes as None (an output nobody used) counts as zeros. ``opts``: (backend, norm_eps,
+    hc_eps, sinkhorn_iters)."""
     B, S, n, D = x.shape
     dh_in = x.new_zeros(B, S, D) if dh_in is None else dh_in
     dh_post = torch.zeros_like(h_post) if dh_post is None else dh_post
     dh_res = h_post.new_zeros(B, S, n, n) if dh_res is None else dh_res
     dx, dphi, dalpha, dbias, dgamma = _pre_backward_op(
-        x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
-        *ctx.opts)
-    return dx, dphi, dalpha, dbias, dgamma if gamma is not None else None, None, None, None, None
+        x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma, *opts)
+    return dx, dphi, dalpha, dbias, dgamma if gamma is not None else None
+
+
+def _pre_backward(ctx, dh_in, dh_post, dh_res, *_intermediates):
+    # inv_rms, h_mix and h_pre are saved for the backward, not differentiable outputs:
+    # mhc_pre does not hand them out
+    x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post = ctx.saved_tensors
+    return (*pre_gradients(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, dh_in,
+                           dh_post, dh_res, ctx.opts), None, None, None, None)
 
 
 _pre_forward_op.register_autograd(_pre_backward, setup_context=_pre_setup_context)

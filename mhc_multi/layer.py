@@ -1,9 +1,13 @@
-"""``MHCLayer``: one full mHC step around any block, and the stream expand/merge helpers."""
+"""``MHCLayer``: one full mHC step around any block; ``MHCStack``: a sequence of them, with
+selective recompute; and the stream expand/merge helpers."""
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .autograd import MHCPre, mhc_post
+from .recompute import StreamChain, post_replayed, pre_replayed
 
 
 class MHCLayer(torch.nn.Module):
@@ -44,10 +48,89 @@ class MHCLayer(torch.nn.Module):
         _reset(self.block)
         self.pre.reset_parameters()
 
+    def forward(self, x: torch.Tensor, chain: StreamChain | None = None) -> torch.Tensor:
+        """``x_next [B,S,n,D]``. ``chain`` (:class:`MHCStack` with ``recompute``): the stream of
+        the layer's group so far; unless x is the group's first stream, the backward rebuilds x
+        from it instead of keeping x. The layer then adds its block output and gates to it."""
+        if chain is None or chain.is_anchor:
+            h_in, h_post, h_res = self.pre(x)
+            f_out = self.block(h_in)
+            x_next = mhc_post(x, f_out, h_post, h_res, backend=self.backend)
+        else:
+            p = self.pre
+            h_in, h_post, h_res = pre_replayed(
+                x, p.phi, p.alpha, p.bias, p.gamma, chain, backend=p.backend,
+                norm_eps=p.norm_eps, hc_eps=p.hc_eps, sinkhorn_iters=p.sinkhorn_iters)
+            f_out = self.block(h_in)
+            x_next = post_replayed(x, f_out, h_post, h_res, chain, backend=self.backend)
+        if chain is not None:
+            chain.extend(f_out, h_post, h_res)
+        return x_next
+
+
+class MHCStack(torch.nn.Module):
+    """The mHC step around each of ``blocks`` in order: ``[B,S,n,D] -> [B,S,n,D]``.
+
+    Its layers are :class:`MHCLayer` s (``stack.layers[i]``, with the block as
+    ``stack.layers[i].block``), built with the keyword arguments given here.
+
+    ``recompute`` trades the backward's memory for a little work (the paper's selective
+    recompute, arXiv:2512.24880 §4.3):
+
+    * ``None``: every layer keeps its input stream ``[B,S,n,D]`` for the backward, as
+      :class:`MHCLayer` alone does;
+    * an int ``L_r >= 1``: only the stream at the start of each group of ``L_r`` layers is kept
+      (with the block outputs ``[B,S,D]`` and the gates, which the post operator keeps anyway);
+      the backward rebuilds each layer's input stream from them with the post kernels alone,
+      one extra post forward per layer, never running a block again;
+    * ``"auto"``: the paper's ``L_r* = sqrt(n L / (n + 2))`` for ``L`` layers, rounded.
+
+    Gradients are the same bit for bit with or without recompute (the same deterministic kernels
+    on the same values). Each block runs once per forward; what it saves is its own business (it
+    may use ``torch.utils.checkpoint``). Without grad (``torch.no_grad``, inference mode) nothing
+    is saved and ``recompute`` changes nothing.
+    """
+
+    def __init__(self, blocks, n: int, D: int, *, sinkhorn_iters: int = 20,
+                 backend: str = "auto", recompute: int | str | None = None, **layer_kw):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            MHCLayer(block, n, D, sinkhorn_iters=sinkhorn_iters, backend=backend, **layer_kw)
+            for block in blocks)
+        self.n, self.D = n, D
+        self.recompute = group_size(recompute, n, len(self.layers))
+
+    def reset_parameters(self) -> None:
+        """Each layer's :meth:`MHCLayer.reset_parameters`, in order."""
+        for layer in self.layers:
+            layer.reset_parameters()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h_in, h_post, h_res = self.pre(x)
-        f_out = self.block(h_in)
-        return mhc_post(x, f_out, h_post, h_res, backend=self.backend)
+        if self.recompute is None or not torch.is_grad_enabled():
+            for layer in self.layers:
+                x = layer(x)
+            return x
+        chain = None
+        for i, layer in enumerate(self.layers):
+            if i % self.recompute == 0:
+                chain = StreamChain(x)
+            x = layer(x, chain)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, D={self.D}, recompute={self.recompute}"
+
+
+def group_size(recompute, n: int, layers: int) -> int | None:
+    """The layers per recompute group: None, an int >= 1, or ``"auto"`` for the paper's
+    ``L_r* = sqrt(n L / (n + 2))`` (rounded, at least 1)."""
+    if recompute is None:
+        return None
+    if recompute == "auto":
+        return max(1, round(math.sqrt(n * layers / (n + 2))))
+    if isinstance(recompute, bool) or not isinstance(recompute, int) or recompute < 1:
+        raise ValueError(f"recompute: expected None, 'auto' or an int >= 1, got {recompute!r}")
+    return recompute
 
 
 def _reset(module: torch.nn.Module) -> None:

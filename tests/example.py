@@ -7,4 +7,4 @@ _spec = importlib.util.spec_from_file_location("train_mhc", _path)
 _mod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_mod)
 
-MHCStack, ResidualStack, main = _mod.MHCStack, _mod.ResidualStack, _mod.main
+MHCModel, ResidualStack, main = _mod.MHCModel, _mod.ResidualStack, _mod.main

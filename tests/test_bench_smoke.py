@@ -21,3 +21,18 @@ def test_bench_quick_writes_json(tmp_path):
     text = json.dumps(data)
     for key in ("numpy", "torch eager", "floor"):
         assert key in text, f"{key} missing from the benchmark's JSON"
+
+
+def test_model_bench_quick_writes_json(tmp_path):
+    """bench/model.py on the CPU: every mode runs, and the memory it reports for the backward
+    falls with recompute (the model's numbers, not a timing)."""
+    out = tmp_path / "model.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "model.py"), "--device", "cpu",
+                          "--quick", "--recompute", "all", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"residual", "mHC", "mHC recompute=4"}, rows
+    assert all("error" not in r for r in rows.values()), rows
+    assert (rows["mHC recompute=4"]["memory_over_residual_bytes"]
+            < rows["mHC"]["memory_over_residual_bytes"])

@@ -4,23 +4,28 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import assert_close
-from example import MHCStack as TinyMHCModel
+from example import MHCModel
 
 
-@pytest.mark.parametrize("sinkhorn_iters", [0, 20], ids=["k0", "k20"])
-def test_compile_fullgraph_matches_eager(sinkhorn_iters, seed):
+@pytest.mark.parametrize("sinkhorn_iters,recompute", [(0, None), (20, None), (20, 3)],
+                         ids=["k0", "k20", "k20-recompute3"])
+def test_compile_fullgraph_matches_eager(sinkhorn_iters, recompute, seed):
+    """recompute: the compiled model keeps one stream of 3 layers and replays the rest; the eager
+    one keeps every stream."""
     torch.manual_seed(seed)
     # float64 throughout: the mHC ops are then judged at the table's fp64 bound, and the
     # blocks' reassociation under inductor stays far below it
-    model = TinyMHCModel(24, 4, 2, sinkhorn_iters=sinkhorn_iters).double()
+    model = MHCModel(24, 4, 2 if recompute is None else 3, sinkhorn_iters=sinkhorn_iters).double()
     h = torch.randn(2, 5, 24, dtype=torch.float64)
     compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    model.stack.recompute = None
 
     out_eager = model(h)
     out_eager.square().mean().backward()
     eager_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
 
+    model.stack.recompute = recompute
     out_comp = compiled(h)           # fullgraph=True: a graph break would raise here
     out_comp.square().mean().backward()
     assert_close(out_comp.detach().numpy(), out_eager.detach().numpy(), "x_next", "fp64",

@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import free_port
-from example import MHCStack as TinyMHCModel
+from example import MHCModel
 
-STEPS, BATCH, SEQ, D = 3, 2, 5, 24
+STEPS, BATCH, SEQ, D, LAYERS = 3, 2, 5, 24, 3
 
 
 def _data(step):
@@ -37,21 +37,24 @@ def _train(model, rank=None):
     return grads
 
 
-def _worker(rank, port, seed, out_dir):
+def _worker(rank, port, seed, out_dir, recompute):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(seed)
-    model = torch.nn.parallel.DistributedDataParallel(TinyMHCModel(24, 4, 2).double())
+    model = torch.nn.parallel.DistributedDataParallel(
+        MHCModel(24, 4, LAYERS, recompute=recompute).double())
     grads = _train(model, rank)
     torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def test_ddp_gradients_equal_single_process(tmp_path, seed):
-    mp.spawn(_worker, args=(free_port(), seed, str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("recompute", [None, LAYERS], ids=["keep", "recompute"])
+def test_ddp_gradients_equal_single_process(recompute, tmp_path, seed):
+    """recompute: the DDP ranks replay the streams in the backward; the single process keeps them."""
+    mp.spawn(_worker, args=(free_port(), seed, str(tmp_path), recompute), nprocs=2, join=True)
     torch.manual_seed(seed)
-    single = _train(TinyMHCModel(24, 4, 2).double())
+    single = _train(MHCModel(24, 4, LAYERS).double())
     from conftest import assert_close
     for rank in range(2):
         ddp = torch.load(tmp_path / f"rank{rank}.pt")

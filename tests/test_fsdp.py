@@ -1,7 +1,7 @@
 """FSDP2 (``fully_shard``) with bf16 mixed precision (and with fp32 parameters), 2 gloo processes
 on the CPU: the gathered gradients and the trained weights equal a single process doing FSDP2's
 arithmetic on the whole batch, within the table's bound for the parameters' dtype, for a few SGD
-steps of the example's ``MHCStack``.
+steps of the example's ``MHCModel`` (an ``MHCStack``), also with ``recompute``.
 
 FSDP2 on the CPU (torch 2.13) needs no workaround: ``fully_shard`` takes a CPU mesh on the gloo
 group (given here: without one it would take the accelerator's where there is one), parameters
@@ -34,7 +34,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from conftest import assert_close, free_port
-from example import MHCStack
+from example import MHCModel
 
 STEPS, BATCH, SEQ, D, N, LAYERS, LR = 3, 2, 5, 24, 4, 2, 0.1
 REDUCE_DTYPE = torch.float32
@@ -60,7 +60,7 @@ def _loss(out, target):
 def _reference(seed, param_dtype):
     """FSDP2's arithmetic in one process: per-step gradients, initial and trained weights."""
     torch.manual_seed(seed)
-    model = MHCStack(D, N, LAYERS)
+    model = MHCModel(D, N, LAYERS)
     w0 = {k: p.detach().clone() for k, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     grads = []
@@ -79,19 +79,19 @@ def _reference(seed, param_dtype):
     return grads, w0, {k: p.detach().clone() for k, p in model.named_parameters()}
 
 
-def _worker(rank, port, seed, out_dir, param_dtype):
+def _worker(rank, port, seed, out_dir, param_dtype, recompute):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
     mesh = init_device_mesh("cpu", (2,))
     torch.manual_seed(seed)
-    model = MHCStack(D, N, LAYERS)
+    model = MHCModel(D, N, LAYERS, recompute=recompute)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=REDUCE_DTYPE)
-    for layer in model.layers:
+    for layer in model.stack.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     seen = set()  # the dtypes of (x, phi) that reach each MHCPre
-    for layer in model.layers:
+    for layer in model.stack.layers:
         layer.pre.register_forward_pre_hook(lambda m, a: seen.add((a[0].dtype, m.phi.dtype)))
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     grads = []
@@ -107,12 +107,12 @@ def _worker(rank, port, seed, out_dir, param_dtype):
     weights = {k: p.detach().full_tensor() for k, p in model.named_parameters()}
     # the README's flow: built on the meta device, sharded, materialised, reset per layer
     with torch.device("meta"):
-        lazy = MHCStack(D, N, LAYERS)
-    for layer in lazy.layers:
+        lazy = MHCModel(D, N, LAYERS)
+    for layer in lazy.stack.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(lazy, mesh=mesh, mp_policy=policy)
     lazy.to_empty(device="cpu")
-    for layer in lazy.layers:
+    for layer in lazy.stack.layers:
         layer.reset_parameters()
     meta = {k: p.detach().full_tensor() for k, p in lazy.named_parameters()}
     torch.save({"grads": grads, "weights": weights, "seen": seen, "meta": meta},
@@ -121,9 +121,10 @@ def _worker(rank, port, seed, out_dir, param_dtype):
     dist.destroy_process_group()
 
 
-def _spawn(tmp_path, seed, param_dtype) -> list[dict]:
+def _spawn(tmp_path, seed, param_dtype, recompute=None) -> list[dict]:
     """Both ranks' results of _worker, or a failure when they do not finish in TIMEOUT_S."""
-    ctx = mp.spawn(_worker, args=(free_port(), seed, str(tmp_path), param_dtype), nprocs=2,
+    ctx = mp.spawn(_worker, args=(free_port(), seed, str(tmp_path), param_dtype, recompute),
+                   nprocs=2,
                    join=False)
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
@@ -141,14 +142,18 @@ def _output(key):
     return "d" + name if ".pre." in key else "dphi"
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_fsdp2_gradients_equal_single_process(dtype, tmp_path, seed):
+@pytest.mark.parametrize("dtype,recompute", [("bf16", None), ("fp32", None), ("bf16", LAYERS)],
+                         ids=["bf16", "fp32", "bf16-recompute"])
+def test_fsdp2_gradients_equal_single_process(dtype, recompute, tmp_path, seed):
     """bf16: the mixed precision of large-model training. fp32: FSDP2 frees the gathered
     parameters with storage.resize_(0), which fails on a storage that was ever viewed as a numpy
-    array (the CPU backends' inputs are copies, api._to_backend)."""
+    array (the CPU backends' inputs are copies, api._to_backend). recompute: the ranks replay
+    the streams in the backward, after FSDP2 has freed the earlier layers' gathered parameters
+    (the replay needs none), and their bf16 gates stay fp32 (FSDP2 casts a module's tensor
+    inputs to bf16, not the chain object that MHCStack hands each layer)."""
     param_dtype = DTYPES[dtype]
     ref_grads, w0, ref_weights = _reference(seed, param_dtype)   # first: warms numba's cache
-    for rank, got in enumerate(_spawn(tmp_path, seed, param_dtype)):
+    for rank, got in enumerate(_spawn(tmp_path, seed, param_dtype, recompute)):
         assert got["seen"] == {(param_dtype, param_dtype)}, got["seen"]
         for step in range(STEPS):
             for k, g in ref_grads[step].items():
@@ -175,5 +180,5 @@ def test_fsdp2_meta_device_init_is_the_documented_one(tmp_path, seed):
         assert torch.equal(pre["gamma"], torch.ones(N, D))
         std = pre["phi"].std().item() * (N * D) ** 0.5
         assert 0.8 < std < 1.2, f"layer {i}: phi std * sqrt(nD) = {std}"
-        up = metas[0][f"layers.{i}.block.up.weight"]
+        up = metas[0][f"stack.layers.{i}.block.up.weight"]
         assert torch.isfinite(up).all() and up.abs().max() <= D ** -0.5 and up.std() > 0

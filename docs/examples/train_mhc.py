@@ -5,6 +5,7 @@ connections, on a synthetic regression task; print the losses and plot both curv
     python docs/examples/train_mhc.py --backend numpy      # the float64 reference
     python docs/examples/train_mhc.py --device cuda        # GPU, backend="auto" (triton)
     python docs/examples/train_mhc.py --dtype bf16         # model.bfloat16(): 16-bit weights
+    python docs/examples/train_mhc.py --recompute auto     # keep fewer streams for the backward
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 
 import torch
 
-from mhc_multi import MHCLayer, expand_streams, merge_streams
+from mhc_multi import MHCStack, expand_streams, merge_streams
 
 
 class MLPBlock(torch.nn.Module):
@@ -29,21 +30,17 @@ class MLPBlock(torch.nn.Module):
         return self.down(torch.nn.functional.gelu(self.up(self.norm(h))))
 
 
-class MHCStack(torch.nn.Module):
-    """Blocks wrapped in MHCLayers: the hidden state is expanded to n streams and merged back."""
+class MHCModel(torch.nn.Module):
+    """The blocks in an MHCStack: the hidden state is expanded to n streams and merged back."""
 
-    def __init__(self, D=64, n=4, layers=4, backend="auto", sinkhorn_iters=20):
+    def __init__(self, D=64, n=4, layers=4, backend="auto", sinkhorn_iters=20, recompute=None):
         super().__init__()
         self.n = n
-        self.layers = torch.nn.ModuleList(
-            MHCLayer(MLPBlock(D, 2 * D), n, D, sinkhorn_iters=sinkhorn_iters, backend=backend)
-            for _ in range(layers))
+        self.stack = MHCStack([MLPBlock(D, 2 * D) for _ in range(layers)], n, D,
+                              sinkhorn_iters=sinkhorn_iters, backend=backend, recompute=recompute)
 
     def forward(self, h):
-        x = expand_streams(h, self.n)
-        for layer in self.layers:
-            x = layer(x)
-        return merge_streams(x) / self.n
+        return merge_streams(self.stack(expand_streams(h, self.n))) / self.n
 
 
 class ResidualStack(torch.nn.Module):
@@ -102,6 +99,8 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--sinkhorn", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recompute", default=None,
+                   help="MHCStack's recompute: a group size, or auto (default: none)")
     p.add_argument("--plot", default=None, help="write the two loss curves to this PNG")
     a = p.parse_args(argv)
 
@@ -109,7 +108,9 @@ def main(argv=None):
     batch = make_task(a.dim, a.seed, a.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     curves = {}
-    for label, build in (("mHC n=4", lambda: MHCStack(a.dim, 4, a.layers, a.backend, a.sinkhorn)),
+    recompute = a.recompute if a.recompute in (None, "auto") else int(a.recompute)
+    for label, build in (("mHC n=4", lambda: MHCModel(a.dim, 4, a.layers, a.backend, a.sinkhorn,
+                                                      recompute)),
                          ("residual", lambda: ResidualStack(a.dim, a.layers))):
         torch.manual_seed(a.seed)
         model = build().to(device=a.device, dtype=dtype)

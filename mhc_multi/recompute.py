@@ -1,0 +1,195 @@
+"""Selective recompute of the residual streams (the paper's §4.3), as custom ops.
+
+Within a group of consecutive layers only the group's first stream ``x_a`` [B,S,n,D] is kept
+for the backward. Every later stream of the group is a chain of post operators,
+``x_{j+1} = post(x_j, f_j, h_post_j, h_res_j)``, whose other inputs (the block outputs ``f_j``
+[B,S,D] and the gates) the post operators save anyway. So the layer ``l > a`` runs its pre and
+post through ``pre_forward_replayed`` / ``post_forward_replayed``: the same forward as
+``mhc_multi::pre_forward`` / ``post_forward``, but they save the chain
+``[x_a, f_a, h_post_a, h_res_a, ..., f_{l-1}, h_post_{l-1}, h_res_{l-1}]`` instead of ``x_l``,
+and their backward rebuilds ``x_l`` from it with the post kernels alone (``replay_stream``).
+No parameter takes part in the rebuild, so FSDP2 may have freed the gathered parameters of the
+earlier layers. The same deterministic kernels on the same inputs give ``x_l`` bit for bit, so
+the gradients equal those without recompute bit for bit.
+
+One rebuild serves a whole group: the backward of a group's last layer replays the chain once
+and keeps every stream of it in a small cache; each layer's pre takes its own stream out. The
+cache only saves work: an entry is used only for the very chain tensors (by identity) it was
+built from, and a miss rebuilds.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import Tensor
+
+from . import api
+from .autograd import _post_backward_op, _pre_forward_fake, pre_gradients
+
+_STEP = 3   # chain tensors per layer: f_out, h_post, h_res
+
+
+def replay(chain: list[Tensor], backend: str) -> list[Tensor]:
+    """Every stream the chain leads to: ``[x_{a+1}, ..., x_l]`` (post forwards only)."""
+    x, out = chain[0], []
+    for j in range(1, len(chain), _STEP):
+        x = api.post_forward(x, *chain[j:j + _STEP], backend=backend)
+        out.append(x)
+    return out
+
+
+class _Cache:
+    """The streams of one chain replayed in a backward, each kept until its pre takes it.
+
+    It holds the chain (the saved tensors it was replayed from) while any stream is left, so that
+    no other tensor can take their memory meanwhile and a tensor over the same memory with the
+    same layout is the same value (saved-tensor hooks hand out a new tensor object at every
+    unpack); when the group's first replayed layer takes the last stream, it holds nothing. A
+    backward that stops inside a group leaves its streams here until the next replay replaces
+    them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._chain: list[Tensor] = []
+        self._streams: dict[int, Tensor] = {}   # layers after the anchor -> stream
+
+    def _hit(self, chain, steps) -> bool:
+        return (steps in self._streams and len(chain) <= len(self._chain)
+                and all(_same(a, b) for a, b in zip(chain, self._chain)))
+
+    def stream(self, chain: list[Tensor], backend: str, take: bool) -> Tensor:
+        """The stream at the end of ``chain``, a tensor that nothing else holds. ``take``: its
+        last use, which frees the entry; otherwise the entry stays and a copy goes out."""
+        steps = (len(chain) - 1) // _STEP
+        with self._lock:
+            if not self._hit(chain, steps):
+                self._streams = dict(enumerate(replay(chain, backend), start=1))
+                self._chain = list(chain)
+            if not take:
+                return self._streams[steps].clone()
+            x = self._streams.pop(steps)
+            if not self._streams:
+                self._chain = []
+            return x
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """The same values: the same memory, seen the same way (b is held, so its memory is b's)."""
+    return (a.data_ptr() == b.data_ptr() and a.device == b.device and a.dtype == b.dtype
+            and a.shape == b.shape and a.stride() == b.stride())
+
+
+_CACHE = _Cache()
+
+
+@torch.library.custom_op("mhc_multi::replay_stream", mutates_args=())
+def _replay_op(chain: list[Tensor], backend: str, take: bool, after: Tensor) -> Tensor:
+    """The stream the chain leads to. ``take``: its last use (the layer's pre), which frees the
+    cache entry. ``after`` is not read: it orders the replay after that gradient exists."""
+    return _CACHE.stream(chain, backend, take)
+
+
+@_replay_op.register_fake
+def _(chain, backend, take, after):
+    return torch.empty_like(chain[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# the pre operator without its input stream saved
+
+@torch.library.custom_op("mhc_multi::pre_forward_replayed", mutates_args=())
+def _pre_forward_replayed_op(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor,
+                             gamma: Tensor | None, chain: list[Tensor], backend: str,
+                             norm_eps: float, hc_eps: float, sinkhorn_iters: int
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(api._forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps,
+                              sinkhorn_iters))
+
+
+@_pre_forward_replayed_op.register_fake
+def _(x, phi, alpha, bias, gamma, chain, backend, norm_eps, hc_eps, sinkhorn_iters):
+    return _pre_forward_fake(x, phi)
+
+
+def _pre_setup(ctx, inputs, output):
+    x, phi, alpha, bias, gamma, chain, *opts = inputs
+    _, h_post, _, inv_rms, h_mix, h_pre = output
+    ctx.save_for_backward(phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, *chain)
+    ctx.opts = tuple(opts)
+
+
+def _pre_backward(ctx, dh_in, dh_post, dh_res, *_intermediates):
+    phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, *chain = ctx.saved_tensors
+    after = next((g for g in (dh_in, dh_post, dh_res) if g is not None), h_post)
+    x = _replay_op(chain, ctx.opts[0], True, after)
+    return (*pre_gradients(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post,
+                           dh_in, dh_post, dh_res, ctx.opts),
+            [None] * len(chain), None, None, None, None)
+
+
+_pre_forward_replayed_op.register_autograd(_pre_backward, setup_context=_pre_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# the post operator without its input stream saved
+
+@torch.library.custom_op("mhc_multi::post_forward_replayed", mutates_args=())
+def _post_forward_replayed_op(x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor,
+                              chain: list[Tensor], backend: str) -> Tensor:
+    return api.post_forward(x, f_out, h_post, h_res, backend=backend)
+
+
+@_post_forward_replayed_op.register_fake
+def _(x, f_out, h_post, h_res, chain, backend):
+    return torch.empty_like(x)
+
+
+def _post_setup(ctx, inputs, output):
+    x, f_out, h_post, h_res, chain, backend = inputs
+    ctx.save_for_backward(f_out, h_post, h_res, *chain)
+    ctx.backend = backend
+
+
+def _post_backward(ctx, dx_next):
+    f_out, h_post, h_res, *chain = ctx.saved_tensors
+    x = _replay_op(chain, ctx.backend, False, dx_next)
+    return (*_post_backward_op(x, f_out, h_post, h_res, dx_next, ctx.backend),
+            [None] * len(chain), None)
+
+
+_post_forward_replayed_op.register_autograd(_post_backward, setup_context=_post_setup)
+
+
+class StreamChain:
+    """What a group of layers keeps of its residual stream: the group's first stream, then per
+    layer the block output and the gates that the post operator combined them with.
+
+    :class:`mhc_multi.MHCStack` hands one to each layer's forward. It is deliberately not a
+    container of tensors, so that hooks which cast a module's tensor inputs (FSDP2's
+    ``cast_forward_inputs``) leave the fp32 gates as the forward used them.
+    """
+
+    def __init__(self, anchor: Tensor):
+        self.tensors = [anchor]
+
+    @property
+    def is_anchor(self) -> bool:
+        """True while the chain holds only the group's first stream."""
+        return len(self.tensors) == 1
+
+    def extend(self, f_out: Tensor, h_post: Tensor, h_res: Tensor) -> None:
+        self.tensors = self.tensors + [f_out, h_post, h_res]
+
+
+def pre_replayed(x, phi, alpha, bias, gamma, chain: StreamChain, *, backend, norm_eps, hc_eps,
+                 sinkhorn_iters):
+    """:func:`mhc_multi.mhc_pre` that rebuilds x from ``chain`` in the backward."""
+    h_in, h_post, h_res, *_ = _pre_forward_replayed_op(
+        x, phi, alpha, bias, gamma, chain.tensors, backend, norm_eps, hc_eps, sinkhorn_iters)
+    return h_in, h_post, h_res
+
+
+def post_replayed(x, f_out, h_post, h_res, chain: StreamChain, *, backend):
+    """:func:`mhc_multi.mhc_post` that rebuilds x from ``chain`` in the backward."""
+    return _post_forward_replayed_op(x, f_out, h_post, h_res, chain.tensors, backend)
