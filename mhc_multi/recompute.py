@@ -14,8 +14,8 @@ the gradients equal those without recompute bit for bit.
 
 One rebuild serves a whole group: the backward of a group's last layer replays the chain once
 and keeps every stream of it in a small cache; each layer's pre takes its own stream out. The
-cache only saves work: an entry is used only for the very chain tensors (by identity) it was
-built from, and a miss rebuilds.
+cache only saves work: an entry serves only the chain it was built from (the same tensors'
+memory and layout, held while entries remain), and a miss rebuilds.
 """
 from __future__ import annotations
 
