@@ -98,8 +98,9 @@ def forward64(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0)
 
 
 def backward64(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res,
-               gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
-    """The backward pass in float64: (dx, dphi, dalpha, dbias, dgamma)."""
+               gamma, *, norm_eps, hc_eps, sinkhorn_iters=0, dx_add=None):
+    """The backward pass in float64: (dx, dphi, dalpha, dbias, dgamma); ``dx_add`` [T,n,D]
+    (another gradient of x, such as the post operator's) is added to dx."""
     T, n, D = x.shape
     v = _to64(x).reshape(T, n * D)
     phi, alpha, bias = _to64(phi), _to64(alpha), _to64(bias)
@@ -123,6 +124,8 @@ def backward64(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_pos
     dr = np.sum(e * m, axis=1)
     dv = (w * g - (dr * r ** 3 / (n * D))[:, None] * v
           + (h_pre[:, :, None] * dh_in[:, None, :]).reshape(T, n * D))
+    if dx_add is not None:
+        dv = dv + _to64(dx_add).reshape(T, n * D)
 
     dalpha = np.array([np.sum(dp * u[:, :n]), np.sum(dq * u[:, n:2 * n]), np.sum(dR * u[:, 2 * n:])])
     dbias = np.concatenate([dp.sum(0), dq.sum(0), dR.sum(0)])
@@ -141,10 +144,10 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
 
 
 def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
-             *, norm_eps, hc_eps, sinkhorn_iters=0):
+             *, norm_eps, hc_eps, sinkhorn_iters=0, dx_add=None):
     dx, *rest = backward64(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
                            dh_res, gamma, norm_eps=norm_eps, hc_eps=hc_eps,
-                           sinkhorn_iters=sinkhorn_iters)
+                           sinkhorn_iters=sinkhorn_iters, dx_add=dx_add)
     return (_cast(dx, x.dtype),) + tuple(None if a is None else _cast(a, phi.dtype) for a in rest)
 
 

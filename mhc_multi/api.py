@@ -366,7 +366,7 @@ def _forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_ite
 
 def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res,
              gamma=None, *, backend: str = "auto", norm_eps: float = 1e-6, hc_eps: float = 1e-6,
-             sinkhorn_iters: int = 0) -> Gradients:
+             sinkhorn_iters: int = 0, dx_add=None) -> Gradients:
     """Backward pass of the mHC pre operator (docs/contract.md) on plain values.
 
     The functional form, like :func:`forward`: plain values in, plain values out, nothing
@@ -378,6 +378,10 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
     gradients and intermediates of another dtype are cast: ``dh_in`` to x's dtype, the rest to
     the gates' dtype (fp32, or fp64 with fp64 parameters).
 
+    ``dx_add [B,S,n,D]`` (optional, cast to x's dtype): another gradient of x, such as the post
+    operator's ``dx``; the backend adds it to dx before dx's one rounding, in the same pass,
+    instead of a separate add of two rounded gradients.
+
     Returns:
         :class:`Gradients` ``(dx, dphi, dalpha, dbias, dgamma)``; ``dx`` in x's dtype, each
         parameter gradient in its parameter's dtype (16-bit ones rounded once from the fp32
@@ -386,11 +390,11 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
     _warn_if_grad("backward", x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, dh_in,
                   dh_post, dh_res)
     return _backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res,
-                     gamma, backend, norm_eps, hc_eps, sinkhorn_iters)
+                     gamma, backend, norm_eps, hc_eps, sinkhorn_iters, dx_add)
 
 
 def _backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
-              backend, norm_eps, hc_eps, sinkhorn_iters):
+              backend, norm_eps, hc_eps, sinkhorn_iters, dx_add=None):
     args, (B, S, n, D), norm_eps, hc_eps, k = validate_pre(
         x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters)
     F = n * n + 2 * n
@@ -400,6 +404,8 @@ def _backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post
                  ("dh_res", dh_res, (B, S, n, n)))
     for name, a, shape in per_token:
         args.check(name, a, shape, _FLOATS)
+    if dx_add is not None:
+        args.check("dx_add", dx_add, (B, S, n, D), _FLOATS, "a gradient of x")
     _, mod = _select(args, B * S, needs="sinkhorn" if k else None)
     T, c = B * S, args.compute_dtype
     small = {name: _cast_to(a, c).reshape((T,) + shape[2:])
@@ -408,7 +414,9 @@ def _backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post
                dict(x=x.reshape(T, n, D), phi=_cast_to(phi, c), alpha=_cast_to(alpha, c),
                     bias=_cast_to(bias, c), dh_in=_cast_like(dh_in, x).reshape(T, D),
                     gamma=_cast_to(gamma, c), **small),
-               norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=k)
+               norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=k,
+               **({} if dx_add is None else
+                  {"dx_add": _to_backend(_cast_like(dx_add, x).reshape(T, n, D), mod.ARRAY_KIND)}))
     dx, *dparams = out
     own = [None if g is None else _cast_like(_from_backend(g, args), p)   # rounded once
            for g, p in zip(dparams, (phi, alpha, bias, gamma))]

@@ -20,12 +20,20 @@ from . import api, registry
 # ---------------------------------------------------------------------------------------------
 # custom ops: opaque to torch.compile (no graph breaks), with fake implementations for tracing
 
+def dx_slot(x: Tensor) -> Tensor:
+    """A tensor of x's shape and dtype that holds no data (one element, expanded): the pre op
+    outputs it so that a later consumer of x, the post operator in ``MHCLayer``, can hand its
+    gradient of x to the pre backward as this output's gradient, to be added to dx in the
+    kernel (one pass, one rounding) rather than by autograd after both have written theirs."""
+    return x.new_empty(1).expand(x.shape)
+
+
 @torch.library.custom_op("mhc_multi::pre_forward", mutates_args=())
 def _pre_forward_op(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, gamma: Optional[Tensor],
                     backend: str, norm_eps: float, hc_eps: float, sinkhorn_iters: int
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(api._forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps,
-                              sinkhorn_iters))
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out = api._forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters)
+    return (*out, dx_slot(x))
 
 
 def _gate_dtype(phi: Tensor) -> torch.dtype:
@@ -34,12 +42,12 @@ def _gate_dtype(phi: Tensor) -> torch.dtype:
 
 
 def _pre_forward_fake(x, phi):
-    """Empty outputs of the pre forward: ``(h_in, h_post, h_res, inv_rms, h_mix, h_pre)``."""
+    """Empty outputs of the pre op: ``(h_in, h_post, h_res, inv_rms, h_mix, h_pre, slot)``."""
     B, S, n, D = x.shape
     def p(*shape):
         return phi.new_empty(shape, dtype=_gate_dtype(phi))
     return (x.new_empty(B, S, D), p(B, S, n), p(B, S, n, n), p(B, S), p(B, S, n * n + 2 * n),
-            p(B, S, n))
+            p(B, S, n), dx_slot(x))
 
 
 @_pre_forward_op.register_fake
@@ -51,10 +59,11 @@ def _(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters):
 def _pre_backward_op(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, inv_rms: Tensor,
                      h_mix: Tensor, h_pre: Tensor, h_post: Tensor, dh_in: Tensor,
                      dh_post: Tensor, dh_res: Tensor, gamma: Optional[Tensor], backend: str,
-                     norm_eps: float, hc_eps: float, sinkhorn_iters: int
+                     norm_eps: float, hc_eps: float, sinkhorn_iters: int,
+                     dx_add: Optional[Tensor] = None
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     g = api._backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res,
-                      gamma, backend, norm_eps, hc_eps, sinkhorn_iters)
+                      gamma, backend, norm_eps, hc_eps, sinkhorn_iters, dx_add)
     # a custom op returns tensors only: no gamma -> an empty dgamma, turned back into None
     return g.dx, g.dphi, g.dalpha, g.dbias, g.dgamma if gamma is not None else phi.new_empty(0)
 
@@ -68,31 +77,33 @@ def _(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res
 
 def _pre_setup_context(ctx, inputs, output):
     x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters = inputs
-    _, h_post, _, inv_rms, h_mix, h_pre = output
+    _, h_post, _, inv_rms, h_mix, h_pre, _ = output
     ctx.save_for_backward(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post)
     ctx.opts = (backend, norm_eps, hc_eps, sinkhorn_iters)
 
 
 def pre_gradients(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
-                  dh_res, opts):
+                  dh_res, dslot, opts):
     """``(dx, dphi, dalpha, dbias, dgamma or None)`` of the pre operator; a gradient that autograd
-    passes as None (an output nobody used) counts as zeros. ``opts``: (backend, norm_eps,
+    passes as None (an output nobody used) counts as zeros. ``dslot``: the gradient of the
+    :func:`dx_slot` output (added to dx in the kernel), or None. ``opts``: (backend, norm_eps,
     hc_eps, sinkhorn_iters)."""
     B, S, n, D = x.shape
     dh_in = x.new_zeros(B, S, D) if dh_in is None else dh_in
     dh_post = torch.zeros_like(h_post) if dh_post is None else dh_post
     dh_res = h_post.new_zeros(B, S, n, n) if dh_res is None else dh_res
     dx, dphi, dalpha, dbias, dgamma = _pre_backward_op(
-        x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma, *opts)
+        x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma, *opts,
+        dslot)
     return dx, dphi, dalpha, dbias, dgamma if gamma is not None else None
 
 
-def _pre_backward(ctx, dh_in, dh_post, dh_res, *_intermediates):
+def _pre_backward(ctx, dh_in, dh_post, dh_res, _inv_rms, _h_mix, _h_pre, dslot):
     # inv_rms, h_mix and h_pre are saved for the backward, not differentiable outputs:
     # mhc_pre does not hand them out
     x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post = ctx.saved_tensors
     return (*pre_gradients(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, dh_in,
-                           dh_post, dh_res, ctx.opts), None, None, None, None)
+                           dh_post, dh_res, dslot, ctx.opts), None, None, None, None)
 
 
 _pre_forward_op.register_autograd(_pre_backward, setup_context=_pre_setup_context)
@@ -118,14 +129,22 @@ def mhc_pre(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps:
     return h_in, h_post, h_res
 
 
+def pre_with_slot(x, phi, alpha, bias, gamma, *, backend, norm_eps, hc_eps, sinkhorn_iters):
+    """``(h_in, h_post, h_res, slot)``: :func:`mhc_pre` (arguments already checked) and its
+    :func:`dx_slot`, for a consumer of x that passes its gradient of x through the slot."""
+    h_in, h_post, h_res, _, _, _, slot = _pre_forward_op(x, phi, alpha, bias, gamma, backend,
+                                                         norm_eps, hc_eps, sinkhorn_iters)
+    return h_in, h_post, h_res, slot
+
+
 @torch.library.custom_op("mhc_multi::post_forward", mutates_args=())
 def _post_forward_op(x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor,
-                     backend: str) -> Tensor:
+                     slot: Optional[Tensor], backend: str) -> Tensor:
     return api.post_forward(x, f_out, h_post, h_res, backend=backend)
 
 
 @_post_forward_op.register_fake
-def _(x, f_out, h_post, h_res, backend):
+def _(x, f_out, h_post, h_res, slot, backend):
     return torch.empty_like(x)
 
 
@@ -143,23 +162,34 @@ def _(x, f_out, h_post, h_res, dx_next, backend):
 
 
 def _post_setup_context(ctx, inputs, output):
-    x, f_out, h_post, h_res, backend = inputs
+    x, f_out, h_post, h_res, slot, backend = inputs
     ctx.save_for_backward(x, f_out, h_post, h_res)
-    ctx.backend = backend
+    ctx.backend, ctx.slot = backend, slot is not None
+
+
+def post_input_gradients(dx, df_out, dh_post, dh_res, slot: bool):
+    """The post op's gradients in its inputs' order ``(x, f_out, h_post, h_res, slot)``: with a
+    slot, x's gradient goes to the slot (the pre backward adds it to its dx), not to x."""
+    return (None, df_out, dh_post, dh_res, dx) if slot else (dx, df_out, dh_post, dh_res, None)
 
 
 def _post_backward(ctx, dx_next):
     x, f_out, h_post, h_res = ctx.saved_tensors
-    return (*_post_backward_op(x, f_out, h_post, h_res, dx_next, ctx.backend), None)
+    return (*post_input_gradients(*_post_backward_op(x, f_out, h_post, h_res, dx_next,
+                                                     ctx.backend), ctx.slot), None)
 
 
 _post_forward_op.register_autograd(_post_backward, setup_context=_post_setup_context)
 
 
-def mhc_post(x, f_out, h_post, h_res, *, backend: str = "auto"):
+def mhc_post(x, f_out, h_post, h_res, *, backend: str = "auto", slot=None):
     """Differentiable post operator: ``x_next = h_res @ x + h_post * f_out`` per token
-    (custom op ``mhc_multi::post_forward``, see :func:`mhc_multi.post_forward`)."""
-    return _post_forward_op(x, f_out, h_post, h_res, backend)
+    (custom op ``mhc_multi::post_forward``, see :func:`mhc_multi.post_forward`).
+
+    ``slot``: the fourth output of ``MHCPre(...)(x, dx_slot=True)`` for this x; the gradient of
+    x then reaches the pre backward through it and is added to dx in its kernel, and none flows
+    to x from here. Without it (the default) x gets its gradient as from any other op."""
+    return _post_forward_op(x, f_out, h_post, h_res, slot, backend)
 
 
 def default_bias(n: int, sinkhorn_iters: int = 0) -> torch.Tensor:
@@ -244,7 +274,13 @@ class MHCPre(torch.nn.Module):
         if self.gamma is not None:
             _assign(self.gamma, torch.ones(self.gamma.shape, dtype=torch.float64, device=dev))
 
-    def forward(self, x):
+    def forward(self, x, dx_slot: bool = False):
+        """``(h_in, h_post, h_res)``; with ``dx_slot=True`` also the slot to pass to
+        :func:`mhc_post` for the same x (dx summed in the pre backward's kernel)."""
+        if dx_slot:
+            return pre_with_slot(x, self.phi, self.alpha, self.bias, self.gamma,
+                                 backend=self.backend, norm_eps=self.norm_eps,
+                                 hc_eps=self.hc_eps, sinkhorn_iters=self.sinkhorn_iters)
         return mhc_pre(x, self.phi, self.alpha, self.bias, self.gamma, backend=self.backend,
                        norm_eps=self.norm_eps, hc_eps=self.hc_eps,
                        sinkhorn_iters=self.sinkhorn_iters)

@@ -52,17 +52,19 @@ class MHCLayer(torch.nn.Module):
         """``x_next [B,S,n,D]``. ``chain`` (:class:`MHCStack` with ``recompute``): the stream of
         the layer's group so far; unless x is the group's first stream, the backward rebuilds x
         from it instead of keeping x. The layer then adds its block output and gates to it."""
+        # the post operator's gradient of x reaches the pre backward through the slot and is
+        # added to dx in its kernel
         if chain is None or chain.is_anchor:
-            h_in, h_post, h_res = self.pre(x)
+            h_in, h_post, h_res, slot = self.pre(x, dx_slot=True)
             f_out = self.block(h_in)
-            x_next = mhc_post(x, f_out, h_post, h_res, backend=self.backend)
+            x_next = mhc_post(x, f_out, h_post, h_res, backend=self.backend, slot=slot)
         else:
             p = self.pre
-            h_in, h_post, h_res = pre_replayed(
+            h_in, h_post, h_res, slot = pre_replayed(
                 x, p.phi, p.alpha, p.bias, p.gamma, chain, backend=p.backend,
                 norm_eps=p.norm_eps, hc_eps=p.hc_eps, sinkhorn_iters=p.sinkhorn_iters)
             f_out = self.block(h_in)
-            x_next = post_replayed(x, f_out, h_post, h_res, chain, backend=self.backend)
+            x_next = post_replayed(x, f_out, h_post, h_res, slot, chain, backend=self.backend)
         if chain is not None:
             chain.extend(f_out, h_post, h_res)
         return x_next

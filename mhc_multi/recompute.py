@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from . import api
-from .autograd import _post_backward_op, _pre_forward_fake, pre_gradients
+from .autograd import (_post_backward_op, _pre_forward_fake, dx_slot, post_input_gradients,
+                       pre_gradients)
 
 _STEP = 3   # chain tensors per layer: f_out, h_post, h_res
 
@@ -102,9 +103,9 @@ def _(chain, backend, take, after):
 def _pre_forward_replayed_op(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor,
                              gamma: Tensor | None, chain: list[Tensor], backend: str,
                              norm_eps: float, hc_eps: float, sinkhorn_iters: int
-                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(api._forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps,
-                              sinkhorn_iters))
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out = api._forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters)
+    return (*out, dx_slot(x))
 
 
 @_pre_forward_replayed_op.register_fake
@@ -114,17 +115,17 @@ def _(x, phi, alpha, bias, gamma, chain, backend, norm_eps, hc_eps, sinkhorn_ite
 
 def _pre_setup(ctx, inputs, output):
     x, phi, alpha, bias, gamma, chain, *opts = inputs
-    _, h_post, _, inv_rms, h_mix, h_pre = output
+    _, h_post, _, inv_rms, h_mix, h_pre, _ = output
     ctx.save_for_backward(phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, *chain)
     ctx.opts = tuple(opts)
 
 
-def _pre_backward(ctx, dh_in, dh_post, dh_res, *_intermediates):
+def _pre_backward(ctx, dh_in, dh_post, dh_res, _inv_rms, _h_mix, _h_pre, dslot):
     phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, *chain = ctx.saved_tensors
-    after = next((g for g in (dh_in, dh_post, dh_res) if g is not None), h_post)
+    after = next((g for g in (dh_in, dh_post, dh_res, dslot) if g is not None), h_post)
     x = _replay_op(chain, ctx.opts[0], True, after)
     return (*pre_gradients(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post,
-                           dh_in, dh_post, dh_res, ctx.opts),
+                           dh_in, dh_post, dh_res, dslot, ctx.opts),
             [None] * len(chain), None, None, None, None)
 
 
@@ -136,26 +137,26 @@ _pre_forward_replayed_op.register_autograd(_pre_backward, setup_context=_pre_set
 
 @torch.library.custom_op("mhc_multi::post_forward_replayed", mutates_args=())
 def _post_forward_replayed_op(x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor,
-                              chain: list[Tensor], backend: str) -> Tensor:
+                              slot: Tensor | None, chain: list[Tensor], backend: str) -> Tensor:
     return api.post_forward(x, f_out, h_post, h_res, backend=backend)
 
 
 @_post_forward_replayed_op.register_fake
-def _(x, f_out, h_post, h_res, chain, backend):
+def _(x, f_out, h_post, h_res, slot, chain, backend):
     return torch.empty_like(x)
 
 
 def _post_setup(ctx, inputs, output):
-    x, f_out, h_post, h_res, chain, backend = inputs
+    x, f_out, h_post, h_res, slot, chain, backend = inputs
     ctx.save_for_backward(f_out, h_post, h_res, *chain)
-    ctx.backend = backend
+    ctx.backend, ctx.slot = backend, slot is not None
 
 
 def _post_backward(ctx, dx_next):
     f_out, h_post, h_res, *chain = ctx.saved_tensors
     x = _replay_op(chain, ctx.backend, False, dx_next)
-    return (*_post_backward_op(x, f_out, h_post, h_res, dx_next, ctx.backend),
-            [None] * len(chain), None)
+    grads = _post_backward_op(x, f_out, h_post, h_res, dx_next, ctx.backend)
+    return (*post_input_gradients(*grads, ctx.slot), [None] * len(chain), None)
 
 
 _post_forward_replayed_op.register_autograd(_post_backward, setup_context=_post_setup)
@@ -184,12 +185,13 @@ class StreamChain:
 
 def pre_replayed(x, phi, alpha, bias, gamma, chain: StreamChain, *, backend, norm_eps, hc_eps,
                  sinkhorn_iters):
-    """:func:`mhc_multi.mhc_pre` that rebuilds x from ``chain`` in the backward."""
-    h_in, h_post, h_res, *_ = _pre_forward_replayed_op(
+    """``(h_in, h_post, h_res, slot)`` as :func:`mhc_multi.autograd.pre_with_slot` gives them,
+    with x rebuilt from ``chain`` in the backward."""
+    h_in, h_post, h_res, _, _, _, slot = _pre_forward_replayed_op(
         x, phi, alpha, bias, gamma, chain.tensors, backend, norm_eps, hc_eps, sinkhorn_iters)
-    return h_in, h_post, h_res
+    return h_in, h_post, h_res, slot
 
 
-def post_replayed(x, f_out, h_post, h_res, chain: StreamChain, *, backend):
-    """:func:`mhc_multi.mhc_post` that rebuilds x from ``chain`` in the backward."""
-    return _post_forward_replayed_op(x, f_out, h_post, h_res, chain.tensors, backend)
+def post_replayed(x, f_out, h_post, h_res, slot, chain: StreamChain, *, backend):
+    """:func:`mhc_multi.mhc_post` with ``slot``, with x rebuilt from ``chain`` in the backward."""
+    return _post_forward_replayed_op(x, f_out, h_post, h_res, slot, chain.tensors, backend)

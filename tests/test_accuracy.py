@@ -159,3 +159,40 @@ def test_sinkhorn_zero_is_the_plain_contract(backend, seed):
     b = mhc_multi.forward(*inputs, backend=backend, sinkhorn_iters=0)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("x_dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "B{}S{}n{}D{}".format(*s))
+@pytest.mark.parametrize("backend", [_backend_param("numba"), _backend_param("numpy"),
+                                     _backend_param("triton")])
+def test_dx_add_is_added_once(backend, shape, x_dtype, poison, seed):
+    """backward(..., dx_add=a): dx + a within dx's bound of the float64 sum (a missing or a
+    doubled add is off by |a|, as large as dx), short rows (float64 dx) included."""
+    from mhc_multi import backward
+    from mhc_multi.backends import numpy_ref
+    from mhc_multi.crosscheck import relative_error
+    from mhc_multi.tolerances import tolerance
+    B, S, n, D = shape
+    T = B * S
+    device = _device(backend)
+    x, phi, alpha, bias, g = random_inputs(shape, x_dtype, seed=seed, device=device)
+    out = forward(x, phi, alpha, bias, g, backend="numpy")
+    rng = np.random.default_rng(seed + 1)
+
+    def rand(*s, dtype=torch.float32):
+        return torch.from_numpy(rng.standard_normal(s)).to(device=device, dtype=dtype)
+
+    dh_in, dh_post, dh_res = rand(B, S, D, dtype=x.dtype), rand(B, S, n), rand(B, S, n, n)
+    add = rand(B, S, n, D, dtype=x.dtype)
+    got = backward(x, phi, alpha, bias, out.inv_rms, out.h_mix, out.h_pre, out.h_post, dh_in,
+                   dh_post, dh_res, g, backend=backend, dx_add=add)
+
+    def c(t, *s):
+        return t.detach().cpu().double().numpy().reshape(s or t.shape)
+
+    ref = numpy_ref.backward64(
+        c(x, T, n, D), c(phi), c(alpha), c(bias), c(out.inv_rms, T), c(out.h_mix, T, n * n + 2 * n),
+        c(out.h_pre, T, n), c(out.h_post, T, n), c(dh_in, T, D), c(dh_post, T, n),
+        c(dh_res, T, n * n), c(g), norm_eps=1e-6, hc_eps=1e-6, dx_add=c(add, T, n, D))
+    err = relative_error(got.dx, ref[0].reshape(shape))
+    assert err <= tolerance("dx", x_dtype), f"seed={seed}: dx + dx_add off by {err:.2e}"

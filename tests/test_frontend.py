@@ -38,7 +38,7 @@ def _bwd_args(x, phi, alpha, bias, g):
     B, S, n, D = x.shape
     return dict(inv_rms=out.inv_rms, h_mix=out.h_mix, h_pre=out.h_pre, h_post=out.h_post,
                 dh_in=torch.randn(B, S, D, dtype=x.dtype), dh_post=torch.randn(B, S, n),
-                dh_res=torch.randn(B, S, n, n))
+                dh_res=torch.randn(B, S, n, n), dx_add=torch.randn(B, S, n, D, dtype=x.dtype))
 
 
 # (what to change, expected exception, the argument the message must name)
@@ -94,6 +94,8 @@ def test_forward_rejects_bad_input(case, spy, seed):
     ("h_pre", lambda t: t.int(), TypeError), ("h_post", lambda t: t[None], ValueError),
     ("dh_in", lambda t: t[..., :-1], ValueError), ("dh_in", lambda t: t.long(), TypeError),
     ("dh_post", lambda t: t.transpose(1, 2), ValueError), ("dh_res", lambda t: t[..., 0], ValueError),
+    ("dx_add", lambda t: t[:, :, :1], ValueError), ("dx_add", lambda t: t.int(), TypeError),
+    ("dx_add", lambda t: t.to("meta"), ValueError),
 ])
 def test_backward_rejects_bad_input(arg, bad, exc, spy, seed):
     x, phi, alpha, bias, g = _inputs(seed)

@@ -118,11 +118,13 @@ def cases():
                dict(N=1, D=1, F=3, F_PAD=16, BLOCK_T=64, BLOCK_D=32, NPA=precision._PIECES[dt][0][0],
                     NPB=3, INTERP=False, FA=16, FB=0, CAT=False, ILV=False, SEP=True))
     col = {"x_ptr": "*{0}", "dhin_ptr": "*{0}", "dx_ptr": "*{0}", "dm_ptr": "*bf16",
-           "hc_eps": "fp32"}
+           "hc_eps": "fp32", "dxadd_ptr": "*{0}"}
     no_exact = dict.fromkeys(("rms_ptr", "hmix_ptr", "hpost_ptr", "dhpost_ptr", "dres_ptr",
                               "alpha_ptr"))
-    for dt, D, n in (("bf16", 4096, 4), ("bf16", 16, 4), ("fp32", 4096, 4), ("bf16", 4096, 8),
-                     ("fp16", 4096, 6), ("fp32", 4096, 8), ("fp32", 3, 2), ("bf16", 1, 1)):
+    for dt, D, n, add in (("bf16", 4096, 4, False), ("bf16", 4096, 4, True), ("bf16", 16, 4, False),
+                          ("fp32", 4096, 4, False), ("bf16", 4096, 8, False),
+                          ("fp16", 4096, 6, False), ("fp32", 4096, 8, False), ("fp32", 3, 2, True),
+                          ("bf16", 1, 1, False)):
         cfg = config._make_config(n, D, dt, torch.device("cuda"))   # the launch rule's pieces, tiles
         (nwa, nwb), (npa, npb) = cfg["w_pieces"], cfg["p_pieces"]
         F = n * n + 2 * n
@@ -131,12 +133,12 @@ def cases():
         if exact:
             fa, fb = max(16, _util._next_pow2(F)), 0
         yield (f"_pre_bwd_col_kernel {dt} n={n} D={D} w{nwa}{nwb} P{npa}{npb} F{fa}+{fb}"
-               + " EXACT" * exact,
+               + " EXACT" * exact + " ADD" * add,
                pre_backward._pre_bwd_col_kernel, {k: v.format(dt) for k, v in col.items()},
                dict(N=n, D=D, F=F, F_PAD=max(16, _util._next_pow2(F)), BLOCK_T=cfg["col_bt"],
                     BLOCK_D=cfg["col_bd"], HAS_G=True, NWA=nwa, NWB=nwb, NPA=npa, NPB=npb,
-                    NDM=max(nwa, npa), INTERP=False, EXACT=exact, FA=fa, FB=fb,
-                    **({} if exact else no_exact)),
+                    NDM=max(nwa, npa), INTERP=False, EXACT=exact, FA=fa, FB=fb, HAS_ADD=add,
+                    **({} if exact else no_exact), **({} if add else {"dxadd_ptr": None})),
                cfg["col_warps"], cfg["col_stages"])
 
 

@@ -20,7 +20,8 @@ if numba is not None:
     #   dh_pre = sum_d dh_in[d] * x[i, d];  s = h_pre - hc_eps;  dp = dh_pre * s * (1 - s)
     #   dq = dh_post * h_post * (1 - h_post / 2);  dR = dh_res, or its SK_k VJP for k > 0
     #   e = [a_pre * dp, a_post * dq, a_res * dR];  dm = r * e;  dr = dot(e, m)
-    #   w = dm @ phi;  dx = w * g - (dr * r^3 / nD) * v + h_pre[i] * dh_in, rounded once
+    #   w = dm @ phi;  dx = w * g - (dr * r^3 / nD) * v + h_pre[i] * dh_in (+ dx_add where
+    #   has_add: another gradient of x, such as the post operator's), rounded once
     # and, summed per chunk into its own partials (dab = [dalpha, dbias] in fp64):
     #   dalpha += [dot(dp, r*m[:n]), dot(dq, r*m[n:2n]), dot(dR, r*m[2n:])]
     #   dbias += [dp, dq, dR]
@@ -30,13 +31,15 @@ if numba is not None:
     # rank-8 update of the dphi tile while it is in L2.
     # Arguments: x [T, nD] (storage kind), phi [F, nD] / g [nD] compute dtype, alpha [3] /
     # bias [F] fp64, inv_rms [T], h_mix [T, F], h_pre / h_post / dh_post [T, n], dh_res
-    # [T, n*n] gates' dtype, dh_in [T, D] (storage kind), zero = 0 in the compute dtype, sk = k;
+    # [T, n*n] gates' dtype, dh_in [T, D] and dx_add [T, nD] (storage kind; any array of that
+    # kind when not has_add), zero = 0 in the compute dtype, sk = k;
     # outputs dx [T, nD] (storage kind), dphi_p [C, F, nD], dg_p [C, nD] compute dtype and
     # dab_p [C, 3 + F] fp64, one row per chunk.
 
     @njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
     def _pre_bwd_kernel(x, phi, g, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
-                        dh_res, hc_eps, n, D, csize, has_gamma, zero, sk, dx, dphi_p, dg_p, dab_p):
+                        dh_res, hc_eps, n, D, csize, has_gamma, zero, sk, dx_add, has_add, dx,
+                        dphi_p, dg_p, dab_p):
         T = x.shape[0]
         nD = n * D
         F = phi.shape[0]
@@ -189,8 +192,11 @@ if numba is not None:
                                     hj = hpc[g0 + jj, i]
                                     for k in range(Lu):
                                         kk = ku0 + k
-                                        _st(dx, t, kk, wt[jq, k] * g[kk] - cj * vt[jj, k]
-                                            + hj * _ld(dh_in, t, du0 + k))
+                                        d = (wt[jq, k] * g[kk] - cj * vt[jj, k]
+                                             + hj * _ld(dh_in, t, du0 + k))
+                                        if has_add:
+                                            d += _ld(dx_add, t, kk)
+                                        _st(dx, t, kk, d)
                                     if has_gamma:
                                         for k in range(Lu):
                                             dg_c[ku0 + k] += vt[jj, k] * wt[jq, k]
@@ -230,9 +236,10 @@ if numba is not None:
 
 
 def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
-             *, norm_eps, hc_eps, sinkhorn_iters=0):
+             *, norm_eps, hc_eps, sinkhorn_iters=0, dx_add=None):
     """(dx [T,n,D] in x's encoding; dphi [F,nD], dalpha [3], dbias [F], dgamma [n,D] or None
-    in phi's dtype) from the forward's intermediates and the cotangents dh_in, dh_post, dh_res."""
+    in phi's dtype) from the forward's intermediates and the cotangents dh_in, dh_post, dh_res;
+    ``dx_add`` [T,n,D] in x's encoding is added to dx before its one rounding."""
     sk = int(sinkhorn_iters)  # one int64 argument: every k shares one compiled kernel
     T, n, D = x.shape
     nD = n * D
@@ -255,7 +262,9 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         _pre_bwd_kernel(storage(x).reshape(T, nD), phic, g, np.asarray(alpha, np.float64),
                         np.asarray(bias, np.float64), inv_rms, h_mix, h_pre, h_post,
                         storage(dh_in), dh_post, dh_res.reshape(T, n * n), float(hc_eps), n, D,
-                        csize, gamma is not None, cd(0), sk, storage(dx).reshape(T, nD), dphi_p,
+                        csize, gamma is not None, cd(0), sk,
+                        storage(dx if dx_add is None else dx_add).reshape(T, nD),
+                        dx_add is not None, storage(dx).reshape(T, nD), dphi_p,
                         dg_p[:, 0], dab_p[:, 0])
         dphi = empty((F, nD), pd)
         _reduce_partials_kernel(dphi_p, dphi)

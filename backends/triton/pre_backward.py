@@ -159,6 +159,8 @@ if triton is not None:
         # dR [T, n*n] (dh_res, or its Sinkhorn pull-back), alpha [3]; and hc_eps
         rms_ptr=None, hmix_ptr=None, hpost_ptr=None, dhpost_ptr=None, dres_ptr=None,
         alpha_ptr=None, hc_eps=0.0,
+        HAS_ADD: tl.constexpr = False,
+        dxadd_ptr=None,  # [T, n, D] x dtype (HAS_ADD): added to dx before its one rounding
     ):
         ND: tl.constexpr = N * D
         NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
@@ -196,10 +198,13 @@ if triton is not None:
             hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
             xv = tl.load(x_ptr + rows64[:, None] * ND + col[None, :], mask=m2, other=0.0)
             dh = tl.load(dhin_ptr + rows64[:, None] * D + d[None, :], mask=m2, other=0.0)
+            if HAS_ADD:
+                xa = tl.load(dxadd_ptr + rows64[:, None] * ND + col[None, :], mask=m2, other=0.0)
             if EXACT:
                 dx = _dx_exact(x_ptr, rms_ptr, hmix_ptr, hpre_ptr, hpost_ptr, dhin_ptr,
-                               dhpost_ptr, dres_ptr, alpha_ptr, phi_ptr, g_ptr, hc_eps, xv, dh, hp, rows64, rmask, col, dmask,
-                               N, D, HAS_G)
+                               dhpost_ptr, dres_ptr, alpha_ptr, phi_ptr, g_ptr, hc_eps, xv, dh,
+                               hp, xa.to(tl.float64) if HAS_ADD else 0.0, rows64, rmask, col,
+                               dmask, N, D, HAS_G)
             else:
                 w = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
                 w = _col_w(dm_ptr, rows64, rm2, ff, p0, p1, p2, w, T, F_PAD, NWA, NWB, INTERP)
@@ -210,6 +215,8 @@ if triton is not None:
                     w = w * g[None, :]
                 xf = xv.to(tl.float32)
                 dx = w - coef[:, None] * xf + hp[:, None] * dh.to(tl.float32)
+                if HAS_ADD:
+                    dx += xa.to(tl.float32)
             tl.store(dx_ptr + rows64[:, None] * ND + col[None, :],
                      _round_out(dx, dx_ptr.dtype.element_ty, INTERP), mask=m2)
             # P += dm^T @ x (_col_p)
@@ -300,10 +307,11 @@ if triton is not None:
 
 @_on_x_device
 def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
-             *, norm_eps, hc_eps, sinkhorn_iters=0):
+             *, norm_eps, hc_eps, sinkhorn_iters=0, dx_add=None):
     """(dx [T,n,D] x dtype, dphi [F,nD], dalpha [3], dbias [F], dgamma [n,D] or None; the
     parameter gradients in phi's dtype) from the forward's inputs and intermediates and the
-    gradients dh_in [T,D] (x's dtype), dh_post [T,n], dh_res [T,n,n] (fp32)."""
+    gradients dh_in [T,D] (x's dtype), dh_post [T,n], dh_res [T,n,n] (fp32). ``dx_add``
+    [T,n,D] (x's dtype) is added to dx in the column kernel, before its one rounding."""
     k = int(sinkhorn_iters)
     T, n, D = x.shape
     F = n * n + 2 * n
@@ -376,9 +384,12 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
                       HAS_G=g is not None,
                       NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(),
                       FA=fa, FB=fb, **exact, **_launch_kw(cfg, "col"))
+        if dx_add is not None:
+            col_kw.update(HAS_ADD=True, dxadd_ptr=dx_add.contiguous())
         res = None
         if cfg.get("col_occ") == "auto":   # the splits fill waves of the programs that fit
-            res = _resident(_pre_bwd_col_kernel, ("col", n, D, dname, dev, g is not None),
+            res = _resident(_pre_bwd_col_kernel,
+                            ("col", n, D, dname, dev, g is not None, dx_add is not None),
                             dev, col_args, col_kw)
         grid, col_args[10] = _col_grid(T, n, D, cfg, sms, res)
         splits = grid[-1]

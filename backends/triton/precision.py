@@ -186,10 +186,11 @@ if triton is not None:
 
     @triton.jit
     def _dx_exact(x_ptr, rms_ptr, hmix_ptr, hpre_ptr, hpost_ptr, dhin_ptr, dhpost_ptr, dres_ptr,
-                  alpha_ptr, phi_ptr, g_ptr, hc_eps, xv, dh, hp, rows64, rmask, col, dmask,
+                  alpha_ptr, phi_ptr, g_ptr, hc_eps, xv, dh, hp, xa, rows64, rmask, col, dmask,
                   N: tl.constexpr, D: tl.constexpr, HAS_G: tl.constexpr):
-        """dx of short rows (n*D <= SMALL_ND) in float64 (then fp32, rounded once more to x's
-        dtype by the caller), e and dm included, from the backward's own inputs.
+        """dx of short rows (n*D <= SMALL_ND), plus xa (another gradient of x, or 0), in float64
+        (then fp32, rounded once more to x's dtype by the caller), e and dm included, from the
+        backward's own inputs.
 
         dx = sum_f dm_f (phi_f g - r^2 x m_f / nD) + h_pre dh_in: for short rows the two parts
         cancel (n*D = 1: to eps*r^2 of their size), which multiplies any rounding of dm_f, so
@@ -232,7 +233,7 @@ if triton is not None:
             w = w * tl.load(g_ptr + col, mask=dmask, other=0.0).to(tl.float64)[None, :]
         coef = r * r * r * dr / ND
         return (w - coef[:, None] * xv.to(tl.float64)
-                + hp.to(tl.float64)[:, None] * dh.to(tl.float64)).to(tl.float32)
+                + hp.to(tl.float64)[:, None] * dh.to(tl.float64) + xa).to(tl.float32)
 
     @triton.jit
     def _dx_exact_gate(e, f, w, dr, hmix_ptr, phi_ptr, rows64, rmask, col, dmask,
