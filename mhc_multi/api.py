@@ -57,20 +57,31 @@ def _torch():
     return sys.modules.get("torch")  # torch is only needed when the caller already uses it
 
 
+_TENSOR = None   # torch.Tensor, once torch has been imported (by the caller)
+
+
 def _is_tensor(a) -> bool:
-    torch = _torch()
-    return torch is not None and isinstance(a, torch.Tensor)
+    global _TENSOR
+    if _TENSOR is None:
+        torch = _torch()
+        if torch is None:
+            return False
+        _TENSOR = torch.Tensor
+    return isinstance(a, _TENSOR)
 
 
 _NP_NAMES = {np.dtype(np.float16): "fp16", np.dtype(np.float32): "fp32", np.dtype(np.float64): "fp64"}
+_TORCH_NAMES: dict = {}   # torch dtype -> name, filled on first use
 
 
 def dtype_name(a) -> str | None:
     """'bf16' | 'fp16' | 'fp32' | 'fp64' for a float array or tensor, else None."""
     if _is_tensor(a):
-        torch = _torch()
-        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-                torch.float64: "fp64"}.get(a.dtype)
+        if not _TORCH_NAMES:
+            torch = _torch()
+            _TORCH_NAMES.update({torch.bfloat16: "bf16", torch.float16: "fp16",
+                                 torch.float32: "fp32", torch.float64: "fp64"})
+        return _TORCH_NAMES.get(a.dtype)
     return _NP_NAMES.get(np.dtype(a.dtype))
 
 
@@ -87,8 +98,9 @@ class _Args:
             if x.device.type == "meta":
                 raise ValueError("x: expected a tensor with data (cpu or cuda), got device meta")
             self.kind, self.device = "torch", x.device
+            self.on_cpu = x.device.type == "cpu"
         elif isinstance(x, np.ndarray):
-            self.kind, self.device = "numpy", None
+            self.kind, self.device, self.on_cpu = "numpy", None, True
         else:
             raise TypeError(f"x: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
         self.backend = backend
@@ -230,14 +242,53 @@ def _warn_if_grad(fn: str, *tensors) -> None:
     """forward / backward take and return plain values: say so once when an input requires
     grad (the result will not be connected to the autograd graph)."""
     global _warned_grad
-    if _warned_grad or _torch() is None:
+    if _warned_grad or _torch() is None or not _torch().is_grad_enabled():
         return
-    if any(_is_tensor(t) and t.requires_grad for t in tensors) and _torch().is_grad_enabled():
+    if any(getattr(t, "requires_grad", False) for t in tensors):
         _warned_grad = True
         warnings.warn(f"mhc_multi.{fn} takes and returns plain values: its outputs are not "
                       "connected to the autograd graph. Use mhc_multi.mhc_pre or the "
                       "mhc_multi.MHCPre module to differentiate through the operator.",
                       UserWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# plans: what validation and the choice of backend decided, cached per signature
+
+#: signature -> plan. A signature holds what the checks and the choice of backend depend on:
+#: each argument's type, shape, dtype and device, the scalar options with their types, the
+#: backend asked for and the environment variables "auto" reads. Bad input raises while its plan
+#: is built and is never cached, so every error is the same as without the cache.
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def _sig(a):
+    """One argument's part of a signature."""
+    if a is None:
+        return None
+    return (type(a), getattr(a, "shape", None), getattr(a, "dtype", None),
+            getattr(a, "device", None))
+
+
+def _planned(key: tuple, build):
+    """The plan of ``key``, built (and kept) by ``build()`` on first use."""
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:   # an unhashable option: no plan to keep; build() checks it
+        return build()
+    if plan is None:
+        plan = build()
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _env() -> tuple:
+    """What a plan depends on besides the arguments: the registry and the environment."""
+    return (registry.generation, os.environ.get(registry.ENV_VAR),
+            os.environ.get("TRITON_INTERPRET"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,23 +323,40 @@ def _select(args: _Args, total_tokens: int, *, needs: str | None = None):
     return name, mod
 
 
-def _to_backend(a, kind: str, own: bool = False):
+class _DLPack:
+    """A DLPack capsule as ``np.from_dlpack`` takes it (a CPU tensor's, from ``to_dlpack``)."""
+    __slots__ = ("capsule",)
+
+    def __init__(self, capsule):
+        self.capsule = capsule
+
+    def __dlpack__(self, stream=None, **_):
+        return self.capsule
+
+    def __dlpack_device__(self):
+        return (1, 0)   # kDLCPU
+
+
+def _to_backend(a, kind: str):
     """An argument as the backend's contiguous container (bf16 -> uint16 words for numpy).
 
-    ``own``: a CPU tensor is copied rather than viewed as a numpy array. ``Tensor.numpy()``
-    makes the storage non-resizable for good, and FSDP2 frees its gathered parameters with
-    ``storage.resize_(0)``; the parameters are small, so they are copied."""
+    A CPU tensor is viewed through DLPack, which leaves its storage resizable:
+    ``Tensor.numpy()`` would make it non-resizable for good, and FSDP2 frees its gathered
+    parameters with ``storage.resize_(0)``. The array holds the tensor alive."""
     if a is None:
         return None
     if kind == "numpy":
         if _is_tensor(a):
             torch = _torch()
-            t = a.detach().cpu().contiguous()
-            if own and t.data_ptr() == a.data_ptr():
-                t = t.clone()
-            if t.dtype == torch.bfloat16:
-                return t.view(torch.int16).numpy().view(np.uint16)
-            return t.numpy()
+            t = a.detach() if a.requires_grad else a
+            if t.device.type != "cpu":
+                t = t.cpu()
+            t = t.contiguous()
+            bf16 = t.dtype == torch.bfloat16
+            if bf16:
+                t = t.view(torch.int16)
+            a = np.from_dlpack(_DLPack(torch.utils.dlpack.to_dlpack(t)))
+            return a.view(np.uint16) if bf16 else a
         return np.ascontiguousarray(a)
     torch = _torch()
     if _is_tensor(a):
@@ -303,20 +371,26 @@ def _from_backend(a, args: _Args, shape: tuple | None = None):
     if args.kind == "numpy":
         if _is_tensor(a):
             a = a.cpu().numpy()
-    else:
-        torch = _torch()
-        if isinstance(a, np.ndarray):
-            a = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == np.uint16
-                 else torch.from_numpy(a))
+        return a if shape is None else a.reshape(shape)
+    torch = _torch()
+    if isinstance(a, np.ndarray):   # reshaped first: a numpy view is cheaper than a torch one
+        if shape is not None:
+            a, shape = a.reshape(shape), None
+        a = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == np.uint16
+             else torch.from_numpy(a))
+    if not args.on_cpu and a.device != args.device:
         a = a.to(args.device)
     return a if shape is None else a.reshape(shape)
 
 
-_PARAMETERS = frozenset({"phi", "alpha", "bias", "gamma"})
-
-
 def _run(args: _Args, mod, fn: str, inputs: dict, **kw):
-    conv = {k: _to_backend(v, mod.ARRAY_KIND, own=k in _PARAMETERS) for k, v in inputs.items()}
+    """``mod.fn(**inputs, **kw)`` with each input (a value, or ``(value, shape)``) in the
+    backend's container, reshaped there (a view: the conversion made it contiguous)."""
+    kind, conv = mod.ARRAY_KIND, {}
+    for k, v in inputs.items():
+        v, shape = v if isinstance(v, tuple) else (v, None)
+        a = _to_backend(v, kind)
+        conv[k] = a if shape is None or a is None else a.reshape(shape)
     return getattr(mod, fn)(**conv, **kw)
 
 
@@ -351,13 +425,27 @@ def forward(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps:
     return _forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters)
 
 
-def _forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters):
-    args, (B, S, n, D), norm_eps, hc_eps, k = validate_pre(
+def _pre_key(op, x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters):
+    return (op, backend, type(norm_eps), norm_eps, type(hc_eps), hc_eps, type(sinkhorn_iters),
+            sinkhorn_iters, _env(), _sig(x), _sig(phi), _sig(alpha), _sig(bias), _sig(gamma))
+
+
+def _pre_plan(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters):
+    """``(args, (B, S, n, D), norm_eps, hc_eps, k, backend module)`` for the pre operator."""
+    args, dims, norm_eps, hc_eps, k = validate_pre(
         x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters)
-    _, mod = _select(args, B * S, needs="sinkhorn" if k else None)
+    _, mod = _select(args, dims[0] * dims[1], needs="sinkhorn" if k else None)
+    return args, dims, norm_eps, hc_eps, k, mod
+
+
+def _forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters):
+    opts = (backend, norm_eps, hc_eps, sinkhorn_iters)
+    args, (B, S, n, D), norm_eps, hc_eps, k, mod = _planned(
+        _pre_key("fwd", x, phi, alpha, bias, gamma, *opts),
+        lambda: _pre_plan(x, phi, alpha, bias, gamma, *opts))
     T, F, c = B * S, n * n + 2 * n, args.compute_dtype
     out = _run(args, mod, "forward",
-               dict(x=x.reshape(T, n, D), phi=_cast_to(phi, c), alpha=_cast_to(alpha, c),
+               dict(x=(x, (T, n, D)), phi=_cast_to(phi, c), alpha=_cast_to(alpha, c),
                     bias=_cast_to(bias, c), gamma=_cast_to(gamma, c)),
                norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=k)
     shapes = ((B, S, D), (B, S, n), (B, S, n, n), (B, S), (B, S, F), (B, S, n))
@@ -393,30 +481,42 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
                      gamma, backend, norm_eps, hc_eps, sinkhorn_iters, dx_add)
 
 
+def _per_token(B, S, n, D, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res):
+    """(name, value, expected shape) of the backward's per-token arguments."""
+    return (("inv_rms", inv_rms, (B, S)), ("h_mix", h_mix, (B, S, n * n + 2 * n)),
+            ("h_pre", h_pre, (B, S, n)), ("h_post", h_post, (B, S, n)),
+            ("dh_in", dh_in, (B, S, D)), ("dh_post", dh_post, (B, S, n)),
+            ("dh_res", dh_res, (B, S, n, n)))
+
+
 def _backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
               backend, norm_eps, hc_eps, sinkhorn_iters, dx_add=None):
-    args, (B, S, n, D), norm_eps, hc_eps, k = validate_pre(
-        x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters)
-    F = n * n + 2 * n
-    per_token = (("inv_rms", inv_rms, (B, S)), ("h_mix", h_mix, (B, S, F)),
-                 ("h_pre", h_pre, (B, S, n)), ("h_post", h_post, (B, S, n)),
-                 ("dh_in", dh_in, (B, S, D)), ("dh_post", dh_post, (B, S, n)),
-                 ("dh_res", dh_res, (B, S, n, n)))
-    for name, a, shape in per_token:
-        args.check(name, a, shape, _FLOATS)
-    if dx_add is not None:
-        args.check("dx_add", dx_add, (B, S, n, D), _FLOATS, "a gradient of x")
-    _, mod = _select(args, B * S, needs="sinkhorn" if k else None)
+    opts = (backend, norm_eps, hc_eps, sinkhorn_iters)
+    grads = (inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, dx_add)
+
+    def plan():
+        p = _pre_plan(x, phi, alpha, bias, gamma, *opts)
+        args, (B, S, n, D) = p[:2]
+        for name, a, shape in _per_token(B, S, n, D, *grads[:-1]):
+            args.check(name, a, shape, _FLOATS)
+        if dx_add is not None:
+            args.check("dx_add", dx_add, (B, S, n, D), _FLOATS, "a gradient of x")
+        return p
+
+    args, (B, S, n, D), norm_eps, hc_eps, k, mod = _planned(
+        _pre_key("bwd", x, phi, alpha, bias, gamma, *opts) + tuple(_sig(a) for a in grads),
+        plan)
+    per_token = _per_token(B, S, n, D, *grads[:-1])
     T, c = B * S, args.compute_dtype
-    small = {name: _cast_to(a, c).reshape((T,) + shape[2:])
-             for name, a, shape in per_token if name != "dh_in"}
-    out = _run(args, mod, "backward",
-               dict(x=x.reshape(T, n, D), phi=_cast_to(phi, c), alpha=_cast_to(alpha, c),
-                    bias=_cast_to(bias, c), dh_in=_cast_like(dh_in, x).reshape(T, D),
-                    gamma=_cast_to(gamma, c), **small),
-               norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=k,
-               **({} if dx_add is None else
-                  {"dx_add": _to_backend(_cast_like(dx_add, x).reshape(T, n, D), mod.ARRAY_KIND)}))
+    inputs = {name: (_cast_to(a, c), (T,) + shape[2:])
+              for name, a, shape in per_token if name != "dh_in"}
+    inputs.update(x=(x, (T, n, D)), phi=_cast_to(phi, c), alpha=_cast_to(alpha, c),
+                  bias=_cast_to(bias, c), dh_in=(_cast_like(dh_in, x), (T, D)),
+                  gamma=_cast_to(gamma, c))
+    if dx_add is not None:
+        inputs["dx_add"] = (_cast_like(dx_add, x), (T, n, D))
+    out = _run(args, mod, "backward", inputs, norm_eps=norm_eps, hc_eps=hc_eps,
+               sinkhorn_iters=k)
     dx, *dparams = out
     own = [None if g is None else _cast_like(_from_backend(g, args), p)   # rounded once
            for g, p in zip(dparams, (phi, alpha, bias, gamma))]
@@ -437,6 +537,16 @@ def _check_post(args: _Args, x, f_out, h_post, h_res):
     return B, S, n, D
 
 
+def _post_plan(x, f_out, h_post, h_res, dx_next, backend):
+    """``(args, (B, S, n, D), backend module)`` for the post operator (``dx_next``: backward)."""
+    args = _Args(x, backend)
+    B, S, n, D = _check_post(args, x, f_out, h_post, h_res)
+    if dx_next is not None:
+        args.check("dx_next", dx_next, (B, S, n, D), _FLOATS)
+    _, mod = _select(args, B * S, needs="post")
+    return args, (B, S, n, D), mod
+
+
 def post_forward(x, f_out, h_post, h_res, *, backend: str = "auto"):
     """``x_next[b,s,i,:] = sum_j h_res[b,s,i,j] x[b,s,j,:] + h_post[b,s,i] f_out[b,s,:]``.
 
@@ -445,14 +555,13 @@ def post_forward(x, f_out, h_post, h_res, *, backend: str = "auto"):
     16-bit gates are computed in fp32). Returns ``x_next [B,S,n,D]`` in x's dtype. Plain
     values, like :func:`forward`; :func:`mhc_multi.mhc_post` is the differentiable form.
     """
-    args = _Args(x, backend)
-    B, S, n, D = _check_post(args, x, f_out, h_post, h_res)
-    _, mod = _select(args, B * S, needs="post")
+    args, (B, S, n, D), mod = _planned(
+        ("post_fwd", backend, _env(), *(_sig(a) for a in (x, f_out, h_post, h_res))),
+        lambda: _post_plan(x, f_out, h_post, h_res, None, backend))
     T, c = B * S, args.compute_dtype
     out = _run(args, mod, "post_forward",
-               dict(x=x.reshape(T, n, D), f_out=_cast_like(f_out, x).reshape(T, D),
-                    h_post=_cast_to(h_post, c).reshape(T, n),
-                    h_res=_cast_to(h_res, c).reshape(T, n, n)))
+               dict(x=(x, (T, n, D)), f_out=(_cast_like(f_out, x), (T, D)),
+                    h_post=(_cast_to(h_post, c), (T, n)), h_res=(_cast_to(h_res, c), (T, n, n))))
     return _from_backend(out, args, (B, S, n, D))
 
 
@@ -463,16 +572,14 @@ def post_backward(x, f_out, h_post, h_res, dx_next, *, backend: str = "auto") ->
     x's dtype, ``dh_post`` and ``dh_res`` in h_post's dtype (rounded once from fp32 when it
     is 16-bit).
     """
-    args = _Args(x, backend)
-    B, S, n, D = _check_post(args, x, f_out, h_post, h_res)
-    args.check("dx_next", dx_next, (B, S, n, D), _FLOATS)
-    _, mod = _select(args, B * S, needs="post")
+    args, (B, S, n, D), mod = _planned(
+        ("post_bwd", backend, _env(), *(_sig(a) for a in (x, f_out, h_post, h_res, dx_next))),
+        lambda: _post_plan(x, f_out, h_post, h_res, dx_next, backend))
     T, c = B * S, args.compute_dtype
     out = _run(args, mod, "post_backward",
-               dict(x=x.reshape(T, n, D), f_out=_cast_like(f_out, x).reshape(T, D),
-                    h_post=_cast_to(h_post, c).reshape(T, n),
-                    h_res=_cast_to(h_res, c).reshape(T, n, n),
-                    dx_next=_cast_like(dx_next, x).reshape(T, n, D)))
+               dict(x=(x, (T, n, D)), f_out=(_cast_like(f_out, x), (T, D)),
+                    h_post=(_cast_to(h_post, c), (T, n)), h_res=(_cast_to(h_res, c), (T, n, n)),
+                    dx_next=(_cast_like(dx_next, x), (T, n, D))))
     dx, df_out, dhp, dhr = (_from_backend(a, args, s) for a, s in
                             zip(out, ((B, S, n, D), (B, S, D), (B, S, n), (B, S, n, n))))
     return PostGradients(dx, df_out, _cast_like(dhp, h_post), _cast_like(dhr, h_post))

@@ -21,11 +21,11 @@ from . import api, registry
 # custom ops: opaque to torch.compile (no graph breaks), with fake implementations for tracing
 
 def dx_slot(x: Tensor) -> Tensor:
-    """A tensor of x's shape and dtype that holds no data (one element, expanded): the pre op
+    """A tensor of x's shape and dtype that holds no data (one zero, expanded): the pre op
     outputs it so that a later consumer of x, the post operator in ``MHCLayer``, can hand its
     gradient of x to the pre backward as this output's gradient, to be added to dx in the
     kernel (one pass, one rounding) rather than by autograd after both have written theirs."""
-    return x.new_empty(1).expand(x.shape)
+    return x.new_zeros(1).expand(x.shape)
 
 
 @torch.library.custom_op("mhc_multi::pre_forward", mutates_args=())

@@ -57,15 +57,24 @@ def available_backends() -> list[BackendInfo]:
     return [BackendInfo(name, (r := _reason(name)) is None, r) for name in BACKENDS]
 
 
+#: bumped by register / unregister: the front end's cached plans name the generation they
+#: were made in (api._env), so a plan never outlives the backend it chose
+generation = 0
+
+
 def register(name: str, module: ModuleType) -> None:
     """Add (or replace) a backend under ``name``: a module or object with the interface above."""
+    global generation
     BACKENDS[name] = getattr(module, "__name__", name)
     _loaded[name] = module
+    generation += 1
 
 
 def unregister(name: str) -> None:
+    global generation
     BACKENDS.pop(name, None)
     _loaded.pop(name, None)
+    generation += 1
 
 
 def check_name(backend: str) -> str:

@@ -396,3 +396,28 @@ def test_module_repr_and_gamma_slot():
     assert "gamma" in m._parameters and m.gamma is None   # registered, as None
     r = repr(m)
     assert "norm_eps=1e-05" in r and "hc_eps=0" in r and "gamma=False" in r, r
+
+
+def test_cached_plans_keep_every_check(monkeypatch, spy, seed):
+    """The front end remembers what it checked per signature (types, shapes, dtypes, devices,
+    options): a call that differs in any of them is checked in full, with the same errors, and
+    $MHC_MULTI_BACKEND is read again at every call with backend="auto"."""
+    import mhc_multi.api as api
+    x, phi, alpha, bias, g = _inputs(seed)
+    forward(x, phi, alpha, bias, g, backend="numpy")
+    forward(x, phi, alpha, bias, g, backend="numpy")          # a plan hit
+    assert any(k[0] == "fwd" for k in api._PLANS)
+    cases = [(dict(alpha=torch.zeros(4)), ValueError, "alpha"),
+             (dict(norm_eps=True), TypeError, "norm_eps"),           # True == 1, but a bool
+             (dict(sinkhorn_iters=1.0), TypeError, "sinkhorn_iters"),
+             (dict(norm_eps=np.array([1e-6])), TypeError, "norm_eps"),  # unhashable
+             (dict(phi=phi.double()), TypeError, "alpha")]
+    for change, exc, name in cases:
+        kw = dict(x=x, phi=phi, alpha=alpha, bias=bias, gamma=g, backend="numpy", norm_eps=1)
+        kw.update(change)
+        with pytest.raises(exc) as info:
+            forward(**kw)
+        assert str(info.value).startswith(name), str(info.value)
+    monkeypatch.setenv("MHC_MULTI_BACKEND", "spy")
+    forward(x, phi, alpha, bias, g)                            # auto: the variable, now spy
+    assert len(spy) == 1
