@@ -36,3 +36,16 @@ def test_model_bench_quick_writes_json(tmp_path):
     assert all("error" not in r for r in rows.values()), rows
     assert (rows["mHC recompute=4"]["memory_over_residual_bytes"]
             < rows["mHC"]["memory_over_residual_bytes"])
+
+
+def test_step_bench_quick_writes_json(tmp_path):
+    """bench/step.py on the CPU: both implementations time both passes and agree."""
+    out = tmp_path / "step.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "step.py"), "--device", "cpu",
+                          "--quick", "--eager", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [r for r in json.loads(out.read_text())["rows"] if "ms" in r]
+    assert {(r["impl"], r["pass_"]) for r in rows} == {
+        (i, p) for i in ("mhc_multi", "torch eager") for p in ("fwd", "fwd+bwd")}, rows
+    assert all(r["ms"] > 0 and r["rel_diff_vs_first"] < 0.05 for r in rows), rows

@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""The whole mHC step, pre -> block -> post, forward and forward+backward, side by side.
+
+The step is ``MHCLayer(block)`` on x [B,S,n,D] with Sinkhorn (k = 20) and fp32 parameters; the
+block is a per-channel scale ``f = h_in * w`` so that nearly all the traffic is mHC's. Each
+implementation runs the same step on the same tensors:
+
+* ``mhc_multi``: ``MHCLayer`` (autograd through the package's custom ops);
+* ``torch compile``: the same step in plain PyTorch (``torch_reference.forward`` for pre, einsum
+  for post, autograd for the backward) under ``torch.compile``;
+* ``torch eager``: the same without compile (``--eager``);
+* ``liger``: Liger-Kernel's mHC where ``liger_kernel`` is importable and has one, else n/a.
+
+Forward+backward is ``torch.autograd.grad`` of the output with respect to x and every parameter.
+The floor is the bytes the step must move, each tensor counted once (``floor_bytes``), over the
+copy bandwidth measured in the same run. Writes every row to JSON (``--json``, default
+``$OUT/step.json``, else ``bench/results/step-<device>.json``).
+
+    python bench/step.py                                  # CUDA: (4,4096,4,4096), (4,8192,4,7168)
+    python bench/step.py --shapes 2,4096,1,4096 --ns 1,2,3,4,5,6,7,8
+    python bench/step.py --device cpu --quick             # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+import mhc_multi  # noqa: E402
+import torch_reference as tref  # noqa: E402
+from bench import copy_bandwidth  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+K = 20
+
+
+class Scale(torch.nn.Module):
+    """The block: ``f = h_in * w`` (per channel)."""
+
+    def __init__(self, D, **kw):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(D, **kw) + 0.01 * torch.randn(D, **kw))
+
+    def forward(self, h):
+        return h * self.w
+
+
+class PlainStep(torch.nn.Module):
+    """The step in plain PyTorch, with the same parameters as an ``MHCLayer``."""
+
+    def __init__(self, layer: mhc_multi.MHCLayer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        p = self.layer.pre
+        h_in, h_post, h_res, *_ = tref.forward(x, p.phi, p.alpha, p.bias, p.gamma,
+                                               sinkhorn_iters=K)
+        f = self.layer.block(h_in)
+        x_next = torch.einsum("bsij,bsjd->bsid", h_res, x.to(h_res.dtype)) \
+            + h_post[..., None] * f[:, :, None, :].to(h_post.dtype)
+        return x_next.to(x.dtype)
+
+
+def floor_bytes(B, S, n, D, x_bytes, backward: bool) -> int:
+    """Bytes the step must move, each tensor once. Forward: x, phi (read); h_in (written by pre,
+    read by the block), f (written by the block, read by post), x_next (written). Backward
+    adds dx_next (read), df and dh_in (one pass each), dx (written), dphi (written)."""
+    T, F = B * S, n * n + 2 * n
+    stream, row, phi = T * n * D * x_bytes, T * D * x_bytes, F * n * D * 4
+    fwd = stream + phi + row + row + stream
+    return fwd + (stream + row + row + stream + phi if backward else 0)
+
+
+def _liger(layer, x):
+    """Liger-Kernel's step on the same values, or the reason there is none."""
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError as exc:
+        return None, f"liger_kernel not importable ({exc.__class__.__name__})"
+    return None, "liger_kernel has no mHC entry point this script knows"
+
+
+def _timer(device):
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return lambda fn: do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+    def cpu(fn, reps=5):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+    return cpu
+
+
+def bench_shape(shape, a, device, timer, bandwidth) -> list[dict]:
+    B, S, n, D = shape
+    dt = DTYPES[a.dtype]
+    torch.manual_seed(0)
+    layer = mhc_multi.MHCLayer(Scale(D, device=device, dtype=dt), n, D, sinkhorn_iters=K,
+                               device=device)
+    with torch.no_grad():   # gates that depend on x
+        layer.pre.alpha.fill_(0.5)
+    x = mhc_multi.random_inputs(shape, a.dtype, seed=0, device=device)[0].requires_grad_()
+    dy = torch.randn_like(x)
+    params = list(layer.parameters())
+    impls = {"mhc_multi": layer}
+    plain = PlainStep(layer)
+    if not a.no_compile:
+        impls["torch compile"] = torch.compile(plain)
+    if a.eager:
+        impls["torch eager"] = plain
+    rows = []
+    ref = None
+    for name, model in impls.items():
+        def fwd():
+            with torch.no_grad():
+                return model(x)
+
+        def fwd_bwd():
+            return torch.autograd.grad(model(x), [x, *params], dy)
+        try:
+            grads = fwd_bwd()
+            if ref is None:
+                ref = grads
+            diff = max(float((g.double() - r.double()).norm() / r.double().norm().clamp_min(1e-30))
+                       for g, r in zip(grads, ref))
+            for pass_, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                ms = timer(fn)
+                floor_ms = floor_bytes(B, S, n, D, x.element_size(), pass_ != "fwd") \
+                    / bandwidth * 1e3
+                rows.append(dict(shape=shape, impl=name, pass_=pass_, ms=ms, floor_ms=floor_ms,
+                                 x_floor=ms / floor_ms, rel_diff_vs_first=diff))
+        except Exception as exc:   # noqa: BLE001 - reported in the table
+            rows.append(dict(shape=shape, impl=name, pass_="-",
+                             error=f"{type(exc).__name__}: {exc}"[:160]))
+    _, why = _liger(layer, x)
+    rows.append(dict(shape=shape, impl="liger", pass_="-", error=why))
+    return rows
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", nargs="*", default=None, help="B,S,n,D ...")
+    p.add_argument("--ns", default=None, help="also every n in this list at the first shape")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--eager", action="store_true", help="also plain PyTorch without compile")
+    p.add_argument("--quick", action="store_true", help="smoke test: (1,16,4,64), no compile")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.shapes, a.no_compile = a.shapes or ["1,16,4,64"], True
+    if not a.shapes:
+        a.shapes = (["4,4096,4,4096", "4,8192,4,7168"] if a.device.startswith("cuda")
+                    else ["1,1024,4,1024"])
+    shapes = [tuple(int(v) for v in s.split(",")) for s in a.shapes]
+    if a.ns:
+        B, S, _, D = shapes[0]
+        shapes += [(B, S, int(n), D) for n in a.ns.split(",") if (B, S, int(n), D) not in shapes]
+    a.shape_list = shapes
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    device = torch.device(a.device)
+    bandwidth, _ = copy_bandwidth(device, a.quick)
+    timer = _timer(device)
+    rows = []
+    for shape in a.shape_list:
+        rows += bench_shape(shape, a, device, timer, bandwidth)
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {a.dtype} x, fp32 parameters, k = {K}")
+    print(f"{'shape':<20} {'impl':<14} {'pass':<8} {'ms':>9} {'floor ms':>9} {'x floor':>8} "
+          f"{'vs mhc_multi':>12}")
+    for r in rows:
+        if "error" in r:
+            print(f"{str(r['shape']):<20} {r['impl']:<14} n/a: {r['error']}")
+            continue
+        ours = next((q for q in rows if q["shape"] == r["shape"] and q["impl"] == "mhc_multi"
+                     and q["pass_"] == r["pass_"] and "ms" in q), None)
+        ratio = f"{r['ms'] / ours['ms']:.2f}x" if ours else "-"
+        print(f"{str(r['shape']):<20} {r['impl']:<14} {r['pass_']:<8} {r['ms']:>9.3f} "
+              f"{r['floor_ms']:>9.3f} {r['x_floor']:>8.2f} {ratio:>12}")
+    meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "argv": sys.argv[1:] if argv is None else list(argv), "copy_bytes_per_s": bandwidth,
+            "torch": torch.__version__, "mhc_multi": mhc_multi.__version__}
+    path = Path(a.json) if a.json else (
+        Path(os.environ["OUT"]) / "step.json" if os.environ.get("OUT")
+        else HERE / "results" / f"step-{device.type}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
