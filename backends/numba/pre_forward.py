@@ -15,26 +15,27 @@ if numba is not None:
     from ._kernels import FASTMATH, _ld, _st
     from .sinkhorn import _sk_forward
 
-    # Per token t (v = x[t] as one row of nD = n*D, phig = phi * gamma):
-    #   m = phig @ v (h_mix), r = (sum(v*v) / nD + norm_eps)^(-1/2) (inv_rms), u = r * m
+    # Per token t (v = x[t] as one row of nD = n*D):
+    #   m = phi @ (v * g) (h_mix), r = (sum(v*v) / nD + norm_eps)^(-1/2) (inv_rms), u = r * m
     #   h_pre  = sigmoid(a_pre * u[:n] + bias[:n]) + hc_eps
     #   h_post = 2 * sigmoid(a_post * u[n:2n] + bias[n:2n])
     #   h_res  = L = a_res * u[2n:] + bias[2n:], or SK_k(L) for k > 0
     #   h_in   = sum_i h_pre[i] * x[t, i, :], rounded once to x's encoding
     # Pass 1 walks the columns tile by tile (KT) and a super-block (SB) of tokens in groups of
-    # TB = 8: each group's tile is decoded once into vt, and each phig row load serves 8 tokens.
-    # The gates are fp64 scalars; pass 2 forms h_in from x, still in cache.
-    # Arguments: x [T, nD] (storage kind), phig [F, nD] compute dtype, alpha [3] / bias [F]
-    # fp64, csize tokens per chunk, zero = 0 in the compute dtype, sk = k; outputs h_in [T, D]
+    # TB = 8: each group's tile is decoded once into vt (as v * g), and each phi row load serves
+    # 8 tokens. The gates are fp64 scalars; pass 2 forms h_in from x, still in cache.
+    # Arguments: x [T, nD] (storage kind), phi [F, nD] fp32 or fp64 (read as it is: no copy per
+    # call), g [nD] compute dtype, alpha [3] / bias [F] fp64, csize tokens per chunk, zero = 0
+    # in the compute dtype, sk = k; outputs h_in [T, D]
     # (storage kind), h_post / h_pre [T, n], h_res [T, n*n], inv_rms [T], h_mix [T, F] in the
     # gates' dtype.
 
     @njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
-    def _pre_fwd_kernel(x, phig, alpha, bias, norm_eps, hc_eps, n, D, csize, zero, sk,
+    def _pre_fwd_kernel(x, phi, g, alpha, bias, norm_eps, hc_eps, n, D, csize, zero, sk,
                         h_in, h_post, h_res, inv_rms, h_mix, h_pre):
         T = x.shape[0]
         nD = n * D
-        F = phig.shape[0]
+        F = phi.shape[0]
         nchunks = (T + csize - 1) // csize
         a_pre = np.float64(alpha[0])
         a_post = np.float64(alpha[1])
@@ -43,9 +44,9 @@ if numba is not None:
         for c in prange(nchunks):
             t0 = c * csize
             t1 = min(T, t0 + csize)
-            vt = np.empty((TB, KT), phig.dtype)
-            hb = np.empty(D, phig.dtype)
-            hp = np.empty(n, phig.dtype)
+            vt = np.empty((TB, KT), g.dtype)
+            hb = np.empty(D, g.dtype)
+            hp = np.empty(n, g.dtype)
             m = np.empty((SB, F), np.float64)
             ss = np.empty(SB, np.float64)
             lg = np.empty(n * n, np.float64)
@@ -53,7 +54,7 @@ if numba is not None:
                 ns = min(SB, t1 - s0)
                 m[:, :] = 0.0
                 ss[:] = 0.0
-                # pass 1, tile by tile: sum of squares and the F projections; a phig tile stays
+                # pass 1, tile by tile: sum of squares and the F projections; a phi tile stays
                 # in L2 for the whole super-block and each row load serves TB tokens
                 for k0 in range(0, nD, KT):
                     Lu = np.uint64(min(KT, nD - k0))
@@ -66,7 +67,7 @@ if numba is not None:
                                 s = zero
                                 for k in range(Lu):
                                     val = _ld(x, t, ku0 + k)
-                                    vt[jj, k] = val
+                                    vt[jj, k] = val * g[ku0 + k]
                                     s += val * val
                                 ss[g0 + jj] += s
                             else:
@@ -82,7 +83,7 @@ if numba is not None:
                             a6 = zero
                             a7 = zero
                             for k in range(Lu):
-                                pk = phig[f, ku0 + k]
+                                pk = phi[f, ku0 + k]
                                 a0 += vt[0, k] * pk
                                 a1 += vt[1, k] * pk
                                 a2 += vt[2, k] * pk
@@ -150,12 +151,11 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
     h_pre = empty((T, n), pd)
     if T == 0:
         return h_in, h_post, h_res, inv_rms, h_mix, h_pre
-    phig = np.ascontiguousarray(phi, dtype=cd)
-    if gamma is not None:
-        phig = phig * np.asarray(gamma, dtype=cd).reshape(1, nD)  # (v*g).phi == v.(phi*g)
+    g = np.ones(nD, cd) if gamma is None else np.ascontiguousarray(gamma, dtype=cd).reshape(nD)
     csize, _ = chunking(T)
     with LOCK:
-        _pre_fwd_kernel(storage(x).reshape(T, nD), phig, np.asarray(alpha, np.float64),
+        _pre_fwd_kernel(storage(x).reshape(T, nD), np.ascontiguousarray(phi), g,
+                        np.asarray(alpha, np.float64),
                         np.asarray(bias, np.float64), float(norm_eps), float(hc_eps), n, D,
                         csize, cd(0), sk, storage(h_in), h_post, h_res.reshape(T, n * n),
                         inv_rms, h_mix, h_pre)
