@@ -49,3 +49,15 @@ def test_step_bench_quick_writes_json(tmp_path):
     assert {(r["impl"], r["pass_"]) for r in rows} == {
         (i, p) for i in ("mhc_multi", "torch eager") for p in ("fwd", "fwd+bwd")}, rows
     assert all(r["ms"] > 0 and r["rel_diff_vs_first"] < 0.05 for r in rows), rows
+
+
+def test_frontend_bench_writes_json(tmp_path):
+    """bench/frontend.py: every entry point timed with the backend stubbed out."""
+    out = tmp_path / "frontend.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "frontend.py"), "--backend",
+                          "numpy", "--calls", "20", "--rounds", "2", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"forward", "backward", "post_forward", "post_backward"}
+    assert all(r["median_us"] > 0 for r in results.values()), results

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""The front end's own cost per call: a backend's functions are replaced by stubs that return
+the results of one real call, so what is timed is the front end alone (checks or the cached
+plan, conversions to and from the backend's container, output assembly).
+
+Per entry point (forward, backward, post_forward, post_backward) it prints the median of
+``--rounds`` rounds of ``--calls`` calls, in microseconds per call, and writes them to JSON
+(``--json``, default ``$OUT/frontend.json``, else ``bench/results/frontend-<backend>.json``).
+
+    .venv/bin/python bench/frontend.py                      # numba, T = 1 (1,1,4,64) bf16
+    .venv/bin/python bench/frontend.py --shape 1,1,4,4096 --backend numpy
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import mhc_multi
+from mhc_multi import random_inputs
+
+HERE = Path(__file__).resolve().parent
+ENTRY_POINTS = ("forward", "backward", "post_forward", "post_backward")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backend", default="numba", choices=("numba", "numpy"))
+    p.add_argument("--shape", default="1,1,4,64", help="B,S,n,D")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    B, S, n, D = (int(v) for v in a.shape.split(","))
+    x, phi, alpha, bias, g = random_inputs((B, S, n, D), a.dtype, seed=0)
+    out = mhc_multi.forward(x, phi, alpha, bias, g, backend=a.backend)
+    dh_in = torch.randn(B, S, D).to(x.dtype)
+    dh_post, dh_res = torch.randn(B, S, n), torch.randn(B, S, n, n)
+    f_out, dx_next = torch.randn(B, S, D).to(x.dtype), torch.randn(B, S, n, D).to(x.dtype)
+
+    mod = importlib.import_module(f"mhc_multi.backends.{'numpy_ref' if a.backend == 'numpy' else a.backend}")
+    for fn in ENTRY_POINTS:   # stubs: the first real result, every time
+        real, memo = getattr(mod, fn), []
+
+        def stub(*args, _real=real, _memo=memo, **kw):
+            if not _memo:
+                _memo.append(_real(*args, **kw))
+            return _memo[0]
+        setattr(mod, fn, stub)
+
+    calls = {
+        "forward": lambda: mhc_multi.forward(x, phi, alpha, bias, g, backend=a.backend),
+        "backward": lambda: mhc_multi.backward(x, phi, alpha, bias, out.inv_rms, out.h_mix,
+                                               out.h_pre, out.h_post, dh_in, dh_post, dh_res, g,
+                                               backend=a.backend),
+        "post_forward": lambda: mhc_multi.post_forward(x, f_out, out.h_post, out.h_res,
+                                                       backend=a.backend),
+        "post_backward": lambda: mhc_multi.post_backward(x, f_out, out.h_post, out.h_res,
+                                                         dx_next, backend=a.backend),
+    }
+    res = {}
+    for name, fn in calls.items():
+        for _ in range(100):
+            fn()
+        rounds = []
+        for _ in range(a.rounds):
+            t0 = time.perf_counter()
+            for _ in range(a.calls):
+                fn()
+            rounds.append((time.perf_counter() - t0) / a.calls * 1e6)
+        res[name] = {"median_us": statistics.median(rounds), "min_us": min(rounds)}
+        print(f"{name:<14} {res[name]['median_us']:7.1f} us per call (min {res[name]['min_us']:.1f})")
+    meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "argv": sys.argv[1:] if argv is None else list(argv), "args": vars(a),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__}
+    path = Path(a.json) if a.json else (
+        Path(os.environ["OUT"]) / "frontend.json" if os.environ.get("OUT")
+        else HERE / "results" / f"frontend-{a.backend}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "results": res}, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
