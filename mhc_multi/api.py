@@ -337,19 +337,20 @@ class _DLPack:
         return (1, 0)   # kDLCPU
 
 
-def _to_backend(a, kind: str):
+def _to_backend(a, kind: str, on_cpu: bool = False):
     """An argument as the backend's contiguous container (bf16 -> uint16 words for numpy).
 
     A CPU tensor is viewed through DLPack, which leaves its storage resizable:
     ``Tensor.numpy()`` would make it non-resizable for good, and FSDP2 frees its gathered
-    parameters with ``storage.resize_(0)``. The array holds the tensor alive."""
+    parameters with ``storage.resize_(0)``. The array holds the tensor alive. ``on_cpu``: the
+    caller knows that a tensor is on the CPU (validated: on x's device)."""
     if a is None:
         return None
     if kind == "numpy":
         if _is_tensor(a):
             torch = _torch()
             t = a.detach() if a.requires_grad else a
-            if t.device.type != "cpu":
+            if not on_cpu and t.device.type != "cpu":
                 t = t.cpu()
             t = t.contiguous()
             bf16 = t.dtype == torch.bfloat16
@@ -386,10 +387,10 @@ def _from_backend(a, args: _Args, shape: tuple | None = None):
 def _run(args: _Args, mod, fn: str, inputs: dict, **kw):
     """``mod.fn(**inputs, **kw)`` with each input (a value, or ``(value, shape)``) in the
     backend's container, reshaped there (a view: the conversion made it contiguous)."""
-    kind, conv = mod.ARRAY_KIND, {}
+    kind, conv, on_cpu = mod.ARRAY_KIND, {}, args.on_cpu
     for k, v in inputs.items():
         v, shape = v if isinstance(v, tuple) else (v, None)
-        a = _to_backend(v, kind)
+        a = _to_backend(v, kind, on_cpu)
         conv[k] = a if shape is None or a is None else a.reshape(shape)
     return getattr(mod, fn)(**conv, **kw)
 

@@ -421,3 +421,24 @@ def test_cached_plans_keep_every_check(monkeypatch, spy, seed):
     monkeypatch.setenv("MHC_MULTI_BACKEND", "spy")
     forward(x, phi, alpha, bias, g)                            # auto: the variable, now spy
     assert len(spy) == 1
+
+
+def test_inference_mode(seed):
+    """Under torch.inference_mode the modules and the functional forms run and give what they
+    give with grad (the ops record nothing there)."""
+    x, *_ = _inputs(seed, "bf16")
+    n, D = x.shape[2:]
+    torch.manual_seed(seed)
+    layer = mhc_multi.MHCLayer(torch.nn.Linear(D, D, dtype=torch.bfloat16), n, D,
+                               backend="numpy")
+    ref = layer(x).detach()
+    ref_pre = [t.detach() for t in layer.pre(x)]
+    with torch.inference_mode():
+        got = layer(x)
+        got_pre = layer.pre(x)
+        out = forward(x, layer.phi, layer.alpha, layer.bias, layer.gamma, backend="numpy",
+                      sinkhorn_iters=20)
+    assert torch.equal(got, ref)
+    for a, b in zip(got_pre, ref_pre):
+        assert torch.equal(a, b)
+    assert torch.equal(out.h_in, ref_pre[0]) and torch.equal(out.h_res, ref_pre[2])
