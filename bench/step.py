@@ -19,6 +19,9 @@ copy bandwidth measured in the same run. Writes every row to JSON (``--json``, d
     python bench/step.py                                  # CUDA: (4,4096,4,4096), (4,8192,4,7168)
     python bench/step.py --shapes 2,4096,1,4096 --ns 1,2,3,4,5,6,7,8
     python bench/step.py --device cpu --quick             # smoke test
+    # against another version in the same run: install it apart, then
+    pip install --no-deps --no-build-isolation --target /tmp/base <its checkout>
+    python bench/step.py --baseline /tmp/base             # its rows: "mhc_multi (baseline)"
 """
 from __future__ import annotations
 
@@ -120,9 +123,9 @@ def bench_shape(shape, a, device, timer, bandwidth) -> list[dict]:
     params = list(layer.parameters())
     impls = {"mhc_multi": layer}
     plain = PlainStep(layer)
-    if not a.no_compile:
+    if not a.no_compile and not a.only_ours:
         impls["torch compile"] = torch.compile(plain)
-    if a.eager:
+    if a.eager and not a.only_ours:
         impls["torch eager"] = plain
     rows = []
     ref = None
@@ -148,8 +151,28 @@ def bench_shape(shape, a, device, timer, bandwidth) -> list[dict]:
         except Exception as exc:   # noqa: BLE001 - reported in the table
             rows.append(dict(shape=shape, impl=name, pass_="-",
                              error=f"{type(exc).__name__}: {exc}"[:160]))
-    _, why = _liger(layer, x)
-    rows.append(dict(shape=shape, impl="liger", pass_="-", error=why))
+    if not a.only_ours:
+        _, why = _liger(layer, x)
+        rows.append(dict(shape=shape, impl="liger", pass_="-", error=why))
+    return rows
+
+
+def baseline_rows(a) -> list[dict]:
+    """The baseline's mhc_multi rows: this script, run with the baseline first on the path."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "base.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--only-ours", "--json", str(out),
+               "--device", a.device, "--dtype", a.dtype, "--shapes",
+               *(",".join(map(str, s)) for s in a.shape_list)]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [a.baseline, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+        subprocess.run(cmd, env=env, check=True, cwd=tmp)
+        rows = json.loads(out.read_text())["rows"]
+    for r in rows:
+        r["impl"] = "mhc_multi (baseline)"
+        r["shape"] = tuple(r["shape"])
     return rows
 
 
@@ -163,6 +186,10 @@ def parse_args(argv=None):
     p.add_argument("--eager", action="store_true", help="also plain PyTorch without compile")
     p.add_argument("--quick", action="store_true", help="smoke test: (1,16,4,64), no compile")
     p.add_argument("--json", default=None)
+    p.add_argument("--baseline", default=None,
+                   help="a directory with another mhc_multi installed (pip --target): its step "
+                        "is timed in a subprocess of this run, on the same shapes")
+    p.add_argument("--only-ours", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
         a.shapes, a.no_compile = a.shapes or ["1,16,4,64"], True
@@ -185,6 +212,8 @@ def main(argv=None) -> int:
     rows = []
     for shape in a.shape_list:
         rows += bench_shape(shape, a, device, timer, bandwidth)
+    if a.baseline:
+        rows += baseline_rows(a)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {a.dtype} x, fp32 parameters, k = {K}")
     print(f"{'shape':<20} {'impl':<14} {'pass':<8} {'ms':>9} {'floor ms':>9} {'x floor':>8} "
           f"{'vs mhc_multi':>12}")
@@ -200,7 +229,8 @@ def main(argv=None) -> int:
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "argv": sys.argv[1:] if argv is None else list(argv), "copy_bytes_per_s": bandwidth,
-            "torch": torch.__version__, "mhc_multi": mhc_multi.__version__}
+            "torch": torch.__version__, "mhc_multi": mhc_multi.__version__,
+            "mhc_multi_path": str(Path(mhc_multi.__file__).parent)}
     path = Path(a.json) if a.json else (
         Path(os.environ["OUT"]) / "step.json" if os.environ.get("OUT")
         else HERE / "results" / f"step-{device.type}.json")
