@@ -13,21 +13,20 @@ Per entry point (forward, backward, post_forward, post_backward) it prints the m
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import importlib
-import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mhc_multi
-from mhc_multi import random_inputs
+import torch  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+import _results  # noqa: E402
+import mhc_multi  # noqa: E402
+from mhc_multi import random_inputs  # noqa: E402
 ENTRY_POINTS = ("forward", "backward", "post_forward", "post_backward")
 
 
@@ -79,15 +78,8 @@ def main(argv=None) -> int:
             rounds.append((time.perf_counter() - t0) / a.calls * 1e6)
         res[name] = {"median_us": statistics.median(rounds), "min_us": min(rounds)}
         print(f"{name:<14} {res[name]['median_us']:7.1f} us per call (min {res[name]['min_us']:.1f})")
-    meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "argv": sys.argv[1:] if argv is None else list(argv), "args": vars(a),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__}
-    path = Path(a.json) if a.json else (
-        Path(os.environ["OUT"]) / "frontend.json" if os.environ.get("OUT")
-        else HERE / "results" / f"frontend-{a.backend}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "results": res}, indent=1))
-    print(f"wrote {path}")
+    _results.write("frontend", a.backend, {"results": res}, a.json, argv, args=vars(a),
+                   cpu_count=os.cpu_count(), torch=torch.__version__)
     return 0
 
 

@@ -24,21 +24,19 @@ and the memory for the backward:
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mhc_multi
-from mhc_multi import MHCStack, expand_streams, merge_streams
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+import _results  # noqa: E402
+import mhc_multi  # noqa: E402
+from mhc_multi import MHCStack, expand_streams, merge_streams  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -233,16 +231,9 @@ def main(argv=None) -> int:
         print(f"{r['mode']:<24} {str(r['compiled']):<8} {r['ms']:>9.3f} "
               f"{r.get('time_over_residual', 0) * 100:>+10.1f}% {r['memory_bytes'] / 2**20:>11.1f} "
               f"{r.get('memory_over_residual_bytes', 0) / 2**20:>18.1f}")
-    meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "argv": sys.argv[1:] if argv is None else list(argv), "args": vars(a),
-            "torch": torch.__version__, "mhc_multi": mhc_multi.__version__}
-    path = Path(a.json) if a.json else (
-        Path(os.environ["OUT"]) / "model.json" if os.environ.get("OUT")
-        else HERE / "results" / f"model-{'cuda' if dev.type == 'cuda' else 'cpu'}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {path}")
+    _results.write("model", "cuda" if dev.type == "cuda" else "cpu", {"rows": rows}, a.json, argv,
+                   device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                   args=vars(a), torch=torch.__version__, mhc_multi=mhc_multi.__version__)
     return 0
 
 

@@ -26,7 +26,6 @@ copy bandwidth measured in the same run. Writes every row to JSON (``--json``, d
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import statistics
@@ -40,6 +39,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 import mhc_multi  # noqa: E402
+import _results  # noqa: E402
 import torch_reference as tref  # noqa: E402
 from bench import copy_bandwidth  # noqa: E402
 
@@ -226,17 +226,11 @@ def main(argv=None) -> int:
         ratio = f"{r['ms'] / ours['ms']:.2f}x" if ours else "-"
         print(f"{str(r['shape']):<20} {r['impl']:<14} {r['pass_']:<8} {r['ms']:>9.3f} "
               f"{r['floor_ms']:>9.3f} {r['x_floor']:>8.2f} {ratio:>12}")
-    meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "argv": sys.argv[1:] if argv is None else list(argv), "copy_bytes_per_s": bandwidth,
-            "torch": torch.__version__, "mhc_multi": mhc_multi.__version__,
-            "mhc_multi_path": str(Path(mhc_multi.__file__).parent)}
-    path = Path(a.json) if a.json else (
-        Path(os.environ["OUT"]) / "step.json" if os.environ.get("OUT")
-        else HERE / "results" / f"step-{device.type}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-    print(f"wrote {path}")
+    _results.write("step", device.type, {"rows": rows}, a.json, argv,
+                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   copy_bytes_per_s=bandwidth, torch=torch.__version__,
+                   mhc_multi=mhc_multi.__version__,
+                   mhc_multi_path=str(Path(mhc_multi.__file__).parent))
     return 0
 
 
