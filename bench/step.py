@@ -9,7 +9,8 @@ implementation runs the same step on the same tensors:
 * ``torch compile``: the same step in plain PyTorch (``torch_reference.forward`` for pre, einsum
   for post, autograd for the backward) under ``torch.compile``;
 * ``torch eager``: the same without compile (``--eager``);
-* ``liger``: Liger-Kernel's mHC where ``liger_kernel`` is importable and has one, else n/a.
+* ``liger (bf16 phi)``: Liger-Kernel's ``LigerMHC`` around a copy of the block, with its own
+  parameters (bf16 phi, its fast setting), where ``liger_kernel`` is importable, else n/a.
 
 Forward+backward is ``torch.autograd.grad`` of the output with respect to x and every parameter.
 The floor is the bytes the step must move, each tensor counted once (``floor_bytes``), over the
@@ -85,13 +86,19 @@ def floor_bytes(B, S, n, D, x_bytes, backward: bool) -> int:
     return fwd + (stream + row + row + stream + phi if backward else 0)
 
 
-def _liger(layer, x):
-    """Liger-Kernel's step on the same values, or the reason there is none."""
+def _liger(layer, n, D, dt):
+    """Liger-Kernel's ``LigerMHC`` around a copy of the same block, or the reason there is none.
+
+    Its parametrisation differs (three scalar alphas, phi as [nD, F] in bf16, its fast setting),
+    so it runs the same step on the same x with its own parameters: its row gives a time, not a
+    difference from ours."""
     try:
-        import liger_kernel  # noqa: F401
+        from liger_kernel.transformers.mhc import LigerMHC
     except ImportError as exc:
-        return None, f"liger_kernel not importable ({exc.__class__.__name__})"
-    return None, "liger_kernel has no mHC entry point this script knows"
+        return None, f"liger_kernel.transformers.mhc not importable ({exc.__class__.__name__})"
+    import copy
+    return LigerMHC(copy.deepcopy(layer.block), hc=n, c=D, tmax=K, phi_dtype=torch.bfloat16,
+                    allow_fp32=dt == torch.float32), None
 
 
 def _timer(device):
@@ -120,28 +127,33 @@ def bench_shape(shape, a, device, timer, bandwidth) -> list[dict]:
         layer.pre.alpha.fill_(0.5)
     x = mhc_multi.random_inputs(shape, a.dtype, seed=0, device=device)[0].requires_grad_()
     dy = torch.randn_like(x)
-    params = list(layer.parameters())
     impls = {"mhc_multi": layer}
     plain = PlainStep(layer)
     if not a.no_compile and not a.only_ours:
         impls["torch compile"] = torch.compile(plain)
     if a.eager and not a.only_ours:
         impls["torch eager"] = plain
+    if not a.only_ours:
+        liger, why = _liger(layer, n, D, dt)
+        if liger is not None:
+            impls["liger (bf16 phi)"] = liger
     rows = []
     ref = None
     for name, model in impls.items():
+        mparams = list(model.parameters())
         def fwd():
             with torch.no_grad():
                 return model(x)
 
         def fwd_bwd():
-            return torch.autograd.grad(model(x), [x, *params], dy)
+            return torch.autograd.grad(model(x), [x, *mparams], dy)
         try:
             grads = fwd_bwd()
             if ref is None:
                 ref = grads
-            diff = max(float((g.double() - r.double()).norm() / r.double().norm().clamp_min(1e-30))
-                       for g, r in zip(grads, ref))
+            diff = None if name.startswith("liger") else max(
+                float((g.double() - r.double()).norm() / r.double().norm().clamp_min(1e-30))
+                for g, r in zip(grads, ref))
             for pass_, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
                 ms = timer(fn)
                 floor_ms = floor_bytes(B, S, n, D, x.element_size(), pass_ != "fwd") \
@@ -151,8 +163,7 @@ def bench_shape(shape, a, device, timer, bandwidth) -> list[dict]:
         except Exception as exc:   # noqa: BLE001 - reported in the table
             rows.append(dict(shape=shape, impl=name, pass_="-",
                              error=f"{type(exc).__name__}: {exc}"[:160]))
-    if not a.only_ours:
-        _, why = _liger(layer, x)
+    if not a.only_ours and why:
         rows.append(dict(shape=shape, impl="liger", pass_="-", error=why))
     return rows
 
