@@ -61,3 +61,17 @@ def test_frontend_bench_writes_json(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"forward", "backward", "post_forward", "post_backward"}
     assert all(r["median_us"] > 0 for r in results.values()), results
+
+
+def test_tokens_bench_quick_writes_json(tmp_path):
+    """bench/tokens.py on the CPU: every operator and the step timed at each T, with a floor."""
+    out = tmp_path / "tokens.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "tokens.py"), "--device", "cpu",
+                          "--quick", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["T"], r["op"]) for r in rows} == {
+        (T, op) for T in (1, 8) for op in ("pre fwd", "pre bwd", "post fwd", "post bwd",
+                                           "step fwd")}, rows
+    assert all("error" not in r and r["call_us"] > 0 and r["floor_us"] > 0 for r in rows), rows

@@ -369,6 +369,30 @@ def variant_config(request):
 @pytest.mark.parametrize("T,n,D,dname,with_gamma,k", VAR_CASES,
                          ids=[f"var-sk{c[5]}-{c[3]}-n{c[1]}-D{c[2]}-T{c[0]}" for c in VAR_CASES])
 def test_variants_vs_float64(T, n, D, dname, with_gamma, k, variant_config):
+    _fwd_bwd_vs_float64(T, n, D, dname, with_gamma, k)
+
+
+# Few tokens (T = 1 .. 64): on CUDA the rule splits the forward's row over programs (split-K,
+# config._fwd_splits); the interpreter runs that path here with the same setting.
+FEW_T = [(T, n, ("bf16", "fp16", "fp32")[(T + n) % 3]) for T in (1, 8, 64)
+         for n in range(1, 9)]
+
+
+@pytest.mark.parametrize("T,n,dname", FEW_T, ids=[f"T{c[0]}-n{c[1]}-{c[2]}" for c in FEW_T])
+def test_few_tokens_split_k_vs_float64(T, n, dname):
+    F_pad = _util._f_pad(n)
+    cuda_cfg = config._make_config(n, 4096, dname, torch.device("cuda"))
+    assert config._fwd_splits(cuda_cfg, T, 4096, torch.device("cuda"), F_pad, dname,
+                              sms=132) > 1, "the CUDA rule splits the row at few tokens"
+    with config.config_override(fwd_split=-1):
+        dev = torch.device(DEVICE)
+        assert config._fwd_splits(config._config(n, 40, dname, dev), T, 40, dev, F_pad,
+                                  dname) > 1
+        _fwd_bwd_vs_float64(T, n, 40, dname, T % 2 == 0, 20)
+
+
+def _fwd_bwd_vs_float64(T, n, D, dname, with_gamma, k):
+    """Forward and backward against float64 (numpy_ref), and bitwise repeatable."""
     seed = int.from_bytes(os.urandom(4), "little")
     x, phi, alpha, bias, gamma, dh_in, dh_post, dh_res = _inputs(T, n, D, dname, with_gamma, seed)
     kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS, sinkhorn_iters=k)

@@ -245,18 +245,21 @@ def _fwd_splits(cfg, T, D, device, F_pad, dname, sms: int | None = None) -> int:
     * n <= 4 (F_PAD <= 32), 16-bit x, T >= 2048: S = 4 up to SMs/2 token blocks of 64, S = 2
       below 1.5 SMs, else S = 1 (the split's h_in pass, last token blocks first, finds part of
       x in L2).
-    * 16-bit x at n >= 5 (F_PAD >= 64), and fp32 x, at every T: S for ~4 programs per
-      multiprocessor (-1 below).  The fused kernel re-reads the [F_PAD, BLOCK_D] phi*g tiles,
-      2-4x its x tile, per token block and has only T/64 programs.
-    The fused kernel otherwise (16-bit x, n <= 4 at short T: one launch fewer).
+    * n <= 4, 16-bit x, T < 2048: S for ~4 programs per multiprocessor (-1 below), split-K
+      over the row (the fused kernel would have T/64 programs: at T = 1 one program reduces
+      the whole nD row).
+    * 16-bit x at n >= 5 (F_PAD >= 64), and fp32 x, at every T: the same.  The fused kernel
+      re-reads the [F_PAD, BLOCK_D] phi*g tiles, 2-4x its x tile, per token block and has only
+      T/64 programs.
+    The fused kernel runs where asked for (fwd_split=0), and in the interpreter.
     -1: S = ceil(4 SMs / token blocks), at most one share per D chunk (and at most 65535, the
     grid's axis 1).  ``sms``: the device's multiprocessors (default: asked of ``device``)."""
     S = cfg.get("fwd_split", "auto")
     if S == "auto":
         S = 0
-        if device.type == "cuda" and (dname == "fp32" or F_pad > 32):
+        if device.type == "cuda" and (dname == "fp32" or F_pad > 32 or T < 2048):
             S = -1
-        elif device.type == "cuda" and T >= 2048:
+        elif device.type == "cuda":
             nblk, sms = _cdiv(T, cfg["fwd_bt"]), sms or _sm_count(device)
             S = 4 if 2 * nblk <= sms else (2 if 2 * nblk < 3 * sms else 1)
     S = int(S)

@@ -1,0 +1,120 @@
+"""CUDA-graph capture of the Triton backend through the front end (needs a CUDA GPU).
+
+A server replays one captured decode step for every token: forward, backward and the post
+operator must capture (no host sync, no allocation outside the graph's pool, no host-side
+decision that depends on values) and a replay on new input values must give what a plain call
+gives on them, bit for bit.
+"""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+import mhc_multi  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CASES = [(1, 1, 4, 4096, "bf16"), (2, 4, 4, 1000, "fp16"), (1, 64, 8, 256, "fp32"),
+         (1, 3, 1, 64, "bf16")]
+
+
+def _captured(fn, static_inputs):
+    """(graph, outputs of the captured call) after warm-up calls on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(*static_inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = fn(*static_inputs)
+    return graph, outs
+
+
+def _flat(outs):
+    return [o for o in (outs if isinstance(outs, tuple) else (outs,)) if o is not None]
+
+
+def _replay_matches(fn, static_inputs, fresh_inputs):
+    graph, outs = _captured(fn, static_inputs)
+    for s, f in zip(static_inputs, fresh_inputs):
+        if isinstance(s, torch.Tensor):
+            s.copy_(f)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = fn(*fresh_inputs)
+    got, want = _flat(outs), _flat(want)
+    assert len(got) == len(want) and got
+    for g, w in zip(got, want):
+        assert torch.equal(g, w), "a replay on new values differs from a plain call"
+
+
+def _draw(shape, dname, seed):
+    """(x, phi, alpha, bias, gamma, dh_in, dh_post, dh_res) on the GPU."""
+    B, S, n, D = shape
+    x, phi, alpha, bias, gamma = mhc_multi.random_inputs(shape, dname, seed=seed, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dh_in = torch.randn((B, S, D), generator=g, device="cuda").to(x.dtype)
+    dh_post = torch.randn((B, S, n), generator=g, device="cuda")
+    dh_res = torch.randn((B, S, n, n), generator=g, device="cuda")
+    return x, phi, alpha, bias, gamma, dh_in, dh_post, dh_res
+
+
+@pytest.mark.parametrize("B,S,n,D,dname", CASES, ids=[f"{c[4]}-n{c[2]}-T{c[0] * c[1]}-D{c[3]}"
+                                                       for c in CASES])
+def test_capture_forward_backward_post(B, S, n, D, dname):
+    k = 20
+    a, b = _draw((B, S, n, D), dname, 1), _draw((B, S, n, D), dname, 2)
+
+    def fwd(x, phi, alpha, bias, gamma):
+        return tuple(mhc_multi.forward(x, phi, alpha, bias, gamma, backend="triton",
+                                       sinkhorn_iters=k))
+
+    _replay_matches(fwd, list(a[:5]), list(b[:5]))
+    outs_a, outs_b = fwd(*a[:5]), fwd(*b[:5])
+
+    def bwd(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
+            dh_res):
+        return tuple(mhc_multi.backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post,
+                                        dh_in, dh_post, dh_res, gamma, backend="triton",
+                                        sinkhorn_iters=k))
+
+    def bwd_inputs(d, o):
+        return [*d[:5], o.inv_rms.clone(), o.h_mix.clone(), o.h_pre.clone(), o.h_post.clone(),
+                *d[5:]]
+
+    _replay_matches(bwd, bwd_inputs(a, outs_a), bwd_inputs(b, outs_b))
+
+    def post_fwd(x, f, h_post, h_res):
+        return mhc_multi.post_forward(x, f, h_post, h_res, backend="triton")
+
+    def post_bwd(x, f, h_post, h_res, dx_next):
+        return tuple(mhc_multi.post_backward(x, f, h_post, h_res, dx_next, backend="triton"))
+
+    def post_inputs(d, o, seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        dx_next = torch.randn(d[0].shape, generator=g, device="cuda").to(d[0].dtype)
+        return [d[0], o.h_in.clone(), o.h_post.clone(), o.h_res.clone(), dx_next]
+
+    pa, pb = post_inputs(a, outs_a, 3), post_inputs(b, outs_b, 4)
+    _replay_matches(post_fwd, pa[:4], pb[:4])
+    _replay_matches(post_bwd, pa, pb)
+
+
+def test_capture_layer_forward_step():
+    """The whole forward step (pre -> block -> post) of an MHCLayer under no_grad."""
+    n, D = 4, 512
+    torch.manual_seed(0)
+    layer = mhc_multi.MHCLayer(torch.nn.Linear(D, D, device="cuda", dtype=torch.bfloat16), n, D,
+                               device="cuda")
+    xa = mhc_multi.random_inputs((1, 1, n, D), "bf16", seed=5, device="cuda")[0]
+    xb = mhc_multi.random_inputs((1, 1, n, D), "bf16", seed=6, device="cuda")[0]
+
+    def step(x):
+        with torch.no_grad():
+            return layer(x)
+
+    _replay_matches(step, [xa.clone()], [xb])
