@@ -10,7 +10,7 @@ reports the time of a training step (forward + backward of the mean-square outpu
 and the memory for the backward:
 
 * CUDA: the step's peak allocated memory above what was allocated before it (weights, input),
-  and its time (``triton.testing.do_bench`` median);
+  and its time (median of ``--reps`` steps, CUDA events);
 * CPU: the bytes autograd holds for the backward after the forward (distinct storages saved,
   parameters excluded), and the time (median of ``--reps`` steps).
 
@@ -128,7 +128,7 @@ def parse_args(argv=None):
     p.add_argument("--recompute", default="auto,all",
                    help="MHCStack recompute values besides None: ints, 'auto', 'all' (one group)")
     p.add_argument("--no-compile", action="store_true", help="eager only")
-    p.add_argument("--reps", type=int, default=10, help="CPU: timed steps per mode")
+    p.add_argument("--reps", type=int, default=10, help="timed steps per mode (median)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: D=64, ffn=128, 4 heads, B=2, S=32, 3 reps, no compile")
     p.add_argument("--json", default=None)
@@ -171,7 +171,6 @@ def measure(model, h, a) -> dict:
     step()   # warm-up: compiles, autotunes
     step()
     if h.device.type == "cuda":
-        from triton.testing import do_bench
         torch.cuda.synchronize()
         for p in model.parameters():
             p.grad = None
@@ -180,8 +179,16 @@ def measure(model, h, a) -> dict:
         step()
         torch.cuda.synchronize()
         mem = torch.cuda.max_memory_allocated() - base
-        ms = do_bench(step, warmup=5, rep=40)
-        return {"ms": ms, "memory_bytes": mem, "memory_kind": "peak allocated during the step"}
+        times = []
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(a.reps):
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return {"ms": statistics.median(times), "memory_bytes": mem,
+                "memory_kind": "peak allocated during the step"}
     times = []
     for _ in range(a.reps):
         t0 = time.perf_counter()

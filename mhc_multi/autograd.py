@@ -151,6 +151,11 @@ def _(x, f_out, h_post, h_res, slot, backend):
 @torch.library.custom_op("mhc_multi::post_backward", mutates_args=())
 def _post_backward_op(x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor, dx_next: Tensor,
                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return post_grads(x, f_out, h_post, h_res, dx_next, backend)
+
+
+def post_grads(x, f_out, h_post, h_res, dx_next, backend: str):
+    """``(dx, df_out, dh_post, dh_res)`` of the post operator, each in its input's dtype."""
     g = api.post_backward(x, f_out, h_post, h_res, dx_next, backend=backend)
     return g.dx, g.df_out.to(f_out.dtype), g.dh_post, g.dh_res.to(h_res.dtype)
 

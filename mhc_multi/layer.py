@@ -83,9 +83,9 @@ class MHCStack(torch.nn.Module):
       :class:`MHCLayer` alone does;
     * an int ``L_r >= 1``: only the stream at the start of each group of ``L_r`` layers is kept
       (with the block outputs ``[B,S,D]`` and the gates, which the post operator keeps anyway);
-      the backward rebuilds each layer's input stream from them with the post kernels alone
-      (per group of ``L_r``: ``L_r - 1`` post forwards, and a copy of each rebuilt stream),
-      never running a block again;
+      the backward rebuilds each layer's input stream from them with the post kernels alone,
+      never running a block again: layer ``j`` of a group (from 0) costs ``j`` post forwards
+      (``L_r (L_r - 1) / 2`` per group), and at most one rebuilt stream is alive at a time;
     * ``"auto"``: the paper's ``L_r* = sqrt(n L / (n + 2))`` for ``L`` layers, rounded.
 
     Gradients are the same bit for bit with or without recompute (the same deterministic kernels

@@ -7,15 +7,19 @@ for the backward. Every later stream of the group is a chain of post operators,
 post through ``pre_forward_replayed`` / ``post_forward_replayed``: the same forward as
 ``mhc_multi::pre_forward`` / ``post_forward``, but they save the chain
 ``[x_a, f_a, h_post_a, h_res_a, ..., f_{l-1}, h_post_{l-1}, h_res_{l-1}]`` instead of ``x_l``,
-and their backward rebuilds ``x_l`` from it with the post kernels alone (``replay_stream``).
+and their backward rebuilds ``x_l`` from it with the post kernels alone.
 No parameter takes part in the rebuild, so FSDP2 may have freed the gathered parameters of the
 earlier layers. The same deterministic kernels on the same inputs give ``x_l`` bit for bit, so
 the gradients equal those without recompute bit for bit.
 
-One rebuild serves a whole group: the backward of a group's last layer replays the chain once
-and keeps every stream of it in a small cache; each layer's pre takes its own stream out. The
-cache only saves work: an entry serves only the chain it was built from (the same tensors'
-memory and layout, held while entries remain), and a miss rebuilds.
+Each layer rebuilds its own stream, from the group's first: layer ``a + j`` with j post
+forwards (``L_r (L_r - 1) / 2`` per group of ``L_r``), so that besides the kept first streams at
+most one rebuilt stream (and the one in the making) is alive at a time. The layer's post
+backward rebuilds it (``post_backward_replayed``, which uses it inside the op) and leaves it in
+a one-entry cache; the same layer's pre backward takes it out (``take_stream``), which hands
+it over: nothing else holds it then. The cache only saves work: its entry serves only the chain
+it was built from (the same tensors' memory and layout, held while the entry is there), and a
+miss rebuilds.
 """
 from __future__ import annotations
 
@@ -25,54 +29,49 @@ import torch
 from torch import Tensor
 
 from . import api
-from .autograd import (_post_backward_op, _pre_forward_fake, dx_slot, post_input_gradients,
-                       pre_gradients)
+from .autograd import _pre_forward_fake, dx_slot, post_grads, post_input_gradients, pre_gradients
 
 _STEP = 3   # chain tensors per layer: f_out, h_post, h_res
 
 
-def replay(chain: list[Tensor], backend: str) -> list[Tensor]:
-    """Every stream the chain leads to: ``[x_{a+1}, ..., x_l]`` (post forwards only)."""
-    x, out = chain[0], []
+def replay(chain: list[Tensor], backend: str) -> Tensor:
+    """The stream the chain leads to, ``x_l`` (post forwards only, each intermediate stream
+    dropped as soon as the next exists)."""
+    x = chain[0]
     for j in range(1, len(chain), _STEP):
         x = api.post_forward(x, *chain[j:j + _STEP], backend=backend)
-        out.append(x)
-    return out
+    return x
 
 
 class _Cache:
-    """The streams of one chain replayed in a backward, each kept until its pre takes it.
+    """One rebuilt stream, from a layer's post backward to the same layer's pre backward.
 
-    It holds the chain (the saved tensors it was replayed from) while any stream is left, so that
-    no other tensor can take their memory meanwhile and a tensor over the same memory with the
-    same layout is the same value (saved-tensor hooks hand out a new tensor object at every
-    unpack); when the group's first replayed layer takes the last stream, it holds nothing. A
-    backward that stops inside a group leaves its streams here until the next replay replaces
-    them."""
+    It holds the chain (the saved tensors it was rebuilt from) with the stream, so that no other
+    tensor can take their memory meanwhile and a tensor over the same memory with the same
+    layout is the same value (saved-tensor hooks hand out a new tensor object at every unpack).
+    A backward that stops between the two leaves its stream here until the next rebuild."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._chain: list[Tensor] = []
-        self._streams: dict[int, Tensor] = {}   # layers after the anchor -> stream
+        self._stream: Tensor | None = None
 
-    def _hit(self, chain, steps) -> bool:
-        return (steps in self._streams and len(chain) <= len(self._chain)
-                and all(_same(a, b) for a, b in zip(chain, self._chain)))
-
-    def stream(self, chain: list[Tensor], backend: str, take: bool) -> Tensor:
-        """The stream at the end of ``chain``, a tensor that nothing else holds. ``take``: its
-        last use, which frees the entry; otherwise the entry stays and a copy goes out."""
-        steps = (len(chain) - 1) // _STEP
+    def rebuild(self, chain: list[Tensor], backend: str) -> Tensor:
+        """The stream at the end of ``chain``, rebuilt and kept for :meth:`take`."""
+        x = replay(chain, backend)
         with self._lock:
-            if not self._hit(chain, steps):
-                self._streams = dict(enumerate(replay(chain, backend), start=1))
-                self._chain = list(chain)
-            if not take:
-                return self._streams[steps].clone()
-            x = self._streams.pop(steps)
-            if not self._streams:
-                self._chain = []
-            return x
+            self._chain, self._stream = list(chain), x
+        return x
+
+    def take(self, chain: list[Tensor], backend: str) -> Tensor:
+        """The stream at the end of ``chain``, a tensor that nothing else holds: the kept one
+        where it was rebuilt from this chain (the entry is emptied), else rebuilt."""
+        with self._lock:
+            if self._stream is not None and len(chain) == len(self._chain) \
+                    and all(_same(a, b) for a, b in zip(chain, self._chain)):
+                x, self._stream, self._chain = self._stream, None, []
+                return x
+        return replay(chain, backend)
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
@@ -84,15 +83,15 @@ def _same(a: Tensor, b: Tensor) -> bool:
 _CACHE = _Cache()
 
 
-@torch.library.custom_op("mhc_multi::replay_stream", mutates_args=())
-def _replay_op(chain: list[Tensor], backend: str, take: bool, after: Tensor) -> Tensor:
-    """The stream the chain leads to. ``take``: its last use (the layer's pre), which frees the
-    cache entry. ``after`` is not read: it orders the replay after that gradient exists."""
-    return _CACHE.stream(chain, backend, take)
+@torch.library.custom_op("mhc_multi::take_stream", mutates_args=())
+def _replay_op(chain: list[Tensor], backend: str, after: Tensor) -> Tensor:
+    """The stream the chain leads to (the layer's post backward left it in the cache, or it is
+    rebuilt here). ``after`` is not read: it orders the replay after that gradient exists."""
+    return _CACHE.take(chain, backend)
 
 
 @_replay_op.register_fake
-def _(chain, backend, take, after):
+def _(chain, backend, after):
     return torch.empty_like(chain[0])
 
 
@@ -123,7 +122,7 @@ def _pre_setup(ctx, inputs, output):
 def _pre_backward(ctx, dh_in, dh_post, dh_res, _inv_rms, _h_mix, _h_pre, dslot):
     phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, *chain = ctx.saved_tensors
     after = next((g for g in (dh_in, dh_post, dh_res, dslot) if g is not None), h_post)
-    x = _replay_op(chain, ctx.opts[0], True, after)
+    x = _replay_op(chain, ctx.opts[0], after)
     return (*pre_gradients(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post,
                            dh_in, dh_post, dh_res, dslot, ctx.opts),
             [None] * len(chain), None, None, None, None)
@@ -152,10 +151,24 @@ def _post_setup(ctx, inputs, output):
     ctx.backend, ctx.slot = backend, slot is not None
 
 
+@torch.library.custom_op("mhc_multi::post_backward_replayed", mutates_args=())
+def _post_backward_replayed_op(chain: list[Tensor], f_out: Tensor, h_post: Tensor, h_res: Tensor,
+                               dx_next: Tensor, backend: str
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The post backward on the rebuilt stream, which stays in the cache for the pre backward
+    (it is never an output here, so nothing outside the cache holds it)."""
+    return post_grads(_CACHE.rebuild(chain, backend), f_out, h_post, h_res, dx_next, backend)
+
+
+@_post_backward_replayed_op.register_fake
+def _(chain, f_out, h_post, h_res, dx_next, backend):
+    return (torch.empty_like(chain[0]), torch.empty_like(f_out), torch.empty_like(h_post),
+            torch.empty_like(h_res))
+
+
 def _post_backward(ctx, dx_next):
     f_out, h_post, h_res, *chain = ctx.saved_tensors
-    x = _replay_op(chain, ctx.backend, False, dx_next)
-    grads = _post_backward_op(x, f_out, h_post, h_res, dx_next, ctx.backend)
+    grads = _post_backward_replayed_op(chain, f_out, h_post, h_res, dx_next, ctx.backend)
     return (*post_input_gradients(*grads, ctx.slot), [None] * len(chain), None)
 
 

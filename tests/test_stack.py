@@ -1,5 +1,5 @@
 """MHCStack and its selective recompute: the same values bit for bit, less memory after the
-forward, one replay per group, each block run once. (DDP, FSDP2 and torch.compile with
+forward, one rebuild per layer, each block run once. (DDP, FSDP2 and torch.compile with
 recompute: test_ddp.py, test_fsdp.py, test_compile.py.)"""
 import gc
 import math
@@ -120,9 +120,10 @@ def test_recompute_holds_at_most_half_the_memory(backend, seed):
 
 
 @pytest.mark.parametrize("layers,recompute", [(8, 8), (7, 3), (6, 2)])
-def test_one_replay_per_group(layers, recompute, monkeypatch, seed):
-    """The backward replays each group's streams once (L_r - 1 post forwards for a group of
-    L_r), not once per layer, and keeps nothing afterwards."""
+def test_one_rebuild_per_layer(layers, recompute, monkeypatch, seed):
+    """The backward rebuilds each layer's stream once (post backward and pre backward share it),
+    from its group's first stream: layer a + j with a chain of j post steps; and keeps nothing
+    afterwards."""
     backend = CPU
     replays = []
     real = rc.replay
@@ -130,8 +131,8 @@ def test_one_replay_per_group(layers, recompute, monkeypatch, seed):
     stack = _stack(2, 24, layers, recompute, backend, seed)
     _run(stack, random_inputs((1, 5, 2, 24), "fp32", seed=seed)[0])
     sizes = [min(recompute, layers - a) for a in range(0, layers, recompute)]
-    assert sorted(replays) == sorted(1 + 3 * (s - 1) for s in sizes if s > 1)
-    assert not rc._CACHE._streams and not rc._CACHE._chain
+    assert sorted(replays) == sorted(1 + 3 * j for s in sizes for j in range(1, s))
+    assert rc._CACHE._stream is None and not rc._CACHE._chain
 
 
 def test_replay_without_the_cache_is_the_same(monkeypatch, seed):
