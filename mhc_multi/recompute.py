@@ -84,13 +84,13 @@ _CACHE = _Cache()
 
 
 @torch.library.custom_op("mhc_multi::take_stream", mutates_args=())
-def _replay_op(chain: list[Tensor], backend: str, after: Tensor) -> Tensor:
+def _take_op(chain: list[Tensor], backend: str, after: Tensor) -> Tensor:
     """The stream the chain leads to (the layer's post backward left it in the cache, or it is
     rebuilt here). ``after`` is not read: it orders the replay after that gradient exists."""
     return _CACHE.take(chain, backend)
 
 
-@_replay_op.register_fake
+@_take_op.register_fake
 def _(chain, backend, after):
     return torch.empty_like(chain[0])
 
@@ -122,7 +122,7 @@ def _pre_setup(ctx, inputs, output):
 def _pre_backward(ctx, dh_in, dh_post, dh_res, _inv_rms, _h_mix, _h_pre, dslot):
     phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, *chain = ctx.saved_tensors
     after = next((g for g in (dh_in, dh_post, dh_res, dslot) if g is not None), h_post)
-    x = _replay_op(chain, ctx.opts[0], after)
+    x = _take_op(chain, ctx.opts[0], after)
     return (*pre_gradients(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post,
                            dh_in, dh_post, dh_res, dslot, ctx.opts),
             [None] * len(chain), None, None, None, None)
