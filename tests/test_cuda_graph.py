@@ -38,7 +38,12 @@ def _flat(outs):
     return [o for o in (outs if isinstance(outs, tuple) else (outs,)) if o is not None]
 
 
-def _replay_matches(fn, static_inputs, fresh_inputs):
+def _replay_matches(fn, inputs, fresh_inputs):
+    """Capture ``fn`` on copies of ``inputs``, copy ``fresh_inputs`` into them, replay: the
+    graph's outputs must equal a plain call on ``fresh_inputs`` bit for bit (and differ from a
+    call on ``inputs``, so that a graph that replays stale values cannot pass)."""
+    static_inputs = [a.clone() if isinstance(a, torch.Tensor) else a for a in inputs]
+    before = _flat(fn(*inputs))
     graph, outs = _captured(fn, static_inputs)
     for s, f in zip(static_inputs, fresh_inputs):
         if isinstance(s, torch.Tensor):
@@ -50,6 +55,7 @@ def _replay_matches(fn, static_inputs, fresh_inputs):
     assert len(got) == len(want) and got
     for g, w in zip(got, want):
         assert torch.equal(g, w), "a replay on new values differs from a plain call"
+    assert any(not torch.equal(g, b) for g, b in zip(got, before)), "the new values change nothing"
 
 
 def _draw(shape, dname, seed):
@@ -118,4 +124,4 @@ def test_capture_layer_forward_step():
         with torch.no_grad():
             return layer(x)
 
-    _replay_matches(step, [xa.clone()], [xb])
+    _replay_matches(step, [xa], [xb])
