@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     B, S, n, D = (int(v) for v in a.shape.split(","))
     x, phi, alpha, bias, g = random_inputs((B, S, n, D), a.dtype, seed=0)
+    # the parameters as a module hands them over: the same Parameter objects at every call
+    phi, alpha, bias, g = (torch.nn.Parameter(t, requires_grad=False)
+                           for t in (phi, alpha, bias, g))
     out = mhc_multi.forward(x, phi, alpha, bias, g, backend=a.backend)
     dh_in = torch.randn(B, S, D).to(x.dtype)
     dh_post, dh_res = torch.randn(B, S, n), torch.randn(B, S, n, n)

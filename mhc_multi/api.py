@@ -11,6 +11,7 @@ import operator
 import os
 import sys
 import warnings
+import weakref
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -349,6 +350,8 @@ def _to_backend(a, kind: str, on_cpu: bool = False):
     if kind == "numpy":
         if _is_tensor(a):
             torch = _torch()
+            if type(a) is torch.nn.Parameter:   # not isinstance: its metaclass check is slow
+                return _param_view(a, on_cpu)
             t = a.detach() if a.requires_grad else a
             if not on_cpu and t.device.type != "cpu":
                 t = t.cpu()
@@ -363,6 +366,28 @@ def _to_backend(a, kind: str, on_cpu: bool = False):
     if _is_tensor(a):
         return a.detach().contiguous()
     return torch.from_numpy(np.ascontiguousarray(a))
+
+
+#: id(Parameter) -> (its memory address, shape, dtype, numpy view): a module hands the same Parameter
+#: object to every call, and a contiguous one's view shares its memory, so it follows in-place
+#: updates and is built once. An entry serves while the Parameter lives (a weak reference's
+#: callback drops it) and sits over the same memory with the same shape (FSDP2 frees and
+#: re-gathers parameters: a new address builds a new view).
+_PARAM_VIEWS: dict = {}
+
+
+def _param_view(p, on_cpu: bool):
+    """``_to_backend(p, "numpy")`` of a Parameter, from _PARAM_VIEWS where it holds."""
+    key = id(p)
+    hit = _PARAM_VIEWS.get(key)
+    if hit is not None and hit[0] == p.data_ptr() and hit[1] == p.shape and hit[2] == p.dtype:
+        return hit[3]
+    arr = _to_backend(p.detach(), "numpy", on_cpu)
+    if p.device.type == "cpu" and p.is_contiguous():
+        if hit is None:
+            weakref.finalize(p, _PARAM_VIEWS.pop, key, None)
+        _PARAM_VIEWS[key] = (p.data_ptr(), p.shape, p.dtype, arr)
+    return arr
 
 
 def _from_backend(a, args: _Args, shape: tuple | None = None):

@@ -442,3 +442,42 @@ def test_inference_mode(seed):
     for a, b in zip(got_pre, ref_pre):
         assert torch.equal(a, b)
     assert torch.equal(out.h_in, ref_pre[0]) and torch.equal(out.h_res, ref_pre[2])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_parameter_views_follow_the_parameters(backend, seed):
+    """Numpy backends view a module's Parameters once (api._PARAM_VIEWS): a later call still
+    sees in-place updates, a new tensor behind the Parameter, a non-contiguous Parameter's new
+    values, and the entry goes when the Parameter does."""
+    import gc
+
+    from mhc_multi import api
+    if not next(b.available for b in mhc_multi.available_backends() if b.name == backend):
+        pytest.skip(f"{backend} unavailable")
+    x, phi, alpha, bias, gamma = mhc_multi.random_inputs((1, 3, 2, 8), "fp32", seed=seed)
+    params = [torch.nn.Parameter(t.clone(), requires_grad=False) for t in (phi, alpha, bias, gamma)]
+
+    def run(ps):
+        return forward(x, *ps, backend=backend).h_in
+
+    def plain(ps):   # the same values as plain tensors (no view kept)
+        return run([p.detach().clone() for p in ps])
+
+    assert torch.equal(run(params), plain(params))
+    assert id(params[0]) in api._PARAM_VIEWS
+    with torch.no_grad():
+        params[0].mul_(1.5)                       # in place: the same memory
+    assert torch.equal(run(params), plain(params))
+    assert not torch.equal(run(params), run([phi, alpha, bias, gamma]))
+    params[0].data = params[0].data * -1.0        # a new tensor behind the same Parameter
+    assert torch.equal(run(params), plain(params))
+    strided = torch.nn.Parameter(torch.randn(8, 2).t(), requires_grad=False)   # [2, 8], strided
+    ps = [params[0], params[1], params[2], strided]
+    assert torch.equal(run(ps), plain(ps))
+    with torch.no_grad():
+        strided.add_(1.0)
+    assert torch.equal(run(ps), plain(ps))
+    key = id(params[0])
+    del ps, params
+    gc.collect()
+    assert key not in api._PARAM_VIEWS
