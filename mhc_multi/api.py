@@ -368,25 +368,25 @@ def _to_backend(a, kind: str, on_cpu: bool = False):
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-#: id(Parameter) -> (its memory address, shape, dtype, numpy view): a module hands the same Parameter
-#: object to every call, and a contiguous one's view shares its memory, so it follows in-place
-#: updates and is built once. An entry serves while the Parameter lives (a weak reference's
-#: callback drops it) and sits over the same memory with the same shape (FSDP2 frees and
+#: id(Parameter) -> ((its memory address, shape, strides, dtype), numpy view): a module hands the
+#: same Parameter object to every call, and a contiguous one's view shares its memory, so it
+#: follows in-place updates and is built once. An entry serves while the Parameter lives (a
+#: finalizer drops it) and sits over the same memory with the same layout (FSDP2 frees and
 #: re-gathers parameters: a new address builds a new view).
 _PARAM_VIEWS: dict = {}
 
 
 def _param_view(p, on_cpu: bool):
     """``_to_backend(p, "numpy")`` of a Parameter, from _PARAM_VIEWS where it holds."""
-    key = id(p)
+    key, where = id(p), (p.data_ptr(), p.shape, p.stride(), p.dtype)
     hit = _PARAM_VIEWS.get(key)
-    if hit is not None and hit[0] == p.data_ptr() and hit[1] == p.shape and hit[2] == p.dtype:
-        return hit[3]
+    if hit is not None and hit[0] == where:
+        return hit[1]
     arr = _to_backend(p.detach(), "numpy", on_cpu)
     if p.device.type == "cpu" and p.is_contiguous():
         if hit is None:
             weakref.finalize(p, _PARAM_VIEWS.pop, key, None)
-        _PARAM_VIEWS[key] = (p.data_ptr(), p.shape, p.dtype, arr)
+        _PARAM_VIEWS[key] = (where, arr)
     return arr
 
 
