@@ -471,7 +471,7 @@ def test_parameter_views_follow_the_parameters(backend, seed):
     assert not torch.equal(run(params), run([phi, alpha, bias, gamma]))
     params[0].data = params[0].data * -1.0        # a new tensor behind the same Parameter
     assert torch.equal(run(params), plain(params))
-    square = torch.nn.Parameter(torch.randn(2, 2), requires_grad=False)   # alpha-like, reshaped
+    square = torch.nn.Parameter(torch.randn(2, 2), requires_grad=False)
     assert np.array_equal(api._to_backend(square, "numpy", True), square.numpy())
     square.data = square.data.t()                 # the same memory and shape, other strides
     assert np.array_equal(api._to_backend(square, "numpy", True), square.numpy())
