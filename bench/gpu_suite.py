@@ -178,9 +178,8 @@ def bench(fn, ms=200):
     return triton.testing.do_bench(fn, warmup=50, rep=ms, return_mode="median")
 
 
-def bench_graph(fn, ms=200):
-    """Median time of fn captured in a CUDA graph and replayed: the device time without the
-    host's launch overhead (METHOD.md: "for many small launches, capture a graph")."""
+def capture_graph(fn):
+    """fn captured in a CUDA graph, after warm-up calls on a side stream (compiles, caches)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -190,7 +189,13 @@ def bench_graph(fn, ms=200):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return bench(g.replay, ms)
+    return g
+
+
+def bench_graph(fn, ms=200):
+    """Median time of fn captured in a CUDA graph and replayed: the device time without the
+    host's launch overhead (METHOD.md: "for many small launches, capture a graph")."""
+    return bench(capture_graph(fn).replay, ms)
 
 
 def copy_bandwidth():

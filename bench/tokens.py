@@ -37,23 +37,17 @@ import torch  # noqa: E402
 
 import mhc_multi  # noqa: E402
 import _results  # noqa: E402
-from bench import copy_bandwidth  # noqa: E402
+from bench import copy_bandwidth, nbytes  # noqa: E402
 from step import DTYPES, K, PlainStep, Scale, floor_bytes  # noqa: E402
 
 TS = (1, 2, 8, 64, 256, 1024, 4096, 16384)
 
 
 def graph_us(fn, reps: int = 50) -> float:
-    """Device time of one CUDA-graph replay of ``fn`` (median of 5 blocks of ``reps``)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    """Device time of one CUDA-graph replay of ``fn`` (median of 5 blocks of ``reps``, back to
+    back: a decode loop's replays, with no L2 flush between them as do_bench would do)."""
+    from gpu_suite import capture_graph   # imports triton: on CUDA only
+    graph = capture_graph(fn)
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -83,10 +77,6 @@ def call_us(fn, device, reps: int = 100) -> float:
         sync()
         out.append((time.perf_counter() - t0) * 1e6 / reps)
     return statistics.median(out)
-
-
-def nbytes(*tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def cases(T: int, a, device):

@@ -11,13 +11,17 @@ pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_quick_writes_json(tmp_path):
-    out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--quick", "--post",
-                          "--backends", "numpy", "--json", str(out)],
+def _run_bench(script: str, tmp_path, *args) -> dict:
+    """bench/<script> with ``args`` and ``--json`` into tmp_path: its JSON, after it exits 0."""
+    out = tmp_path / "out.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--json", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    data = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_bench_quick_writes_json(tmp_path):
+    data = _run_bench("bench.py", tmp_path, "--quick", "--post", "--backends", "numpy")
     text = json.dumps(data)
     for key in ("numpy", "torch eager", "floor"):
         assert key in text, f"{key} missing from the benchmark's JSON"
@@ -26,12 +30,8 @@ def test_bench_quick_writes_json(tmp_path):
 def test_model_bench_quick_writes_json(tmp_path):
     """bench/model.py on the CPU: every mode runs, and the memory it reports for the backward
     falls with recompute (the model's numbers, not a timing)."""
-    out = tmp_path / "model.json"
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "model.py"), "--device", "cpu",
-                          "--quick", "--recompute", "all", "--json", str(out)],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    data = _run_bench("model.py", tmp_path, "--device", "cpu", "--quick", "--recompute", "all")
+    rows = {r["mode"]: r for r in data["rows"]}
     assert set(rows) == {"residual", "mHC", "mHC recompute=4"}, rows
     assert all("error" not in r for r in rows.values()), rows
     assert (rows["mHC recompute=4"]["memory_over_residual_bytes"]
@@ -40,12 +40,8 @@ def test_model_bench_quick_writes_json(tmp_path):
 
 def test_step_bench_quick_writes_json(tmp_path):
     """bench/step.py on the CPU: both implementations time both passes and agree."""
-    out = tmp_path / "step.json"
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "step.py"), "--device", "cpu",
-                          "--quick", "--eager", "--json", str(out)],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    rows = [r for r in json.loads(out.read_text())["rows"] if "ms" in r]
+    data = _run_bench("step.py", tmp_path, "--device", "cpu", "--quick", "--eager")
+    rows = [r for r in data["rows"] if "ms" in r]
     assert {(r["impl"], r["pass_"]) for r in rows} == {
         (i, p) for i in ("mhc_multi", "torch eager") for p in ("fwd", "fwd+bwd")}, rows
     assert all(r["ms"] > 0 and r["rel_diff_vs_first"] < 0.05 for r in rows), rows
@@ -53,24 +49,15 @@ def test_step_bench_quick_writes_json(tmp_path):
 
 def test_frontend_bench_writes_json(tmp_path):
     """bench/frontend.py: every entry point timed with the backend stubbed out."""
-    out = tmp_path / "frontend.json"
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "frontend.py"), "--backend",
-                          "numpy", "--calls", "20", "--rounds", "2", "--json", str(out)],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    results = json.loads(out.read_text())["results"]
+    results = _run_bench("frontend.py", tmp_path, "--backend", "numpy", "--calls", "20",
+                         "--rounds", "2")["results"]
     assert set(results) == {"forward", "backward", "post_forward", "post_backward"}
     assert all(r["median_us"] > 0 for r in results.values()), results
 
 
 def test_tokens_bench_quick_writes_json(tmp_path):
     """bench/tokens.py on the CPU: every operator and the step timed at each T, with a floor."""
-    out = tmp_path / "tokens.json"
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "tokens.py"), "--device", "cpu",
-                          "--quick", "--json", str(out)],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    rows = json.loads(out.read_text())["rows"]
+    rows = _run_bench("tokens.py", tmp_path, "--device", "cpu", "--quick")["rows"]
     assert {(r["T"], r["op"]) for r in rows} == {
         (T, op) for T in (1, 8) for op in ("pre fwd", "pre bwd", "post fwd", "post bwd",
                                            "step fwd")}, rows
