@@ -364,6 +364,8 @@ def _to_backend(a, kind: str, on_cpu: bool = False):
         return np.ascontiguousarray(a)
     torch = _torch()
     if _is_tensor(a):
+        if not a.requires_grad and a.is_contiguous():   # as it is: no new tensor object
+            return a
         return a.detach().contiguous()
     return torch.from_numpy(np.ascontiguousarray(a))
 

@@ -97,9 +97,13 @@ def _check_all(T, n, D, dname, sms, resident, cfg, post_f, post_b):
         grid = grids._sk_grid(T, cfg)
         _within(grid, f"sk_bwd {where}")
         assert grid[0] * cfg["sk_bt"] >= T, (where, grid)
-    grid = grids._row_grid(T, cfg, sms, resident)
+    bt, bd = config._row_tiles(cfg, T, D, sms)
+    # the few-token tiles only where row_bt blocks would leave multiprocessors idle
+    few = _cdiv(T, cfg["row_bt"]) < sms
+    assert (bt, bd >= 16) == ((cfg["row_few_bt"] if few else cfg["row_bt"]), True), (where, bt, bd)
+    grid = grids._row_grid(T, bt, cfg, sms, resident)
     _within(grid, f"pre_bwd_row {where}")
-    assert grid == (grid[0],) and grid[0] <= _cdiv(T, cfg["row_bt"]), (where, grid)  # persistent
+    assert grid == (grid[0],) and grid[0] <= _cdiv(T, bt), (where, grid)  # persistent
     grid, tok = grids._col_grid(T, n, D, cfg, sms, resident)
     _within(grid, f"pre_bwd_col {where}")
     # every (stream, D chunk) on the leading axes (folded onto axis 0 past 65535 chunks); the

@@ -373,7 +373,8 @@ def test_variants_vs_float64(T, n, D, dname, with_gamma, k, variant_config):
 
 
 # Few tokens (T = 1 .. 64): on CUDA the rule splits the forward's row over programs (split-K,
-# config._fwd_splits); the interpreter runs that path here with the same setting.
+# config._fwd_splits) and gives the backward's row kernel one token per program
+# (config._row_tiles); the interpreter runs those paths here with the same settings.
 FEW_T = [(T, n, ("bf16", "fp16", "fp32")[(T + n) % 3]) for T in (1, 8, 64)
          for n in range(1, 9)]
 
@@ -384,11 +385,18 @@ def test_few_tokens_split_k_vs_float64(T, n, dname):
     cuda_cfg = config._make_config(n, 4096, dname, torch.device("cuda"))
     assert config._fwd_splits(cuda_cfg, T, 4096, torch.device("cuda"), F_pad, dname,
                               sms=132) > 1, "the CUDA rule splits the row at few tokens"
+    assert config._row_tiles(cuda_cfg, T, 4096, 132)[0] == cuda_cfg["row_few_bt"], \
+        "the CUDA rule gives the backward's row kernel one program per token at few tokens"
     D = 40 if DEVICE == "cpu" else 1000   # several D chunks of the device's split forward
-    with config.config_override(fwd_split=-1):
+    # the interpreter's rule has no few-token row tiles: these are the CUDA rule's, in D chunks
+    # of 16 (several per row)
+    few_rows = dict(row_few_bt=cuda_cfg["row_few_bt"], row_few_bd=16) if DEVICE == "cpu" else {}
+    with config.config_override(fwd_split=-1, **few_rows):
         dev = torch.device(DEVICE)
-        assert config._fwd_splits(config._config(n, D, dname, dev), T, D, dev, F_pad,
-                                  dname) > 1
+        cfg = config._config(n, D, dname, dev)
+        assert config._fwd_splits(cfg, T, D, dev, F_pad, dname) > 1
+        if T < 64:
+            assert config._row_tiles(cfg, T, D, config._sm_count(dev))[0] == 1
         _fwd_bwd_vs_float64(T, n, D, dname, T % 2 == 0, 20)
 
 
@@ -418,3 +426,26 @@ def _fwd_bwd_vs_float64(T, n, D, dname, with_gamma, k):
                                     dh_post, dh_res, gamma, **kw)
     assert all(torch.equal(a, b) for a, b in zip(out, out2))
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(bout, bout2))
+
+
+# The split forward's pass 1 makes phi*g's pieces itself at one token block (config._fwd_prep):
+# the same arithmetic as _prep_phi_kernel, so the same bits. T = 3 has few h_res entries at
+# every n (three phi*g pieces, no CAT dot in either path); n = 8 has two gate-column blocks.
+@pytest.mark.parametrize("n,dname,with_gamma", [(1, "fp32", True), (3, "bf16", False),
+                                                (4, "bf16", True), (5, "fp16", True),
+                                                (8, "bf16", True)])
+def test_split_forward_pieces_in_pass1_bitwise(n, dname, with_gamma):
+    T, D = 3, 40
+    x, phi, alpha, bias, gamma = _inputs(T, n, D, dname, with_gamma, seed=n)[:5]
+    dev = torch.device(DEVICE)
+    outs = []
+    for prep in (True, False):
+        with config.config_override(fwd_split=-1, fwd_prep=prep):
+            cfg = config._config(n, D, dname, dev)
+            assert config._fwd_splits(cfg, T, D, dev, _util._f_pad(n), dname) > 1
+            assert config._fwd_prep(cfg, T) is prep
+            outs.append(triton_backend.forward(x, phi, alpha, bias, gamma, norm_eps=NORM_EPS,
+                                               hc_eps=HC_EPS))
+    for name, a, b in zip(FWD, *outs):
+        assert torch.equal(a, b), name
+        assert not torch.isnan(a).any(), name

@@ -23,9 +23,14 @@ except Exception:  # pragma: no cover
     torch = None
 
 
+#: Whether the kernels run on Triton's CPU interpreter: TRITON_INTERPRET when this package is
+#: imported, which is when ``triton.jit`` makes each kernel an interpreted or a compiled one.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _interpret() -> bool:
-    """Whether the kernels run on Triton's CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether the kernels run on Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRET
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -38,7 +38,8 @@ _INTERP_CONFIG = dict(fwd_bt=16, fwd_bd=16, fwd_warps=4, row_bt=16, row_bd=32, r
 _CUDA_COMMON = dict(fwd_bt=64, fwd_bd2=128, fwd_warps=4,
                     fwd_split_bt=64, fwd_split_warps=4, fwd_split_stages=3,
                     hin_bt=8, hin_bd=512, sk_bt=64, sk_warps=4,
-                    row_warps=8, row_stages=2, row_waves="auto",
+                    row_warps=8, row_stages=2, row_waves="auto", row_few_bt=1,
+                    row_few_bd=2048,
                     col_warps=4, col_waves=4)
 
 #: ... and those that differ by (x dtype, F_PAD): F_PAD 16 is n <= 3, 32 n = 4, 64 n = 5..7,
@@ -67,7 +68,7 @@ _CUDA_TABLE = {
 _D_CLAMPED = ("fwd_bd", "fwd_bd2", "col_bd", "row_bd")
 
 #: Keys that set_config takes besides the rule's own: variants and switches (see set_config).
-_SWITCHES = ("fwd_split", "fwd_ilv", "hin_order", "hin_ev", "sk_bwd", "col_splits",
+_SWITCHES = ("fwd_split", "fwd_prep", "fwd_ilv", "hin_order", "hin_ev", "sk_bwd", "col_splits",
              "col_fblocks", "fwd_fblocks", "w_pieces", "p_pieces")
 #: The post operator's keys, set with a ``post_`` prefix (_post_config).
 _POST_KEYS = ("pf_bt", "pf_bd", "pf_stages", "pb_bt", "pb_bd", "pb_warps", "pb_stages", "warps")
@@ -269,6 +270,28 @@ def _fwd_splits(cfg, T, D, device, F_pad, dname, sms: int | None = None) -> int:
     if S < 0:
         S = _cdiv(4 * (sms or _sm_count(device)), _cdiv(T, cfg["fwd_split_bt"]))
     return max(1, min(S, nch, _MAX_GRID12))
+
+
+def _fwd_prep(cfg, T: int) -> bool:
+    """Whether the split forward's pass 1 makes phi*g's bf16 pieces itself (from phi and g, as
+    _prep_phi_kernel would: the same bits) instead of reading them from a _prep_phi launch.
+    "auto": when pass 1 has one token block (T <= fwd_split_bt), which then reads phi once
+    either way, so the launch and its [pieces, F_PAD, nD] buffer are saved; with more token
+    blocks each would make the pieces again.  set_config(fwd_prep=True | False) forces it."""
+    mode = cfg.get("fwd_prep", "auto")
+    return T <= cfg["fwd_split_bt"] if mode == "auto" else bool(mode)
+
+
+def _row_tiles(cfg, T: int, D: int, sms: int) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_D) of the backward's row kernel.  With fewer token blocks than
+    multiprocessors (a few hundred tokens) the row_bt-token blocks leave most of the GPU idle
+    and each program walks its row in many short steps, so where the rule has ``row_few_bt``
+    (CUDA) the kernel takes blocks of row_few_bt tokens and D chunks of up to row_few_bd: one
+    program per token, a few wide steps over its row."""
+    bt, bd = cfg["row_bt"], cfg["row_bd"]
+    if "row_few_bt" in cfg and _cdiv(T, bt) < sms:
+        bt, bd = cfg["row_few_bt"], min(cfg["row_few_bd"], max(16, _next_pow2(D)))
+    return bt, bd
 
 
 def _l2_reuse(cfg, S: int, F_pad: int, device) -> tuple[bool, str, str]:

@@ -50,14 +50,15 @@ def _sk_grid(T: int, cfg) -> tuple:
     return _checked((_cdiv(T, cfg["sk_bt"]),))
 
 
-def _row_grid(T: int, cfg, sms: int, resident: int | None = None) -> tuple:
-    """The persistent row kernel's grid: one program per slot (``row_waves`` per SM; "auto":
-    ``resident``, the compiled kernel's programs per SM from _resident, else 4), at most one
-    per token block.  Each program walks the blocks pid, pid + programs, ..."""
+def _row_grid(T: int, bt: int, cfg, sms: int, resident: int | None = None) -> tuple:
+    """The persistent row kernel's grid for token blocks of ``bt`` (config._row_tiles): one
+    program per slot (``row_waves`` per SM; "auto": ``resident``, the compiled kernel's
+    programs per SM from _resident, else 4), at most one per token block.  Each program walks
+    the blocks pid, pid + programs, ..."""
     waves = cfg["row_waves"]
     if waves == "auto":
         waves = resident or 4
-    return _checked((max(1, min(_cdiv(T, cfg["row_bt"]), sms * waves)),))
+    return _checked((max(1, min(_cdiv(T, bt), sms * waves)),))
 
 
 def _col_fold(D: int, cfg) -> bool:

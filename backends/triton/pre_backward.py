@@ -13,7 +13,8 @@ from __future__ import annotations
 from .._common import SMALL_ND, empty_torch
 from ._util import _cdiv, _dtype_name, _f32, _f_pad, _interpret, _next_pow2, _on_x_device, tl, \
     torch, triton
-from .config import _config, _f_blocks, _launch_kw, _resident, _sk_bwd_mode, _sm_count
+from .config import _config, _f_blocks, _launch_kw, _resident, _row_tiles, _sk_bwd_mode, \
+    _sm_count
 from .grids import _col_grid, _reduce_grid, _row_grid, _sk_grid
 from .sinkhorn import _sk_kw
 
@@ -339,7 +340,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         dh_in = dh_in.contiguous()
         hp32 = _f32(h_pre)
         # row kernel: persistent, prow programs (as many as fit on the GPU at once)
-        bt = cfg["row_bt"]
+        bt, bd = _row_tiles(cfg, T, D, sms)
         nblk = _cdiv(T, bt)
         ndm = max(nwa, npa)
         dm = torch.empty((ndm, T, F_pad), dtype=torch.bfloat16, device=dev)
@@ -359,13 +360,13 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
                       dlog_ptr=torch.empty((T, n * n), dtype=torch.float32, device=dev))
         row_args = [x, dh_in, _f32(inv_rms), _f32(h_mix), hp32, _f32(h_post), _f32(dh_post),
                     dhr, _f32(alpha), dm, coef, coef, T, nblk, float(hc_eps)]
-        row_kw = dict(N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=cfg["row_bd"], NDM=ndm,
+        row_kw = dict(N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd, NDM=ndm,
                       INTERP=_interpret(), **sk, **_launch_kw(cfg, "row"))
         res = None
         if cfg["row_waves"] == "auto":   # one program per slot (coef stands in for wsrow)
-            res = _resident(_pre_bwd_row_kernel, ("row", n, D, dname, dev, sk.get("K", 0)),
+            res = _resident(_pre_bwd_row_kernel, ("row", n, D, dname, dev, sk.get("K", 0), bt),
                             dev, row_args, row_kw)
-        grid = _row_grid(T, cfg, sms, res)
+        grid = _row_grid(T, bt, cfg, sms, res)
         prow = grid[0]
         row_args[11] = wsrow = torch.empty((F_pad + 4, prow), dtype=torch.float32, device=dev)
         _pre_bwd_row_kernel[grid](*row_args, **row_kw)

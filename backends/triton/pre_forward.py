@@ -13,14 +13,15 @@ from __future__ import annotations
 
 from .._common import FEW_RES, empty_torch
 from ._util import _dtype_name, _f32, _f_pad, _interpret, _on_x_device, tl, torch, triton
-from .config import _cat, _config, _f_blocks, _fwd_splits, _l2_reuse, _launch_kw
+from .config import _cat, _config, _f_blocks, _fwd_prep, _fwd_splits, _l2_reuse, \
+    _launch_kw
 from .grids import _fwd_grid, _prep_phi_grid, _split_grids
 from .precision import fwd_pieces
 from .sinkhorn import _sk_kw
 
 if triton is not None:
     from .gates import _gates, _gates_epilogue, _gates_store
-    from .precision import _bf16, _load_pieces, _mm_core, _mm_pieces, _round_out
+    from .precision import _load_pieces, _mm_core, _mm_pieces, _round_out, _split3
 
     @triton.jit
     def _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, d, ff, acc, ss2, ND: tl.constexpr,
@@ -55,11 +56,30 @@ if triton is not None:
     @triton.jit
     def _fwd_dot(xv, pg_ptr, i, d, ff, acc, ND: tl.constexpr, D: tl.constexpr,
                  F_PAD: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr,
-                 INTERP: tl.constexpr, SEP: tl.constexpr = False):
-        """acc + the x tile @ the phi*g pieces' columns ff (B tile [BLOCK_D, len(ff)])."""
-        b0, b1, b2 = _load_pieces(pg_ptr, ff[None, :] * ND + i * D + d[:, None], F_PAD * ND,
-                                  (d < D)[:, None], NPB)
+                 INTERP: tl.constexpr, SEP: tl.constexpr = False, PREP: tl.constexpr = False,
+                 g_ptr=None, F: tl.constexpr = 0, HAS_G: tl.constexpr = False):
+        """acc + the x tile @ the phi*g pieces' columns ff (B tile [BLOCK_D, len(ff)]): loaded
+        from _prep_phi_kernel's pieces at pg_ptr, or (PREP) made here from phi [F, ND] at
+        pg_ptr and g [ND], the same arithmetic (_phi_pieces)."""
+        off = ff[None, :] * ND + i * D + d[:, None]
+        if PREP:
+            p = tl.load(pg_ptr + off, mask=(d < D)[:, None] & (ff < F)[None, :], other=0.0)
+            g = p
+            if HAS_G:
+                g = tl.load(g_ptr + i * D + d, mask=d < D, other=0.0)[:, None]
+            b0, b1, b2 = _phi_pieces(p, g, NPB, HAS_G, INTERP)
+        else:
+            b0, b1, b2 = _load_pieces(pg_ptr, off, F_PAD * ND, (d < D)[:, None], NPB)
         return _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP, SEP)
+
+    @triton.jit
+    def _phi_pieces(p, g, NPIECE: tl.constexpr, HAS_G: tl.constexpr, INTERP: tl.constexpr):
+        """The NPIECE bf16 pieces of phi*g from phi's values p and g's (broadcast to p; unused
+        unless HAS_G): p0 = bf16(p*g), p1 = bf16(p*g - p0), ... (precision._split3)."""
+        p = p.to(tl.float32)
+        if HAS_G:
+            p = p * g.to(tl.float32)
+        return _split3(p, NPIECE, INTERP)
 
     @triton.jit
     def _fwd_acc_sum(acc, F_PAD: tl.constexpr, CAT: tl.constexpr):
@@ -84,18 +104,16 @@ if triton is not None:
         k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         km = k < ND
         fv = f + tl.zeros([BLOCK], dtype=tl.int32)
-        p = tl.load(phi_ptr + f * ND + k, mask=km & (fv < F), other=0.0).to(tl.float32)
+        p = tl.load(phi_ptr + f * ND + k, mask=km & (fv < F), other=0.0)
+        g = p
         if HAS_G:
-            p = p * tl.load(g_ptr + k, mask=km, other=0.0).to(tl.float32)
-        p0 = _bf16(p, INTERP)
+            g = tl.load(g_ptr + k, mask=km, other=0.0)
+        p0, p1, p2 = _phi_pieces(p, g, NPIECE, HAS_G, INTERP)
         tl.store(out_ptr + f * ND + k, p0, mask=km)
         if NPIECE > 1:
-            r = p - p0.to(tl.float32)
-            p1 = _bf16(r, INTERP)
             tl.store(out_ptr + F_PAD * ND + f * ND + k, p1, mask=km)
-            if NPIECE > 2:
-                p2 = _bf16(r - p1.to(tl.float32), INTERP)
-                tl.store(out_ptr + 2 * F_PAD * ND + f * ND + k, p2, mask=km)
+        if NPIECE > 2:
+            tl.store(out_ptr + 2 * F_PAD * ND + f * ND + k, p2, mask=km)
 
     # -----------------------------------------------------------------------------------------
     # Forward, per token t (CONTRACT.md):
@@ -180,7 +198,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["T", "S"])
     def _pre_fwd_part_kernel(
         x_ptr,       # [T, n, D] x dtype
-        pg_ptr,      # [NPB, F_PAD, ND] bf16 pieces of phi*g
+        pg_ptr,      # [NPB, F_PAD, ND] bf16 pieces of phi*g (PREP: phi [F, ND] fp32)
         mpart_ptr,   # [S, T, F] fp32 (out): share s's part of m
         spart_ptr,   # [S, T] fp32 (out): share s's part of the sum of squares
         T, S,
@@ -191,6 +209,9 @@ if triton is not None:
         CAT: tl.constexpr = False,
         ILV: tl.constexpr = False,   # shares interleaved: share s takes D chunks s, s + S, ...
         SEP: tl.constexpr = False,   # separate dots, added in fp32 (few h_res entries, _mm_core)
+        PREP: tl.constexpr = False,  # pg_ptr is phi [F, ND] fp32: pieces made here (_fwd_dot)
+        g_ptr=None,                  # [ND] fp32 (PREP and HAS_G)
+        HAS_G: tl.constexpr = False,
     ):
         ND: tl.constexpr = N * D
         NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
@@ -220,13 +241,16 @@ if triton is not None:
             cl = j // N
             i = j - cl * N
             d = (c_lo + cl * c_step) * BLOCK_D + dd
-            if FB > 0:
-                xv, ss2 = _fwd_x(x_ptr, rows64, rmask, i, d, ss2, ND, D)
-                acc = _fwd_dot(xv, pg_ptr, i, d, ff, acc, ND, D, F_PAD, NPA, NPB, INTERP, SEP)
-                accb = _fwd_dot(xv, pg_ptr, i, d, fb, accb, ND, D, F_PAD, NPA, NPB, INTERP, SEP)
-            else:
+            if CAT:
                 acc, ss2 = _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, d, ff, acc, ss2, ND, D,
                                      F_PAD, NPA, NPB, INTERP, SEP, CAT)
+            else:
+                xv, ss2 = _fwd_x(x_ptr, rows64, rmask, i, d, ss2, ND, D)
+                acc = _fwd_dot(xv, pg_ptr, i, d, ff, acc, ND, D, F_PAD, NPA, NPB, INTERP, SEP,
+                               PREP, g_ptr, F, HAS_G)
+                if FB > 0:
+                    accb = _fwd_dot(xv, pg_ptr, i, d, fb, accb, ND, D, F_PAD, NPA, NPB, INTERP,
+                                    SEP, PREP, g_ptr, F, HAS_G)
         acc = _fwd_acc_sum(acc, FA, CAT)
         sT = tl.cast(s, tl.int64) * T   # int64: S * T can pass 2^31
         tl.store(mpart_ptr + (sT + rows64[:, None]) * F + ff[None, :], acc,
@@ -314,7 +338,8 @@ def _prep_phi(phi, g, F_pad, npieces):
 def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pre, T, n, D, F,
                    F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps, few):
     """The split forward: pass 1 in S shares -> partials [S, T, F] and [S, T], then the gates
-    and h_in (_pre_fwd_fin_kernel) into the outputs."""
+    and h_in (_pre_fwd_fin_kernel) into the outputs.  ``pg``: phi*g's pieces
+    (_prep_phi), or ``(phi, g)`` for pass 1 to make them (config._fwd_prep)."""
     dev = x.device
     bt, bd = cfg["fwd_split_bt"], cfg["fwd_split_bd"]
     mpart = torch.empty((S, T, F), dtype=torch.float32, device=dev)
@@ -323,10 +348,14 @@ def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pr
     fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
     ilv, order, hin_ev = _l2_reuse(cfg, S, F_pad, dev)
     grid1, grid2, hbt, hbd = _split_grids(T, D, S, cfg)
+    prep = {}
+    if isinstance(pg, tuple):   # pieces made in pass 1, from phi and g
+        pg, g = pg
+        prep = dict(PREP=True, g_ptr=g if g is not None else pg, HAS_G=g is not None)
     _pre_fwd_part_kernel[grid1](
         x, pg, mpart, spart, T, S, N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd,
-        NPA=npa, NPB=npb, INTERP=_interpret(), FA=fa, FB=fb, CAT=_cat(npa, npb, F_pad),
-        ILV=ilv, SEP=few, **kw)
+        NPA=npa, NPB=npb, INTERP=_interpret(), FA=fa, FB=fb,
+        CAT=not prep and _cat(npa, npb, F_pad), ILV=ilv, SEP=few, **prep, **kw)
     _pre_fwd_fin_kernel[grid2](
         x, mpart, spart, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre, T,
         S, float(norm_eps), float(hc_eps), N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=hbt,
@@ -358,8 +387,11 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
         npa, npb = fwd_pieces(dname, few)
         cfg = _config(n, D, dname, dev)
         g = None if gamma is None else _f32(gamma).reshape(ND)
-        pg = _prep_phi(_f32(phi), g, F_pad, npb)
         S = _fwd_splits(cfg, T, D, dev, F_pad, dname)
+        if S > 0 and _fwd_prep(cfg, T):
+            pg = (_f32(phi), g)
+        else:
+            pg = _prep_phi(_f32(phi), g, F_pad, npb)
         if S > 0:
             _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pre, T, n,
                            D, F, F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps, few)
