@@ -23,6 +23,8 @@ _CONFIG_OVERRIDES: dict = {}
 _SM_COUNT: dict = {}
 _CONFIG_CACHE: dict = {}   # (n, D, dtype name, device type) -> the launch rule's dict
 _RESIDENT: dict = {}       # compiled kernel variant -> programs per multiprocessor (_resident)
+_PLANS: dict = {}          # a launch's signature -> its grids and constexprs (_plan)
+_MAX_PLANS = 1024
 
 # ---------------------------------------------------------------------------------------------
 # The launch rule.  Prefixes: fwd (fused forward), fwd_split (split forward, pass 1), hin (its
@@ -103,6 +105,18 @@ def _config(n: int, D: int, dtype_name: str, device) -> dict:
     return cfg
 
 
+def _plan(key: tuple, build):
+    """The launch plan of ``key`` (a wrapper's signature: its op, T, n, D, dtypes, device and
+    flags), built by ``build()`` on first use: grids and constexprs are pure values of the
+    rule, so a call with a seen signature only allocates and launches.  set_config clears it."""
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = build()
+    return plan
+
+
 def _post_config(n: int, D: int, device, fp32: bool = False) -> dict:
     """Post kernels' blocks.  Forward: a [BLOCK_T, pow2(n), BLOCK_D] tile of ~4096 elements per
     program.  Backward: BLOCK_T * pow2(n) = 16 rows per dot (the tensor cores' minimum), D in
@@ -147,6 +161,7 @@ def set_config(**kw) -> None:
     _CONFIG_OVERRIDES.update(kw)
     _CONFIG_CACHE.clear()
     _RESIDENT.clear()
+    _PLANS.clear()
 
 
 @contextlib.contextmanager

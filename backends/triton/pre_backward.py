@@ -13,8 +13,8 @@ from __future__ import annotations
 from .._common import SMALL_ND, empty_torch
 from ._util import _cdiv, _dtype_name, _f32, _f_pad, _interpret, _next_pow2, _on_x_device, tl, \
     torch, triton
-from .config import _config, _f_blocks, _launch_kw, _resident, _row_tiles, _sk_bwd_mode, \
-    _sm_count
+from .config import _config, _f_blocks, _launch_kw, _plan, _resident, _row_tiles, \
+    _sk_bwd_mode, _sm_count
 from .grids import _col_grid, _reduce_grid, _row_grid, _sk_grid
 from .sinkhorn import _sk_kw
 
@@ -306,6 +306,45 @@ if triton is not None:
                 tl.store(dalpha_ptr + pid - F, tot)
 
 
+class _Plan:
+    """A backward's launches at one (T, n, D, x dtype, device, k, gamma or not, dx_add or not):
+    constexprs and grids, kept per signature (config._plan).  The persistent row grid and the
+    column kernel's splits come from the compiled kernels (_resident): they are set on the
+    first call, from its arguments."""
+    __slots__ = ("cfg", "sms", "ndm", "bt", "sk", "sk_grid", "sk_kw", "row_kw", "row_grid",
+                 "col_kw", "col_grid", "tok", "red_grid", "red_kw")
+
+    def __init__(self, T, n, D, dname, dev, k, has_g, has_add):
+        F, F_pad = n * n + 2 * n, _f_pad(n)
+        ND = n * D
+        cfg = self.cfg = _config(n, D, dname, dev)
+        (nwa, nwb), (npa, npb) = cfg["w_pieces"], cfg["p_pieces"]
+        self.sms = _sm_count(dev)
+        self.bt, bd = _row_tiles(cfg, T, D, self.sms)
+        self.ndm = max(nwa, npa)
+        self.sk = "" if k == 0 else _sk_bwd_mode(cfg, T, self.sms, dev.type == "cuda")
+        common = dict(N=n, D=D, F=F, F_PAD=F_pad, NDM=self.ndm, INTERP=_interpret())
+        if self.sk == "sep":   # d(logits) by its own kernel; the row kernel runs its k = 0 code
+            self.sk_grid = _sk_grid(T, cfg)
+            self.sk_kw = dict(N=n, F=F, K=k, NP=_next_pow2(n), BLOCK_T=cfg["sk_bt"],
+                              num_warps=cfg["sk_warps"])
+        self.row_kw = dict(common, BLOCK_T=self.bt, BLOCK_D=bd, **_launch_kw(cfg, "row"),
+                           **(_sk_kw(k, n) if self.sk == "fused" else {}))
+        exact = ND <= SMALL_ND   # short rows: dx in float64 (_dx_exact)
+        fa, fb = (F_pad, 0) if exact or not cfg.get("col_fblocks", True) else _f_blocks(F, F_pad)
+        self.col_kw = dict(common, BLOCK_T=cfg["col_bt"], BLOCK_D=cfg["col_bd"], HAS_G=has_g,
+                           NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, FA=fa, FB=fb,
+                           **_launch_kw(cfg, "col"))
+        if exact:
+            self.col_kw["EXACT"] = True
+        if has_add:
+            self.col_kw["HAS_ADD"] = True
+        self.red_grid, block = _reduce_grid(ND, F, F_pad, dev.type == "cuda")
+        self.red_kw = dict(ND=ND, F=F, F_PAD=F_pad, HAS_G=has_g, BLOCK=block,
+                           RB=1024 if dev.type == "cuda" else 32, num_warps=4)
+        self.row_grid = self.col_grid = self.tok = None
+
+
 @_on_x_device
 def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
              *, norm_eps, hc_eps, sinkhorn_iters=0, dx_add=None):
@@ -331,79 +370,62 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         if dgamma is not None:
             dgamma.zero_()
     else:
+        has_g, has_add = gamma is not None, dx_add is not None
         dname = _dtype_name(x.dtype)
-        cfg = _config(n, D, dname, dev)
-        (nwa, nwb), (npa, npb) = cfg["w_pieces"], cfg["p_pieces"]
-        sms = _sm_count(dev)
+        p = _plan(("bwd", T, n, D, x.dtype, dev, k, has_g, has_add),
+                  lambda: _Plan(T, n, D, dname, dev, k, has_g, has_add))
         phi32 = _f32(phi)
-        g = None if gamma is None else _f32(gamma).reshape(ND)
+        g = _f32(gamma).reshape(ND) if has_g else phi32   # phi32: a placeholder (HAS_G)
         dh_in = dh_in.contiguous()
-        hp32 = _f32(h_pre)
-        # row kernel: persistent, prow programs (as many as fit on the GPU at once)
-        bt, bd = _row_tiles(cfg, T, D, sms)
-        nblk = _cdiv(T, bt)
-        ndm = max(nwa, npa)
-        dm = torch.empty((ndm, T, F_pad), dtype=torch.bfloat16, device=dev)
+        rms32, hmix32, hp32, hpost32, dhpost32, alpha32 = (
+            _f32(a) for a in (inv_rms, h_mix, h_pre, h_post, dh_post, alpha))
+        # row kernel: persistent, as many programs as fit on the GPU at once
+        dm = torch.empty((p.ndm, T, F_pad), dtype=torch.bfloat16, device=dev)
         coef = torch.empty((T,), dtype=torch.float32, device=dev)
-        sk = _sk_kw(k, n)
-        dhr = _f32(dh_res).reshape(T, n * n)
-        if k > 0 and _sk_bwd_mode(cfg, T, sms, dev.type == "cuda") == "sep":
-            # d(logits) by its own kernel; the row kernel then runs its k = 0 code on it
+        dres = _f32(dh_res).reshape(T, n * n)
+        sk = {}
+        if p.sk == "sep":
             dlog = torch.empty((T, n * n), dtype=torch.float32, device=dev)
-            _sk_bwd_kernel[_sk_grid(T, cfg)](
-                _f32(h_mix), _f32(inv_rms), _f32(alpha), _f32(bias), dhr, dlog, T,
-                N=n, F=F, K=k, NP=_next_pow2(n), BLOCK_T=cfg["sk_bt"],
-                num_warps=cfg["sk_warps"])
-            dhr, sk = dlog, {}
-        elif k > 0:   # d(logits) scratch, [T, n*n] (the size class of dh_res)
-            sk.update(bias_ptr=_f32(bias),
+            _sk_bwd_kernel[p.sk_grid](hmix32, rms32, alpha32, _f32(bias), dres, dlog, T,
+                                      **p.sk_kw)
+            dres = dlog
+        elif p.sk == "fused":   # d(logits) scratch, [T, n*n] (the size class of dh_res)
+            sk = dict(bias_ptr=_f32(bias),
                       dlog_ptr=torch.empty((T, n * n), dtype=torch.float32, device=dev))
-        row_args = [x, dh_in, _f32(inv_rms), _f32(h_mix), hp32, _f32(h_post), _f32(dh_post),
-                    dhr, _f32(alpha), dm, coef, coef, T, nblk, float(hc_eps)]
-        row_kw = dict(N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd, NDM=ndm,
-                      INTERP=_interpret(), **sk, **_launch_kw(cfg, "row"))
-        res = None
-        if cfg["row_waves"] == "auto":   # one program per slot (coef stands in for wsrow)
-            res = _resident(_pre_bwd_row_kernel, ("row", n, D, dname, dev, sk.get("K", 0), bt),
-                            dev, row_args, row_kw)
-        grid = _row_grid(T, bt, cfg, sms, res)
-        prow = grid[0]
+        row_args = [x, dh_in, rms32, hmix32, hp32, hpost32, dhpost32, dres, alpha32, dm, coef,
+                    coef, T, _cdiv(T, p.bt), float(hc_eps)]
+        if p.row_grid is None:
+            res = None
+            if p.cfg["row_waves"] == "auto":   # one program per slot (coef stands in for wsrow)
+                res = _resident(_pre_bwd_row_kernel, ("row", n, D, dname, dev, k if sk else 0,
+                                                      p.bt), dev, row_args, dict(p.row_kw, **sk))
+            p.row_grid = _row_grid(T, p.bt, p.cfg, p.sms, res)
+        prow = p.row_grid[0]
         row_args[11] = wsrow = torch.empty((F_pad + 4, prow), dtype=torch.float32, device=dev)
-        _pre_bwd_row_kernel[grid](*row_args, **row_kw)
+        _pre_bwd_row_kernel[p.row_grid](*row_args, **p.row_kw, **sk)
         # column kernel: grid (n, D chunks, token splits) (_col_grid); splits by (n, D, T, SMs,
         # programs per SM): fixed per shape
-        exact = {}
-        if ND <= SMALL_ND:   # short rows: dx in float64 (_dx_exact)
-            rms32, hmix32, _, hpost32, dhpost32, dres, alpha32 = row_args[2:9]
-            exact = dict(EXACT=True, rms_ptr=rms32, hmix_ptr=hmix32, hpost_ptr=hpost32,
-                         dhpost_ptr=dhpost32, dres_ptr=sk.get("dlog_ptr", dres),
-                         alpha_ptr=alpha32, hc_eps=float(hc_eps))
-        col_args = [x, dh_in, hp32, dm, coef, phi32, g if g is not None else phi32, dx, coef,
-                    T, 0]
-        fa, fb = (F_pad, 0) if exact or not cfg.get("col_fblocks", True) else _f_blocks(F, F_pad)
-        col_kw = dict(N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=cfg["col_bt"], BLOCK_D=cfg["col_bd"],
-                      HAS_G=g is not None,
-                      NWA=nwa, NWB=nwb, NPA=npa, NPB=npb, NDM=ndm, INTERP=_interpret(),
-                      FA=fa, FB=fb, **exact, **_launch_kw(cfg, "col"))
-        if dx_add is not None:
-            col_kw.update(HAS_ADD=True, dxadd_ptr=dx_add.contiguous())
-        res = None
-        if cfg.get("col_occ") == "auto":   # the splits fill waves of the programs that fit
-            res = _resident(_pre_bwd_col_kernel,
-                            ("col", n, D, dname, dev, g is not None, dx_add is not None),
-                            dev, col_args, col_kw)
-        grid, col_args[10] = _col_grid(T, n, D, cfg, sms, res)
-        splits = grid[-1]
+        col = {}
+        if "EXACT" in p.col_kw:   # short rows: dx in float64 (_dx_exact)
+            col = dict(rms_ptr=rms32, hmix_ptr=hmix32, hpost_ptr=hpost32, dhpost_ptr=dhpost32,
+                       dres_ptr=sk.get("dlog_ptr", dres), alpha_ptr=alpha32,
+                       hc_eps=float(hc_eps))
+        if has_add:
+            col["dxadd_ptr"] = dx_add.contiguous()
+        col_args = [x, dh_in, hp32, dm, coef, phi32, g, dx, coef, T, 0]
+        if p.col_grid is None:
+            res = None
+            if p.cfg.get("col_occ") == "auto":   # the splits fill waves of the programs that fit
+                res = _resident(_pre_bwd_col_kernel, ("col", n, D, dname, dev, has_g, has_add),
+                                dev, col_args, dict(p.col_kw, **col))
+            p.col_grid, p.tok = _col_grid(T, n, D, p.cfg, p.sms, res)
+        splits = p.col_grid[-1]
         col_args[8] = wscol = torch.empty((splits, F, ND), dtype=torch.float32, device=dev)
-        _pre_bwd_col_kernel[grid](*col_args, **col_kw)
-        grid, BLOCK = _reduce_grid(ND, F, F_pad, dev.type == "cuda")
-        _reduce_partials_kernel[grid](
-            wscol, wsrow, phi32, g if g is not None else phi32, dphi,
-            dgamma if dgamma is not None else dphi, dalpha, dbias, splits, prow,
-            ND=ND, F=F, F_PAD=F_pad, HAS_G=g is not None, BLOCK=BLOCK,
-            RB=1024 if dev.type == "cuda" else 32, num_warps=4)
+        col_args[10] = p.tok
+        _pre_bwd_col_kernel[p.col_grid](*col_args, **p.col_kw, **col)
+        _reduce_partials_kernel[p.red_grid](
+            wscol, wsrow, phi32, g, dphi, dgamma if has_g else dphi, dalpha, dbias, splits, prow,
+            **p.red_kw)
     outs = (dphi, dalpha, dbias, dgamma)
     return (dx,) + tuple(None if o is None else (o if o.dtype == pdt else o.to(pdt))
                          for o in outs)
-
-

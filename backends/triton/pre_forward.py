@@ -11,10 +11,12 @@ Kernels (design in docs/triton.md):
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from .._common import FEW_RES, empty_torch
 from ._util import _dtype_name, _f32, _f_pad, _interpret, _on_x_device, tl, torch, triton
 from .config import _cat, _config, _f_blocks, _fwd_prep, _fwd_splits, _l2_reuse, \
-    _launch_kw
+    _launch_kw, _plan
 from .grids import _fwd_grid, _prep_phi_grid, _split_grids
 from .precision import fwd_pieces
 from .sinkhorn import _sk_kw
@@ -335,31 +337,42 @@ def _prep_phi(phi, g, F_pad, npieces):
     return out
 
 
-def _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pre, T, n, D, F,
-                   F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps, few):
-    """The split forward: pass 1 in S shares -> partials [S, T, F] and [S, T], then the gates
-    and h_in (_pre_fwd_fin_kernel) into the outputs.  ``pg``: phi*g's pieces
-    (_prep_phi), or ``(phi, g)`` for pass 1 to make them (config._fwd_prep)."""
-    dev = x.device
-    bt, bd = cfg["fwd_split_bt"], cfg["fwd_split_bd"]
-    mpart = torch.empty((S, T, F), dtype=torch.float32, device=dev)
-    spart = torch.empty((S, T), dtype=torch.float32, device=dev)
-    kw = _launch_kw(cfg, "fwd_split")
+class _Plan(NamedTuple):
+    """A forward's launches at one (T, n, D, x dtype, device, k, gamma or not): pure values of
+    the launch rule, kept per signature (config._plan)."""
+    S: int             # 0: the fused kernel; else the split forward's shares
+    prep: bool         # pass 1 makes phi*g's pieces (config._fwd_prep)
+    npb: int           # phi*g's pieces
+    grid: tuple        # the fused kernel's or pass 1's grid
+    kw: dict           # its constexprs and launch options
+    grid2: tuple = ()  # the h_in pass's grid (split forward)
+    kw2: dict = {}
+
+
+def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
+    F, F_pad = n * n + 2 * n, _f_pad(n)
+    few = T * n * n < FEW_RES   # few h_res entries: products added in fp32 (SEP)
+    npa, npb = fwd_pieces(dname, few)
+    cfg = _config(n, D, dname, dev)
+    common = dict(N=n, D=D, F=F, F_PAD=F_pad, INTERP=_interpret())
+    S = _fwd_splits(cfg, T, D, dev, F_pad, dname)
+    if S == 0:
+        return _Plan(0, False, npb, _fwd_grid(T, cfg), dict(
+            common, BLOCK_T=cfg["fwd_bt"], BLOCK_D=cfg["fwd_bd"],
+            BLOCK_D2=cfg.get("fwd_bd2", cfg["fwd_bd"]), NPA=npa, NPB=npb,
+            CAT=_cat(npa, npb, F_pad), SEP=few, **_sk_kw(k, n), **_launch_kw(cfg, "fwd")))
+    prep = _fwd_prep(cfg, T)
     fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
     ilv, order, hin_ev = _l2_reuse(cfg, S, F_pad, dev)
     grid1, grid2, hbt, hbd = _split_grids(T, D, S, cfg)
-    prep = {}
-    if isinstance(pg, tuple):   # pieces made in pass 1, from phi and g
-        pg, g = pg
-        prep = dict(PREP=True, g_ptr=g if g is not None else pg, HAS_G=g is not None)
-    _pre_fwd_part_kernel[grid1](
-        x, pg, mpart, spart, T, S, N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=bt, BLOCK_D=bd,
-        NPA=npa, NPB=npb, INTERP=_interpret(), FA=fa, FB=fb,
-        CAT=not prep and _cat(npa, npb, F_pad), ILV=ilv, SEP=few, **prep, **kw)
-    _pre_fwd_fin_kernel[grid2](
-        x, mpart, spart, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre, T,
-        S, float(norm_eps), float(hc_eps), N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=hbt,
-        BLOCK_D=hbd, INTERP=_interpret(), ORDER=order, EV=hin_ev, **_sk_kw(k, n), num_warps=4)
+    kw1 = dict(common, BLOCK_T=cfg["fwd_split_bt"], BLOCK_D=cfg["fwd_split_bd"], NPA=npa,
+               NPB=npb, FA=fa, FB=fb, CAT=not prep and _cat(npa, npb, F_pad), ILV=ilv, SEP=few,
+               **_launch_kw(cfg, "fwd_split"))
+    if prep:
+        kw1.update(PREP=True, HAS_G=has_g)
+    kw2 = dict(common, BLOCK_T=hbt, BLOCK_D=hbd, ORDER=order, EV=hin_ev, **_sk_kw(k, n),
+               num_warps=4)
+    return _Plan(S, prep, npb, grid1, kw1, grid2, kw2)
 
 
 @_on_x_device
@@ -370,8 +383,6 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
     k = int(sinkhorn_iters)
     T, n, D = x.shape
     F = n * n + 2 * n
-    F_pad = _f_pad(n)
-    ND = n * D
     dev = x.device
     pdt = phi.dtype
     x = x.contiguous()
@@ -382,26 +393,25 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
     h_mix = empty_torch((T, F), torch.float32, dev)
     h_pre = empty_torch((T, n), torch.float32, dev)
     if T > 0:
-        dname = _dtype_name(x.dtype)
-        few = T * n * n < FEW_RES   # few h_res entries: products added in fp32 (SEP)
-        npa, npb = fwd_pieces(dname, few)
-        cfg = _config(n, D, dname, dev)
-        g = None if gamma is None else _f32(gamma).reshape(ND)
-        S = _fwd_splits(cfg, T, D, dev, F_pad, dname)
-        if S > 0 and _fwd_prep(cfg, T):
-            pg = (_f32(phi), g)
+        has_g = gamma is not None
+        p = _plan(("fwd", T, n, D, x.dtype, dev, k, has_g),
+                  lambda: _plan_forward(T, n, D, _dtype_name(x.dtype), dev, k, has_g))
+        phi32 = _f32(phi)
+        g = _f32(gamma).reshape(n * D) if has_g else None
+        outs = (h_in, h_post, h_res, inv_rms, h_mix, h_pre)
+        eps = (float(norm_eps), float(hc_eps))
+        if p.prep:   # pass 1 makes the pieces from phi and g
+            pg, prep = phi32, dict(g_ptr=g if has_g else phi32)
         else:
-            pg = _prep_phi(_f32(phi), g, F_pad, npb)
-        if S > 0:
-            _forward_split(x, pg, alpha, bias, h_in, h_post, h_res, inv_rms, h_mix, h_pre, T, n,
-                           D, F, F_pad, npa, npb, S, cfg, k, norm_eps, hc_eps, few)
+            pg, prep = _prep_phi(phi32, g, _f_pad(n), p.npb), {}
+        if p.S == 0:
+            _pre_fwd_kernel[p.grid](x, pg, _f32(alpha), _f32(bias), *outs, T, *eps, **p.kw)
         else:
-            _pre_fwd_kernel[_fwd_grid(T, cfg)](
-                x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre,
-                T, float(norm_eps), float(hc_eps),
-                N=n, D=D, F=F, F_PAD=F_pad, BLOCK_T=cfg["fwd_bt"], BLOCK_D=cfg["fwd_bd"],
-                BLOCK_D2=cfg.get("fwd_bd2", cfg["fwd_bd"]), NPA=npa, NPB=npb,
-                INTERP=_interpret(), CAT=_cat(npa, npb, F_pad), **_sk_kw(k, n),
-                **_launch_kw(cfg, "fwd"), SEP=few)
+            # pass 1 in S shares -> partials [S, T, F] and [S, T]; then the gates and h_in
+            mpart = torch.empty((p.S, T, F), dtype=torch.float32, device=dev)
+            spart = torch.empty((p.S, T), dtype=torch.float32, device=dev)
+            _pre_fwd_part_kernel[p.grid](x, pg, mpart, spart, T, p.S, **p.kw, **prep)
+            _pre_fwd_fin_kernel[p.grid2](x, mpart, spart, _f32(alpha), _f32(bias), h_in, h_post,
+                                         h_res, inv_rms, h_mix, h_pre, T, p.S, *eps, **p.kw2)
     outs = (h_post, h_res, inv_rms, h_mix, h_pre)
     return (h_in,) + tuple(o if o.dtype == pdt else o.to(pdt) for o in outs)
