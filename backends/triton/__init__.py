@@ -3,12 +3,13 @@ tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` runs the same kernels on 
 interpreter.  Same interface as ``numpy_ref`` (see its docstring); design in docs/triton.md.
 
 Modules:
-    pre_forward   _prep_phi_kernel, the fused and the split forward; forward()
+    pre_forward   the fused and the split forward; forward()
     gates         inv_rms and the gates from the raw projections, their stores
     pre_backward  row, column and reduce kernels; backward()
     sinkhorn      Sinkhorn-Knopp forward iterations, VJP and _sk_bwd_kernel
     post          the post operator's kernels; post_forward(), post_backward()
-    precision     bf16-piece dots (fp32 accuracy on tensor cores) and the pieces per product
+    precision     bf16-piece dots (fp32 accuracy on tensor cores), the pieces per product,
+                  _prep_phi_kernel (phi*g in pieces)
     config        the launch rule (tiles, warps, stages, splits), set_config, config_override
     grids         launch grids: pure functions, checked by tests/test_grids.py
     _util         host helpers; the one place triton and torch are imported

@@ -1,7 +1,6 @@
 """The pre operator's forward (CONTRACT.md; the math above ``_pre_fwd_kernel``).
 
-Kernels (design in docs/triton.md):
-* ``_prep_phi_kernel``  phi*g -> bf16 pieces (precision.py), rows padded to F_PAD.
+Kernels (design in docs/triton.md; phi*g's bf16 pieces come from precision._prep_phi_kernel):
 * ``_pre_fwd_kernel``   the fused forward, one program per BLOCK_T tokens: pass 1 over the row
                         (sum of squares, m on the tensor cores), the gates (gates.py), pass 2
                         over D in reverse order (the most recently read x is re-read from L2)
@@ -23,7 +22,8 @@ from .sinkhorn import _sk_kw
 
 if triton is not None:
     from .gates import _gates, _gates_epilogue, _gates_store
-    from .precision import _load_pieces, _mm_core, _mm_pieces, _round_out, _split3
+    from .precision import _load_pieces, _mm_core, _mm_pieces, _phi_pieces, _prep_phi_kernel, \
+        _round_out
 
     @triton.jit
     def _fwd_step(x_ptr, pg_ptr, rows64, rmask, i, d, ff, acc, ss2, ND: tl.constexpr,
@@ -75,15 +75,6 @@ if triton is not None:
         return _mm_pieces(xv, b0, b1, b2, acc, NPA, NPB, INTERP, SEP)
 
     @triton.jit
-    def _phi_pieces(p, g, NPIECE: tl.constexpr, HAS_G: tl.constexpr, INTERP: tl.constexpr):
-        """The NPIECE bf16 pieces of phi*g from phi's values p and g's (broadcast to p; unused
-        unless HAS_G): p0 = bf16(p*g), p1 = bf16(p*g - p0), ... (precision._split3)."""
-        p = p.to(tl.float32)
-        if HAS_G:
-            p = p * g.to(tl.float32)
-        return _split3(p, NPIECE, INTERP)
-
-    @triton.jit
     def _fwd_acc_sum(acc, F_PAD: tl.constexpr, CAT: tl.constexpr):
         """m [BLOCK_T, F_PAD] from pass 1's accumulator: with CAT the two pieces' columns
         added."""
@@ -92,30 +83,6 @@ if triton is not None:
         else:
             m = acc
         return m
-
-    @triton.jit
-    def _prep_phi_kernel(
-        phi_ptr,     # [F, ND] fp32
-        g_ptr,       # [ND] fp32 (unused unless HAS_G)
-        out_ptr,     # [NPIECE, F_PAD, ND] bf16: pieces of phi (* g), rows >= F zero
-        F: tl.constexpr, ND: tl.constexpr, F_PAD: tl.constexpr,
-        NPIECE: tl.constexpr, HAS_G: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
-    ):
-        # p = phi[f, k] * g[k]; p0 = bf16(p); p1 = bf16(p - p0); p2 = bf16(p - p0 - p1)
-        f = tl.program_id(1)
-        k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        km = k < ND
-        fv = f + tl.zeros([BLOCK], dtype=tl.int32)
-        p = tl.load(phi_ptr + f * ND + k, mask=km & (fv < F), other=0.0)
-        g = p
-        if HAS_G:
-            g = tl.load(g_ptr + k, mask=km, other=0.0)
-        p0, p1, p2 = _phi_pieces(p, g, NPIECE, HAS_G, INTERP)
-        tl.store(out_ptr + f * ND + k, p0, mask=km)
-        if NPIECE > 1:
-            tl.store(out_ptr + F_PAD * ND + f * ND + k, p1, mask=km)
-        if NPIECE > 2:
-            tl.store(out_ptr + 2 * F_PAD * ND + f * ND + k, p2, mask=km)
 
     # -----------------------------------------------------------------------------------------
     # Forward, per token t (CONTRACT.md):

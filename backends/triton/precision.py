@@ -5,7 +5,9 @@ of what is left) and the dot is the sum of the piece products a_i @ b_j with
 i + j < max(pieces): two or three bf16 dots reach ~2^-17 relative, six reach fp32.  bf16 x is
 exact in one piece, fp16 x in two.  How many pieces each product takes is a correctness
 choice, made here and nowhere else (``pieces``); so is ``_dx_exact``, the float64 dx of short
-rows.  Tiles and splits live in config.py.
+rows.  ``_prep_phi_kernel`` stores phi*g in pieces for the forward (``_phi_pieces``, which
+the split forward's pass 1 also calls to make them itself).  Tiles and splits live in
+config.py.
 
 The three products:
     fwd: m = x @ (phi*g)^T                      (A = x,  B = phi*g)
@@ -243,3 +245,37 @@ if triton is not None:
         phf = tl.load(phi_ptr + f * ND + col, mask=dmask, other=0.0).to(tl.float64)
         m = tl.load(hmix_ptr + rows64 * F + f, mask=rmask, other=0.0).to(tl.float64)
         return w + e[:, None] * phf[None, :], dr + e * m
+
+    @triton.jit
+    def _phi_pieces(p, g, NPIECE: tl.constexpr, HAS_G: tl.constexpr, INTERP: tl.constexpr):
+        """The NPIECE bf16 pieces of phi*g from phi's values p and g's (broadcast to p; unused
+        unless HAS_G): p0 = bf16(p*g), p1 = bf16(p*g - p0), ... (precision._split3)."""
+        p = p.to(tl.float32)
+        if HAS_G:
+            p = p * g.to(tl.float32)
+        return _split3(p, NPIECE, INTERP)
+
+    @triton.jit
+    def _prep_phi_kernel(
+        phi_ptr,     # [F, ND] fp32
+        g_ptr,       # [ND] fp32 (unused unless HAS_G)
+        out_ptr,     # [NPIECE, F_PAD, ND] bf16: pieces of phi (* g), rows >= F zero
+        F: tl.constexpr, ND: tl.constexpr, F_PAD: tl.constexpr,
+        NPIECE: tl.constexpr, HAS_G: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
+    ):
+        # p = phi[f, k] * g[k]; p0 = bf16(p); p1 = bf16(p - p0); p2 = bf16(p - p0 - p1)
+        f = tl.program_id(1)
+        k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        km = k < ND
+        fv = f + tl.zeros([BLOCK], dtype=tl.int32)
+        p = tl.load(phi_ptr + f * ND + k, mask=km & (fv < F), other=0.0)
+        g = p
+        if HAS_G:
+            g = tl.load(g_ptr + k, mask=km, other=0.0)
+        p0, p1, p2 = _phi_pieces(p, g, NPIECE, HAS_G, INTERP)
+        tl.store(out_ptr + f * ND + k, p0, mask=km)
+        if NPIECE > 1:
+            tl.store(out_ptr + F_PAD * ND + f * ND + k, p1, mask=km)
+        if NPIECE > 2:
+            tl.store(out_ptr + 2 * F_PAD * ND + f * ND + k, p2, mask=km)
+
