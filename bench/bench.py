@@ -40,6 +40,7 @@ import torch  # noqa: E402
 import mhc_multi  # noqa: E402
 from mhc_multi import registry  # noqa: E402
 import torch_reference as tref  # noqa: E402
+from _gpu import nbytes  # noqa: E402
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
                 "fp64": torch.float64}
@@ -194,10 +195,6 @@ def copy_bandwidth(device: torch.device, quick: bool) -> tuple[float, int]:
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-def nbytes(*tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
 
 def _reason(exc: BaseException) -> str:
     lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]

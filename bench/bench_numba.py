@@ -1,8 +1,8 @@
-"""Benchmark of the Numba CPU backend (issue 3): numba vs PyTorch eager fp32 vs the NumPy reference.
+"""Benchmark of the Numba CPU backend: numba vs PyTorch eager fp32 vs the NumPy reference.
 
 bf16 x, fp32 parameters, shapes (1,1024,4,2048) and (2,2048,4,4096). Rows: the pre operator's
 forward / backward, the same with Sinkhorn k = 20 (numba only: its cost over k = 0), and the post
-operator's forward / backward (issue 5). Runs are interleaved (numba, eager, numpy, numba,
+operator's forward / backward. Runs are interleaved (numba, eager, numpy, numba,
 eager, ...) and the median of each is reported, so load from other processes hits every
 contender alike. Also measures, in a fresh subprocess, the peak RSS of one
 backward at (2,2048,4,4096) against the bytes of its inputs and outputs.

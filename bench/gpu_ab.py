@@ -24,8 +24,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_suite import (tg, make_inputs, bench_graph, kernel_ms, rel,  # noqa: E402
-                       backward_args, NORM_EPS, HC_EPS)
+from _gpu import (tg, make_inputs, bench_graph, kernel_ms, rel,  # noqa: E402
+                  backward_args, NORM_EPS, HC_EPS, DT)
 
 SHAPES = [(4, 4096, 4, 4096), (1, 4096, 4, 2560), (2, 4096, 4, 7168)]
 
@@ -51,7 +51,6 @@ def main():
                     help="B,S,n,D (default: the three realistic shapes)")
     ap.add_argument("--dtypes", default="bf16", help="x dtypes, comma-separated")
     args = ap.parse_args()
-    dts = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     mods = [("this", tg), ("other", load_other(args.other))]
     junk = torch.empty(2 ** 28, dtype=torch.uint8, device="cuda")
     kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS)
@@ -59,7 +58,7 @@ def main():
     cases = [(tuple(int(v) for v in sh.split(",")), dt) for sh in args.shapes
              for dt in args.dtypes.split(",")]
     for shape, dname in cases:
-        x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(*shape, dts[dname], seed=5)
+        x, phi, alpha, bias, g, dh_in, dh_post, dh_res = make_inputs(*shape, DT[dname], seed=5)
         ref = {}
         for name, mod in mods:
             fo = mod.forward(x, phi, alpha, bias, g, **kw)

@@ -5,15 +5,15 @@ and backward graph times (median of CUDA-graph replays) and each kernel's device
                                [--shapes B,S,n,D ...]
 
 Each (shape, pass) also gets its floor (bytes that must move / the copy bandwidth of this
-process, as bench/gpu_suite.py) and ``copy_same_ms`` (gpu_suite.copy_same_ms: a copy of the
-same number of bytes, what moving them costs at this size as do_bench measures).
+process, _gpu.copy_bandwidth) and ``copy_same_ms`` (_gpu.copy_same_ms: a copy of the same
+number of bytes, what moving them costs at this size as do_bench measures).
 
 ``--variants '{"name": {set_config keys}}'`` times each variant (default: the launch rule
 alone) and gives each output's relative difference from the first variant's (``vs_first``:
 0.0 where bitwise the same); a variant that raises (a tile that does not fit) is recorded
 with its error and skipped.  For A/B between commits or launch variants: prints one line per
-(variant, shape, pass), writes $OUT/gpu_quick.json.  The acceptance table is
-bench/gpu_suite.py's.
+(variant, shape, pass), writes $OUT/gpu_quick.json.  The acceptance suite (accuracy against
+float64, the timing table) is bench/gpu_suite.py; ``--config`` puts a variant through it.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_suite import (tg, bench_graph, kernel_ms, make_inputs, copy_bandwidth,  # noqa: E402
-                       copy_same_ms, backward_args, rel, nbytes, NORM_EPS, HC_EPS, DT)
+from _gpu import (tg, bench_graph, kernel_ms, make_inputs, copy_bandwidth,  # noqa: E402
+                  copy_same_ms, backward_args, rel, nbytes, NORM_EPS, HC_EPS, DT)
 
 SHAPES = [(1, 4096, 4, 2560), (4, 4096, 4, 4096), (2, 4096, 4, 7168)]
 

@@ -37,7 +37,8 @@ import torch  # noqa: E402
 
 import mhc_multi  # noqa: E402
 import _results  # noqa: E402
-from bench import copy_bandwidth, nbytes  # noqa: E402
+from _gpu import capture_graph, nbytes  # noqa: E402
+from bench import copy_bandwidth  # noqa: E402
 from step import DTYPES, K, PlainStep, Scale, floor_bytes  # noqa: E402
 
 TS = (1, 2, 8, 64, 256, 1024, 4096, 16384)
@@ -46,7 +47,6 @@ TS = (1, 2, 8, 64, 256, 1024, 4096, 16384)
 def graph_us(fn, reps: int = 50) -> float:
     """Device time of one CUDA-graph replay of ``fn`` (median of 5 blocks of ``reps``, back to
     back: a decode loop's replays, with no L2 flush between them as do_bench would do)."""
-    from gpu_suite import capture_graph   # imports triton: on CUDA only
     graph = capture_graph(fn)
     graph.replay()
     torch.cuda.synchronize()

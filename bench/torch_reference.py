@@ -1,9 +1,10 @@
-"""PyTorch eager transcription of CONTRACT.md: the baseline ``bench.py`` compares backends to.
+"""PyTorch eager transcription of CONTRACT.md: the baseline ``bench.py`` and ``gpu_suite.py``
+compare backends to.
 
 This is the code a user would write without this package: the forward and the explicit
 backward formulas of CONTRACT.md, one line per equation, on ``[B, S, n, D]`` tensors, computed
 in phi's dtype (fp32 by default: ``x`` is upcast once) and rounded once to x's dtype at the
-end. ``bench.py`` also times ``torch.compile`` of these same functions.
+end. The benches also time ``torch.compile`` of these same functions.
 
 Signatures mirror ``mhc_multi.forward`` / ``mhc_multi.backward`` (same positional order), so
 the benchmark feeds every implementation the same tensors.

@@ -1,6 +1,7 @@
 """The benchmark script runs end to end (a smoke test: no timing is asserted here;
 speed is measured by bench/, never by tests)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,13 @@ pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_bench(script: str, tmp_path, *args) -> dict:
-    """bench/<script> with ``args`` and ``--json`` into tmp_path: its JSON, after it exits 0."""
+def _run_bench(script: str, tmp_path, *args, env=None) -> dict:
+    """bench/<script> with ``args`` and ``--json`` into tmp_path (``env`` added to the
+    environment): its JSON, after it exits 0."""
     out = tmp_path / "out.json"
     res = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--json", str(out)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **(env or {})})
     assert res.returncode == 0, res.stdout + res.stderr
     return json.loads(out.read_text())
 
@@ -62,3 +65,45 @@ def test_tokens_bench_quick_writes_json(tmp_path):
         (T, op) for T in (1, 8) for op in ("pre fwd", "pre bwd", "post fwd", "post bwd",
                                            "step fwd")}, rows
     assert all("error" not in r and r["call_us"] > 0 and r["floor_us"] > 0 for r in rows), rows
+
+
+@pytest.mark.parametrize("mode", ["pre", "sinkhorn-post"])
+def test_gpu_suite_accuracy_on_the_interpreter(tmp_path, mode):
+    """bench/gpu_suite.py --device cpu: the acceptance cases at tiny shapes on Triton's CPU
+    interpreter, each judged against the float64 reference and run twice; the suite exits 1
+    on a case out of bounds, not bitwise repeatable or raising."""
+    pytest.importorskip("triton")
+    args = ["--device", "cpu"] + (["--sinkhorn-post"] if mode == "sinkhorn-post" else [])
+    data = _run_bench("gpu_suite.py", tmp_path, *args, env={"TRITON_INTERPRET": "1"})
+    acc = data["accuracy"]
+    assert data["errors"] == [] and data["accuracy_all_ok"] and data["bitwise_all"], data
+    if mode == "pre":
+        assert {(a["dtype"], a["gamma"]) for a in acc} == {
+            ("bf16", True), ("bf16", False), ("fp16", True), ("fp32", True), ("fp32", False)}
+        assert set(acc[0]["errs"]) == {"h_in", "h_post", "h_res", "inv_rms", "h_mix", "h_pre",
+                                       "dx", "dphi", "dalpha", "dbias", "dgamma"}
+    else:
+        assert {(a["kind"], a["k"]) for a in acc} == {("post", 0), ("pre", 1), ("pre", 3),
+                                                      ("pre", 20)}
+        assert all("margin" in a["errs"] for a in acc if a["kind"] == "pre")
+
+
+def test_gpu_suite_flags_a_wrong_or_unrepeatable_output(monkeypatch):
+    """The suite's judgement is not vacuous: h_in off by 5% is out of bounds, and outputs that
+    differ between two runs are not bitwise repeatable."""
+    pytest.importorskip("triton")
+    import importlib.util
+    from mhc_multi.backends import triton as triton_backend
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "bench" / "gpu_suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    device = "cpu" if triton_backend._interpret() else "cuda"
+    real, calls = triton_backend.forward, []
+
+    def off(*args, **kw):   # h_in * 1.05 on the first call, * 1.0 on the second
+        out = real(*args, **kw)
+        calls.append(None)
+        return (out[0] * (1.05 if len(calls) == 1 else 1.0),) + tuple(out[1:])
+    monkeypatch.setattr(triton_backend, "forward", off)
+    errs, ok, same = suite.accuracy_pre((1, 5, 1, 1), "fp32", device=device)
+    assert not ok and not same and errs["h_in"] > 0.04, errs

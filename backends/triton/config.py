@@ -137,7 +137,7 @@ def _post_config(n: int, D: int, device, fp32: bool = False) -> dict:
 
 
 def set_config(**kw) -> None:
-    """Override launch parameters (for tuning: bench/gpu_suite.py sweeps candidates); no
+    """Override launch parameters (for tuning: bench/gpu_quick.py --variants times them, bench/gpu_suite.py --config checks one); no
     arguments restore the rules.  Each call replaces all earlier overrides; an unknown key
     raises ValueError (VALID_KEYS lists them).
 
