@@ -137,9 +137,9 @@ def _post_config(n: int, D: int, device, fp32: bool = False) -> dict:
 
 
 def set_config(**kw) -> None:
-    """Override launch parameters (for tuning: bench/gpu_quick.py --variants times them, bench/gpu_suite.py --config checks one); no
-    arguments restore the rules.  Each call replaces all earlier overrides; an unknown key
-    raises ValueError (VALID_KEYS lists them).
+    """Override launch parameters (for tuning: bench/gpu_quick.py --variants times them,
+    bench/gpu_suite.py --config checks one); no arguments restore the rules.  Each call
+    replaces all earlier overrides; an unknown key raises ValueError (VALID_KEYS lists them).
 
     The rule's keys: ``<prefix>_bt``, ``_bd``, ``_warps``, ``_stages`` for the prefixes fwd,
     fwd_split, hin, sk, row, col (and fwd_bd2), ``col_waves``; ``row_waves`` and ``col_occ``
