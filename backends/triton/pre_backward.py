@@ -147,7 +147,7 @@ if triton is not None:
         phi_ptr,     # [F, ND] fp32
         g_ptr,       # [ND] fp32 (unused unless HAS_G)
         dx_ptr,      # [T, n, D] x dtype (out)
-        wscol_ptr,   # [SPLITS, F, ND] fp32 (out): per-split P
+        wscol_ptr,   # [SPLITS, F, ND] fp32, float64 with EXACT (out): per-split P
         T, TOK_PER_SPLIT,
         N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
@@ -180,7 +180,7 @@ if triton is not None:
         # zero) split into bf16 pieces once per program, and the accumulator P
         ff = tl.arange(0, FA)
         p0, p1, p2 = _col_phi(phi_ptr, ff, col, dmask, F, ND, NWB, INTERP)
-        P = tl.zeros([FA, BLOCK_D], dtype=tl.float32)
+        P = tl.zeros([FA, BLOCK_D], dtype=tl.float64 if EXACT else tl.float32)
         if FB > 0:
             fb = FA + tl.arange(0, FB)
             q0, q1, q2 = _col_phi(phi_ptr, fb, col, dmask, F, ND, NWB, INTERP)
@@ -201,11 +201,11 @@ if triton is not None:
             dh = tl.load(dhin_ptr + rows64[:, None] * D + d[None, :], mask=m2, other=0.0)
             if HAS_ADD:
                 xa = tl.load(dxadd_ptr + rows64[:, None] * ND + col[None, :], mask=m2, other=0.0)
-            if EXACT:
-                dx = _dx_exact(x_ptr, rms_ptr, hmix_ptr, hpre_ptr, hpost_ptr, dhin_ptr,
-                               dhpost_ptr, dres_ptr, alpha_ptr, phi_ptr, g_ptr, hc_eps, xv, dh,
-                               hp, xa.to(tl.float64) if HAS_ADD else 0.0, rows64, rmask, col,
-                               dmask, N, D, HAS_G)
+            if EXACT:   # P too (FB = 0 here)
+                dx, P = _dx_exact(x_ptr, rms_ptr, hmix_ptr, hpre_ptr, hpost_ptr, dhin_ptr,
+                                  dhpost_ptr, dres_ptr, alpha_ptr, phi_ptr, g_ptr, hc_eps, xv,
+                                  dh, hp, xa.to(tl.float64) if HAS_ADD else 0.0, rows64, rmask,
+                                  col, dmask, P, N, D, HAS_G)
             else:
                 w = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
                 w = _col_w(dm_ptr, rows64, rm2, ff, p0, p1, p2, w, T, F_PAD, NWA, NWB, INTERP)
@@ -220,8 +220,8 @@ if triton is not None:
                     dx += xa.to(tl.float32)
             tl.store(dx_ptr + rows64[:, None] * ND + col[None, :],
                      _round_out(dx, dx_ptr.dtype.element_ty, INTERP), mask=m2)
-            # P += dm^T @ x (_col_p)
-            P = _col_p(dm_ptr, rows64, rmask, ff, xv, P, T, F_PAD, NPA, NPB, INTERP)
+            if not EXACT:   # P += dm^T @ x (_col_p)
+                P = _col_p(dm_ptr, rows64, rmask, ff, xv, P, T, F_PAD, NPA, NPB, INTERP)
             if FB > 0:
                 PB = _col_p(dm_ptr, rows64, rmask, fb, xv, PB, T, F_PAD, NPA, NPB, INTERP)
         ws = wscol_ptr + tl.cast(s, tl.int64) * (F * ND)
@@ -265,7 +265,7 @@ if triton is not None:
     # j >= F: row F_PAD + j - F), RB columns at a time (one program for all of wsrow is slow).
     @triton.jit
     def _reduce_partials_kernel(
-        wscol_ptr,   # [SPLITS, F, ND] fp32
+        wscol_ptr,   # [SPLITS, F, ND] fp32 (float64 for short rows: summed in float64)
         wsrow_ptr,   # [F_PAD + 4, P] fp32
         phi_ptr,     # [F, ND] fp32
         g_ptr,       # [ND] fp32 (unused unless HAS_G)
@@ -283,7 +283,7 @@ if triton is not None:
         ff = tl.arange(0, F_PAD)
         m2 = (ff < F)[:, None] & km[None, :]
         off = ff[:, None] * ND + k[None, :]
-        q = tl.zeros([F_PAD, BLOCK], dtype=tl.float32)
+        q = tl.zeros([F_PAD, BLOCK], dtype=wscol_ptr.dtype.element_ty)
         for s in range(SPLITS):
             q += tl.load(wscol_ptr + tl.cast(s, tl.int64) * (F * ND) + off, mask=m2, other=0.0)
         if HAS_G:
@@ -412,15 +412,17 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
                        hc_eps=float(hc_eps))
         if has_add:
             col["dxadd_ptr"] = dx_add.contiguous()
-        col_args = [x, dh_in, hp32, dm, coef, phi32, g, dx, coef, T, 0]
+        ws_dt = torch.float64 if "EXACT" in p.col_kw else torch.float32   # P's workspace
+        col_args = [x, dh_in, hp32, dm, coef, phi32, g, dx, None, T, 0]
         if p.col_grid is None:
+            col_args[8] = torch.empty((1,), dtype=ws_dt, device=dev)   # for the workspace
             res = None
             if p.cfg.get("col_occ") == "auto":   # the splits fill waves of the programs that fit
                 res = _resident(_pre_bwd_col_kernel, ("col", n, D, dname, dev, has_g, has_add),
                                 dev, col_args, dict(p.col_kw, **col))
             p.col_grid, p.tok = _col_grid(T, n, D, p.cfg, p.sms, res)
         splits = p.col_grid[-1]
-        col_args[8] = wscol = torch.empty((splits, F, ND), dtype=torch.float32, device=dev)
+        col_args[8] = wscol = torch.empty((splits, F, ND), dtype=ws_dt, device=dev)
         col_args[10] = p.tok
         _pre_bwd_col_kernel[p.col_grid](*col_args, **p.col_kw, **col)
         _reduce_partials_kernel[p.red_grid](

@@ -189,16 +189,19 @@ if triton is not None:
     @triton.jit
     def _dx_exact(x_ptr, rms_ptr, hmix_ptr, hpre_ptr, hpost_ptr, dhin_ptr, dhpost_ptr, dres_ptr,
                   alpha_ptr, phi_ptr, g_ptr, hc_eps, xv, dh, hp, xa, rows64, rmask, col, dmask,
-                  N: tl.constexpr, D: tl.constexpr, HAS_G: tl.constexpr):
-        """dx of short rows (n*D <= SMALL_ND), plus xa (another gradient of x, or 0), in float64
-        (then fp32, rounded once more to x's dtype by the caller), e and dm included, from the
+                  P, N: tl.constexpr, D: tl.constexpr, HAS_G: tl.constexpr):
+        """(dx, P + dm^T @ x) of short rows (n*D <= SMALL_ND): dx plus xa (another gradient of
+        x, or 0) in float64 (then fp32, rounded once more to x's dtype by the caller), and the
+        float64 accumulator P [F_PAD, BLOCK_D] of dphi / dgamma, e and dm included, from the
         backward's own inputs.
 
         dx = sum_f dm_f (phi_f g - r^2 x m_f / nD) + h_pre dh_in: for short rows the two parts
         cancel (n*D = 1: to eps*r^2 of their size), which multiplies any rounding of dm_f, so
         e = [a_pre dp, a_post dq, a_res dR] and dm = r e are rebuilt here in float64 rather than
-        read from the row kernel's fp32 pieces (docs/triton.md, "Short rows"). dres_ptr is
-        [T, n*n] fp32: dh_res, or with Sinkhorn its pull-back to the logits.
+        read from the row kernel's fp32 pieces (docs/triton.md, "Short rows").  So is P: with a
+        handful of terms nothing averages out, and dgamma = sum_f phi_f P_f can cancel too
+        (100x at (1,5,1,1) puts fp32 P's rounding over the fp32 bound).  dres_ptr is [T, n*n]
+        fp32: dh_res, or with Sinkhorn its pull-back to the logits.
         """
         ND: tl.constexpr = N * D
         tl.static_assert(ND <= 16)   # SMALL_ND: a stream's D in one 16-wide block
@@ -209,42 +212,48 @@ if triton is not None:
                         other=0.0).to(tl.float64)
         w = tl.zeros(xv.shape, dtype=tl.float64)
         dr = tl.zeros(r.shape, dtype=tl.float64)   # dot(e, m)
+        rx = r[:, None] * xv.to(tl.float64)        # P_f += sum_t e_f (r x)
         a_pre = tl.load(alpha_ptr).to(tl.float64)
         for j in range(N):   # pre: dp = dh_pre s (1 - s), s = h_pre - hc_eps
             xj = tl.load(x_ptr + rows64[:, None] * ND + j * D + k[None, :], mask=km,
                          other=0.0).to(tl.float64)
             sj = tl.load(hpre_ptr + rows64 * N + j, mask=rmask, other=0.0).to(tl.float64) - hc_eps
             e = a_pre * tl.sum(dhrow * xj, axis=1) * sj * (1.0 - sj)
-            w, dr = _dx_exact_gate(e, j, w, dr, hmix_ptr, phi_ptr, rows64, rmask, col, dmask,
-                                   N, ND)
+            w, dr, P = _dx_exact_gate(e, j, w, dr, P, rx, hmix_ptr, phi_ptr, rows64, rmask, col,
+                                      dmask, N, ND)
         a_post = tl.load(alpha_ptr + 1).to(tl.float64)
         for j in range(N):   # post: dq = dh_post h_post (1 - h_post / 2)
             hq = tl.load(hpost_ptr + rows64 * N + j, mask=rmask, other=0.0).to(tl.float64)
             e = a_post * tl.load(dhpost_ptr + rows64 * N + j, mask=rmask,
                                  other=0.0).to(tl.float64) * hq * (1.0 - 0.5 * hq)
-            w, dr = _dx_exact_gate(e, N + j, w, dr, hmix_ptr, phi_ptr, rows64, rmask, col, dmask,
-                                   N, ND)
+            w, dr, P = _dx_exact_gate(e, N + j, w, dr, P, rx, hmix_ptr, phi_ptr, rows64, rmask,
+                                      col, dmask, N, ND)
         a_res = tl.load(alpha_ptr + 2).to(tl.float64)
         for q in range(N * N):   # res: dR
             e = a_res * tl.load(dres_ptr + rows64 * (N * N) + q, mask=rmask,
                                 other=0.0).to(tl.float64)
-            w, dr = _dx_exact_gate(e, 2 * N + q, w, dr, hmix_ptr, phi_ptr, rows64, rmask, col,
-                                   dmask, N, ND)
+            w, dr, P = _dx_exact_gate(e, 2 * N + q, w, dr, P, rx, hmix_ptr, phi_ptr, rows64,
+                                      rmask, col, dmask, N, ND)
         w = r[:, None] * w   # dm = r e
         if HAS_G:
             w = w * tl.load(g_ptr + col, mask=dmask, other=0.0).to(tl.float64)[None, :]
         coef = r * r * r * dr / ND
-        return (w - coef[:, None] * xv.to(tl.float64)
-                + hp.to(tl.float64)[:, None] * dh.to(tl.float64) + xa).to(tl.float32)
+        dx = (w - coef[:, None] * xv.to(tl.float64)
+              + hp.to(tl.float64)[:, None] * dh.to(tl.float64) + xa).to(tl.float32)
+        return dx, P
 
     @triton.jit
-    def _dx_exact_gate(e, f, w, dr, hmix_ptr, phi_ptr, rows64, rmask, col, dmask,
+    def _dx_exact_gate(e, f, w, dr, P, rx, hmix_ptr, phi_ptr, rows64, rmask, col, dmask,
                        N: tl.constexpr, ND: tl.constexpr):
-        """One gate column f of _dx_exact: w += e_f phi_f (at col), dr += e_f m_f."""
+        """One gate column f of _dx_exact: w += e_f phi_f (at col), dr += e_f m_f, and row f of
+        P += sum_t e_f r x (at col)."""
         F: tl.constexpr = N * N + 2 * N
         phf = tl.load(phi_ptr + f * ND + col, mask=dmask, other=0.0).to(tl.float64)
         m = tl.load(hmix_ptr + rows64 * F + f, mask=rmask, other=0.0).to(tl.float64)
-        return w + e[:, None] * phf[None, :], dr + e * m
+        pf = tl.sum(e[:, None] * rx, axis=0)
+        ff = tl.arange(0, P.shape[0])
+        P = tl.where((ff == f)[:, None], P + pf[None, :], P)
+        return w + e[:, None] * phf[None, :], dr + e * m, P
 
     @triton.jit
     def _phi_pieces(p, g, NPIECE: tl.constexpr, HAS_G: tl.constexpr, INTERP: tl.constexpr):
