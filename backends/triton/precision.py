@@ -186,6 +186,34 @@ if triton is not None:
             r = v.to(dtype)
         return r
 
+    # The column kernel's three piece products (pre_backward._pre_bwd_col_kernel)
+    @triton.jit
+    def _col_phi(phi_ptr, fc, col, dmask, F: tl.constexpr, ND: tl.constexpr,
+                 NWB: tl.constexpr, INTERP: tl.constexpr):
+        """phi's rows fc (zero from F on) at the columns col, split into NWB bf16 pieces."""
+        return _split3(tl.load(phi_ptr + fc[:, None] * ND + col[None, :],
+                               mask=(fc < F)[:, None] & dmask[None, :], other=0.0),
+                       NWB, INTERP)
+
+    @triton.jit
+    def _col_w(dm_ptr, rows64, rm2, fc, p0, p1, p2, w, T, F_PAD: tl.constexpr,
+               NWA: tl.constexpr, NWB: tl.constexpr, INTERP: tl.constexpr):
+        """w + dm[rows, fc] @ phi[fc, :] from the pieces of both."""
+        a0, a1, a2 = _load_pieces(dm_ptr, rows64[:, None] * F_PAD + fc[None, :],
+                                  tl.cast(T, tl.int64) * F_PAD, rm2, NWA)
+        return _mm_core(a0, a1, a2, p0, p1, p2, w, NWA, NWB, INTERP)
+
+    @triton.jit
+    def _col_p(dm_ptr, rows64, rmask, fc, xv, P, T, F_PAD: tl.constexpr,
+               NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr):
+        """P + dm[rows, fc]^T @ x, from dm's pieces and x split into NPB.  The transposed dm
+        pieces are loaded as [len(fc), BLOCK_T] tiles (faster on the H200 than a tl.trans of
+        w's tiles, or P^T = x^T @ dm)."""
+        t0, t1, t2 = _load_pieces(dm_ptr, rows64[None, :] * F_PAD + fc[:, None],
+                                  tl.cast(T, tl.int64) * F_PAD, rmask[None, :], NPA)
+        x0, x1, x2 = _split3(xv, NPB, INTERP)
+        return _mm_core(t0, t1, t2, x0, x1, x2, P, NPA, NPB, INTERP)
+
     @triton.jit
     def _dx_exact(x_ptr, rms_ptr, hmix_ptr, hpre_ptr, hpost_ptr, dhin_ptr, dhpost_ptr, dres_ptr,
                   alpha_ptr, phi_ptr, g_ptr, hc_eps, xv, dh, hp, xa, rows64, rmask, col, dmask,
