@@ -141,7 +141,7 @@ def main(argv=None) -> int:
           f"reference {t3 - t2 + t1 - t0:.0f} s")
     result = []
     for name, err in rows:
-        pd = mhc_multi.api.dtype_name(pdt[name]) if name in pdt else a.param_dtype
+        pd = mhc_multi.checks.dtype_name(pdt[name]) if name in pdt else a.param_dtype
         bound = tolerance(name, a.dtype, pd)
         ok &= err <= bound
         result.append(dict(output=name, error=err, bound=bound, ok=err <= bound))

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import api, registry
+from . import api, checks, registry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,7 +37,7 @@ def _pre_forward_op(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, gamma: 
 
 
 def _gate_dtype(phi: Tensor) -> torch.dtype:
-    """Gates and intermediates: fp64 with fp64 parameters, else fp32 (api.compute_dtype)."""
+    """Gates and intermediates: fp64 with fp64 parameters, else fp32 (checks.compute_dtype)."""
     return torch.float64 if phi.dtype == torch.float64 else torch.float32
 
 
@@ -122,8 +122,8 @@ def mhc_pre(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps:
             raise TypeError(f"{name}: expected a torch.Tensor (mhc_pre is differentiable through "
                             f"torch; mhc_multi.forward takes numpy arrays), got {type(a).__name__}")
     registry.check_name(backend)
-    norm_eps, hc_eps = api.check_eps(norm_eps, hc_eps)
-    k = api.check_iters(sinkhorn_iters)
+    norm_eps, hc_eps = checks.check_eps(norm_eps, hc_eps)
+    k = checks.check_iters(sinkhorn_iters)
     h_in, h_post, h_res, *_ = _pre_forward_op(x, phi, alpha, bias, gamma, backend, norm_eps,
                                               hc_eps, k)
     return h_in, h_post, h_res
@@ -249,8 +249,8 @@ class MHCPre(torch.nn.Module):
         if not 1 <= n <= 8 or D < 1:
             raise ValueError(f"MHCPre: expected n in 1..8 and D >= 1, got n={n}, D={D}")
         registry.check_name(backend)
-        norm_eps, hc_eps = api.check_eps(norm_eps, hc_eps)
-        sinkhorn_iters = api.check_iters(sinkhorn_iters)
+        norm_eps, hc_eps = checks.check_eps(norm_eps, hc_eps)
+        sinkhorn_iters = checks.check_iters(sinkhorn_iters)
         F = n * n + 2 * n
         kw = dict(dtype=dtype, device=device)
         self.n, self.D = n, D

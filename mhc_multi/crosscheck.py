@@ -12,8 +12,9 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from . import api, registry
-from .api import _is_tensor, _to_backend, dtype_name
+from . import api, checks, registry
+from .checks import _is_tensor, dtype_name
+from .convert import _to_backend
 from .backends import numpy_ref
 from .tolerances import tolerance
 
@@ -142,10 +143,10 @@ def crosscheck(x, phi, alpha, bias, gamma=None, *, backends: Sequence[str] | Non
         backends = [backends]
     for name in backends:
         registry.check_name(name)
-    _, (B, S, n, D), norm_eps, hc_eps, k = api.validate_pre(
+    _, (B, S, n, D), norm_eps, hc_eps, k = checks.validate_pre(
         x, phi, alpha, bias, gamma, "numpy", norm_eps, hc_eps, sinkhorn_iters)
     xd, pd = dtype_name(x), dtype_name(phi)
-    gd = api.compute_dtype(pd)   # the gates' and intermediates' dtype
+    gd = checks.compute_dtype(pd)   # the gates' and intermediates' dtype
     # each parameter gradient is judged by its own parameter's dtype, the rest by phi's
     own = {"dphi": pd, "dalpha": dtype_name(alpha), "dbias": dtype_name(bias),
            "dgamma": None if gamma is None else dtype_name(gamma)}

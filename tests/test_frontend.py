@@ -446,12 +446,12 @@ def test_inference_mode(seed):
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 def test_parameter_views_follow_the_parameters(backend, seed):
-    """Numpy backends view a module's Parameters once (api._PARAM_VIEWS): a later call still
+    """Numpy backends view a module's Parameters once (convert._PARAM_VIEWS): a later call still
     sees in-place updates, a new tensor behind the Parameter, a non-contiguous Parameter's new
     values, and the entry goes when the Parameter does."""
     import gc
 
-    from mhc_multi import api
+    from mhc_multi import convert
     if not next(b.available for b in mhc_multi.available_backends() if b.name == backend):
         pytest.skip(f"{backend} unavailable")
     x, phi, alpha, bias, gamma = mhc_multi.random_inputs((1, 3, 2, 8), "fp32", seed=seed)
@@ -464,7 +464,7 @@ def test_parameter_views_follow_the_parameters(backend, seed):
         return run([p.detach().clone() for p in ps])
 
     assert torch.equal(run(params), plain(params))
-    assert id(params[0]) in api._PARAM_VIEWS
+    assert id(params[0]) in convert._PARAM_VIEWS
     with torch.no_grad():
         params[0].mul_(1.5)                       # in place: the same memory
     assert torch.equal(run(params), plain(params))
@@ -472,9 +472,9 @@ def test_parameter_views_follow_the_parameters(backend, seed):
     params[0].data = params[0].data * -1.0        # a new tensor behind the same Parameter
     assert torch.equal(run(params), plain(params))
     square = torch.nn.Parameter(torch.randn(2, 2), requires_grad=False)
-    assert np.array_equal(api._to_backend(square, "numpy", True), square.numpy())
+    assert np.array_equal(convert._to_backend(square, "numpy", True), square.numpy())
     square.data = square.data.t()                 # the same memory and shape, other strides
-    assert np.array_equal(api._to_backend(square, "numpy", True), square.numpy())
+    assert np.array_equal(convert._to_backend(square, "numpy", True), square.numpy())
     strided = torch.nn.Parameter(torch.randn(8, 2).t(), requires_grad=False)   # [2, 8], strided
     ps = [params[0], params[1], params[2], strided]
     assert torch.equal(run(ps), plain(ps))
@@ -484,4 +484,4 @@ def test_parameter_views_follow_the_parameters(backend, seed):
     key = id(params[0])
     del ps, params
     gc.collect()
-    assert key not in api._PARAM_VIEWS
+    assert key not in convert._PARAM_VIEWS

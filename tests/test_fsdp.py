@@ -147,7 +147,7 @@ def _output(key):
 def test_fsdp2_gradients_equal_single_process(dtype, recompute, tmp_path, seed):
     """bf16: the mixed precision of large-model training. fp32: FSDP2 frees the gathered
     parameters with storage.resize_(0), which fails on a storage that was ever viewed as a numpy
-    array (the CPU backends' inputs are copies, api._to_backend). recompute: the ranks replay
+    array (the CPU backends' inputs are copies, convert._to_backend). recompute: the ranks replay
     the streams in the backward, after FSDP2 has freed the earlier layers' gathered parameters
     (the replay needs none), and their bf16 gates stay fp32 (FSDP2 casts a module's tensor
     inputs to bf16, not the chain object that MHCStack hands each layer)."""
