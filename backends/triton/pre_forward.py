@@ -313,10 +313,11 @@ class _Plan(NamedTuple):
     grid: tuple        # the fused kernel's or pass 1's grid
     kw: dict           # its constexprs and launch options
     grid2: tuple = ()  # the h_in pass's grid (split forward)
-    kw2: dict = {}
+    kw2: dict | None = None
 
 
 def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
+    """The launch rule's choices for a forward at this signature (config.py, grids.py)."""
     F, F_pad = n * n + 2 * n, _f_pad(n)
     few = T * n * n < FEW_RES   # few h_res entries: products added in fp32 (SEP)
     npa, npb = fwd_pieces(dname, few)
@@ -365,14 +366,14 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
                   lambda: _plan_forward(T, n, D, _dtype_name(x.dtype), dev, k, has_g))
         phi32 = _f32(phi)
         g = _f32(gamma).reshape(n * D) if has_g else None
-        outs = (h_in, h_post, h_res, inv_rms, h_mix, h_pre)
         eps = (float(norm_eps), float(hc_eps))
         if p.prep:   # pass 1 makes the pieces from phi and g
             pg, prep = phi32, dict(g_ptr=g if has_g else phi32)
         else:
             pg, prep = _prep_phi(phi32, g, _f_pad(n), p.npb), {}
         if p.S == 0:
-            _pre_fwd_kernel[p.grid](x, pg, _f32(alpha), _f32(bias), *outs, T, *eps, **p.kw)
+            _pre_fwd_kernel[p.grid](x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res,
+                                    inv_rms, h_mix, h_pre, T, *eps, **p.kw)
         else:
             # pass 1 in S shares -> partials [S, T, F] and [S, T]; then the gates and h_in
             mpart = torch.empty((p.S, T, F), dtype=torch.float32, device=dev)
