@@ -299,7 +299,7 @@ def _fwd_prep(cfg, T: int) -> bool:
 
 def _row_tiles(cfg, T: int, D: int, sms: int) -> tuple[int, int]:
     """(BLOCK_T, BLOCK_D) of the backward's row kernel.  With fewer token blocks than
-    multiprocessors (a few hundred tokens) the row_bt-token blocks leave most of the GPU idle
+    multiprocessors (T < row_bt * SMs) the row_bt-token blocks leave most of the GPU idle
     and each program walks its row in many short steps, so where the rule has ``row_few_bt``
     (CUDA) the kernel takes blocks of row_few_bt tokens and D chunks of up to row_few_bd: one
     program per token, a few wide steps over its row."""
