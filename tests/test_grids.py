@@ -100,7 +100,7 @@ def _check_all(T, n, D, dname, sms, resident, cfg, post_f, post_b):
     bt, bd = config._row_tiles(cfg, T, D, sms)
     # the few-token tiles only where row_bt blocks would leave multiprocessors idle
     few = _cdiv(T, cfg["row_bt"]) < sms
-    assert (bt, bd >= 16) == ((cfg["row_few_bt"] if few else cfg["row_bt"]), True), (where, bt, bd)
+    assert bt == (cfg["row_few_bt"] if few else cfg["row_bt"]) and bd >= 16, (where, bt, bd)
     grid = grids._row_grid(T, bt, cfg, sms, resident)
     _within(grid, f"pre_bwd_row {where}")
     assert grid == (grid[0],) and grid[0] <= _cdiv(T, bt), (where, grid)  # persistent
