@@ -3,6 +3,7 @@
 Outputs are poisoned (``backends/_common.POISON``): backends allocate them as NaN, so an
 element a kernel never writes cannot pass.
 """
+import functools
 import os
 
 import numpy as np
@@ -111,6 +112,52 @@ def test_cancelling_h_res(backend, shape, x_dtype, poison, seed):
     bias[2 * n:] = (-0.99 * alpha[2].double() * u_res).to(bias)
     report = crosscheck(x, phi, alpha, bias, g, backends=[backend], seed=seed)
     assert report.ok, f"seed={seed}\n{report}"
+
+
+@functools.lru_cache(maxsize=None)
+def _cancelling_dgamma_inputs(x_dtype):
+    """Inputs (x, phi, alpha, bias, gamma, dh_in, dh_post, dh_res) at (1,5,1,1) whose float64
+    dgamma = sum_f phi_f P_f (three terms) cancels 800x, and that reference's dgamma: the first
+    such draw."""
+    from mhc_multi import backward
+    for s in range(5000):
+        x, phi, alpha, bias, g = random_inputs((1, 5, 1, 1), x_dtype, seed=s)
+        gen = torch.Generator().manual_seed(s)
+        dh = (torch.randn(1, 5, 1, generator=gen).to(x.dtype),
+              torch.randn(1, 5, 1, generator=gen), torch.randn(1, 5, 1, 1, generator=gen))
+        f64 = [t.double() for t in (x, phi, alpha, bias, g, *dh)]   # the float64 reference
+        out = forward(*f64[:5], backend="numpy")
+        ref = backward(*f64[:4], out.inv_rms, out.h_mix, out.h_pre, out.h_post, *f64[5:],
+                       f64[4], backend="numpy")
+        terms = f64[1][:, 0] * ref.dphi[:, 0] / f64[4][0, 0]
+        if terms.abs().max() >= 800 * terms.sum().abs():
+            return (x, phi, alpha, bias, g, *dh), ref.dgamma, s
+    pytest.fail("no inputs with an 800x cancelling dgamma among 5000 seeds")
+
+
+@pytest.mark.parametrize("x_dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("backend", [_backend_param("numba"), _backend_param("triton")])
+def test_short_row_cancelling_dgamma(backend, x_dtype, poison):
+    """A short row's dgamma = sum_f phi_f P_f can cancel (n = D = 1: three terms; about one
+    (1,5,1,1) draw in 75 cancels 100x): an fp32 P, or an fp32 product in dh_pre, then misses
+    the fp32 bound.  The backends build short rows' P in float64 (Triton: _dx_exact; Numba:
+    the float64 kernel).  The forward intermediates are given in float64, so the backward's
+    own arithmetic is what is judged."""
+    from mhc_multi import backward
+    from mhc_multi.crosscheck import relative_error
+    from mhc_multi.tolerances import tolerance
+    inputs, ref, s = _cancelling_dgamma_inputs(x_dtype)
+    dev = _device(backend)
+    x, phi, alpha, bias, g, dh_in, dh_post, dh_res = [t.to(dev) for t in inputs]
+    out = forward(*(t.double() for t in (x, phi, alpha, bias, g)), backend="numpy")
+    inter = [t.float() for t in (out.inv_rms, out.h_mix, out.h_pre, out.h_post)]
+    got = backward(x, phi, alpha, bias, *inter, dh_in, dh_post, dh_res, g, backend=backend)
+    # the reference on the same fp32 intermediates
+    ref = backward(*(t.double() for t in (x, phi, alpha, bias)), *(t.double() for t in inter),
+                   dh_in.double(), dh_post.double(), dh_res.double(), g.double(),
+                   backend="numpy").dgamma
+    err = relative_error(got.dgamma.cpu(), ref.cpu().numpy())
+    assert err <= tolerance("dgamma", x_dtype), f"seed={s}: dgamma rel err {err:.2e}"
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))

@@ -84,8 +84,8 @@ if numba is not None:
                     for i in range(n):
                         off = np.uint64(i) * Du
                         s = zero
-                        for d in range(Du):
-                            s += _ld(dh_in, t, d) * _ld(x, t, off + d)
+                        for d in range(Du):   # products in the compute dtype (zero's)
+                            s += (zero + _ld(dh_in, t, d)) * _ld(x, t, off + d)
                         dhp[i] = s
                     r = np.float64(inv_rms[t])
                     for i in range(n):
@@ -246,8 +246,8 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
     F = phi.shape[0]
     pd = phi.dtype
     cd = compute_dtype(x.dtype, pd)
-    if x.dtype == np.float32 and nD <= SMALL_ND:
-        cd = np.float64   # short rows cancel in dx (backends/_common.py)
+    if nD <= SMALL_ND:   # short rows cancel in dx and dgamma (backends/_common.py)
+        cd = np.float64
     dx = empty((T, n, D), x.dtype)
     if T == 0:
         return (dx, np.zeros((F, nD), pd), np.zeros(3, pd), np.zeros(F, pd),
