@@ -74,8 +74,8 @@ HEADLINE = (4, 4096, 4, 4096)
 ODD = [(1, 1, 3, 1000), (3, 1, 3, 1000), (1, 333, 3, 1000), (2, 77, 8, 130), (1, 5, 1, 1),
        (1, 600, 8, 1000), (1, 700, 6, 700), (2, 257, 5, 1024)]
 ODD_SINKHORN_POST = [((1, 333, 3, 1000), "fp16"), ((2, 77, 8, 130), "fp32"), ((1, 5, 1, 1), "bf16")]
-# --device cpu: shapes the interpreter runs in about a second per call; n = 1 at D = 8, not
-# D = 1, where dgamma is one sum over 5 tokens that can cancel below the relative bound's reach
+# --device cpu: shapes the interpreter runs in about a second per call (short rows and their
+# cancellations are tests/test_accuracy.py's)
 TINY = [(1, 5, 1, 8), (2, 3, 3, 40)]
 TINY_SINKHORN_POST = [((1, 3, 3, 7), "fp16"), ((1, 5, 1, 8), "fp32")]
 
