@@ -116,9 +116,8 @@ def test_cancelling_h_res(backend, shape, x_dtype, poison, seed):
 
 @functools.lru_cache(maxsize=None)
 def _cancelling_dgamma_inputs(x_dtype):
-    """Inputs (x, phi, alpha, bias, gamma, dh_in, dh_post, dh_res) at (1,5,1,1) whose float64
-    dgamma = sum_f phi_f P_f (three terms) cancels 800x, and that reference's dgamma: the first
-    such draw."""
+    """(inputs (x, phi, alpha, bias, gamma, dh_in, dh_post, dh_res), seed): the first draw at
+    (1,5,1,1) whose float64 dgamma = sum_f phi_f P_f (three terms) cancels 800x."""
     from mhc_multi import backward
     for s in range(5000):
         x, phi, alpha, bias, g = random_inputs((1, 5, 1, 1), x_dtype, seed=s)
@@ -131,7 +130,7 @@ def _cancelling_dgamma_inputs(x_dtype):
                        f64[4], backend="numpy")
         terms = f64[1][:, 0] * ref.dphi[:, 0] / f64[4][0, 0]
         if terms.abs().max() >= 800 * terms.sum().abs():
-            return (x, phi, alpha, bias, g, *dh), ref.dgamma, s
+            return (x, phi, alpha, bias, g, *dh), s
     pytest.fail("no inputs with an 800x cancelling dgamma among 5000 seeds")
 
 
@@ -146,7 +145,7 @@ def test_short_row_cancelling_dgamma(backend, x_dtype, poison):
     from mhc_multi import backward
     from mhc_multi.crosscheck import relative_error
     from mhc_multi.tolerances import tolerance
-    inputs, ref, s = _cancelling_dgamma_inputs(x_dtype)
+    inputs, s = _cancelling_dgamma_inputs(x_dtype)
     dev = _device(backend)
     x, phi, alpha, bias, g, dh_in, dh_post, dh_res = [t.to(dev) for t in inputs]
     out = forward(*(t.double() for t in (x, phi, alpha, bias, g)), backend="numpy")

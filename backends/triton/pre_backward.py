@@ -284,12 +284,13 @@ class _Plan:
     constexprs and grids, kept per signature (config._plan).  The persistent row grid and the
     column kernel's splits come from the compiled kernels (_resident): they are set on the
     first call, from its arguments."""
-    __slots__ = ("cfg", "sms", "ndm", "bt", "sk", "sk_grid", "sk_kw", "row_kw", "row_grid",
-                 "col_kw", "col_grid", "tok", "red_grid", "red_kw")
+    __slots__ = ("dname", "cfg", "sms", "ndm", "bt", "sk", "sk_grid", "sk_kw", "row_kw",
+                 "row_grid", "col_kw", "col_grid", "tok", "red_grid", "red_kw")
 
     def __init__(self, T, n, D, dname, dev, k, has_g, has_add):
         F, F_pad = n * n + 2 * n, _f_pad(n)
         ND = n * D
+        self.dname = dname
         cfg = self.cfg = _config(n, D, dname, dev)
         (nwa, nwb), (npa, npb) = cfg["w_pieces"], cfg["p_pieces"]
         self.sms = _sm_count(dev)
@@ -344,9 +345,8 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
             dgamma.zero_()
     else:
         has_g, has_add = gamma is not None, dx_add is not None
-        dname = _dtype_name(x.dtype)
         p = _plan(("bwd", T, n, D, x.dtype, dev, k, has_g, has_add),
-                  lambda: _Plan(T, n, D, dname, dev, k, has_g, has_add))
+                  lambda: _Plan(T, n, D, _dtype_name(x.dtype), dev, k, has_g, has_add))
         phi32 = _f32(phi)
         g = _f32(gamma).reshape(ND) if has_g else phi32   # phi32: a placeholder (HAS_G)
         dh_in = dh_in.contiguous()
@@ -370,7 +370,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         if p.row_grid is None:
             res = None
             if p.cfg["row_waves"] == "auto":   # one program per slot (coef stands in for wsrow)
-                res = _resident(_pre_bwd_row_kernel, ("row", n, D, dname, dev, k if sk else 0,
+                res = _resident(_pre_bwd_row_kernel, ("row", n, D, p.dname, dev, k if sk else 0,
                                                       p.bt), dev, row_args, dict(p.row_kw, **sk))
             p.row_grid = _row_grid(T, p.bt, p.cfg, p.sms, res)
         prow = p.row_grid[0]
@@ -391,7 +391,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
             col_args[8] = torch.empty((1,), dtype=ws_dt, device=dev)   # for the workspace
             res = None
             if p.cfg.get("col_occ") == "auto":   # the splits fill waves of the programs that fit
-                res = _resident(_pre_bwd_col_kernel, ("col", n, D, dname, dev, has_g, has_add),
+                res = _resident(_pre_bwd_col_kernel, ("col", n, D, p.dname, dev, has_g, has_add),
                                 dev, col_args, dict(p.col_kw, **col))
             p.col_grid, p.tok = _col_grid(T, n, D, p.cfg, p.sms, res)
         splits = p.col_grid[-1]
