@@ -1,7 +1,8 @@
 """Quick GPU timing of the Triton backend at the realistic shapes, in one device call: forward
-and backward graph times (median of CUDA-graph replays) and each kernel's device time.
+and backward graph times (median of CUDA-graph replays) and each kernel's device time, of the
+pre operator (passes fwd, bwd) and of the post operator (post_fwd, post_bwd).
 
-    python3 bench/gpu_quick.py [--dtype bf16] [--passes fwd,bwd] [--variants JSON]
+    python3 bench/gpu_quick.py [--dtype bf16] [--passes fwd,bwd,post_fwd,post_bwd] [--variants JSON]
                                [--shapes B,S,n,D ...]
 
 Each (shape, pass) also gets its floor (bytes that must move / the copy bandwidth of this
@@ -25,8 +26,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _gpu import (tg, bench_graph, kernel_ms, make_inputs, copy_bandwidth,  # noqa: E402
-                  copy_same_ms, backward_args, rel, nbytes, NORM_EPS, HC_EPS, DT)
+from _gpu import (tg, bench_graph, kernel_ms, make_inputs, post_inputs,  # noqa: E402
+                  copy_bandwidth, copy_same_ms, backward_args, rel, nbytes, NORM_EPS, HC_EPS, DT)
 
 SHAPES = [(1, 4096, 4, 2560), (4, 4096, 4, 4096), (2, 4096, 4, 7168)]
 
@@ -35,7 +36,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="bf16", help="x dtype: bf16, fp16 or fp32")
-    ap.add_argument("--passes", default="fwd,bwd", help="comma-separated: fwd, bwd")
+    ap.add_argument("--passes", default="fwd,bwd",
+                    help="comma-separated: fwd, bwd (pre), post_fwd, post_bwd")
     ap.add_argument("--variants", default='{"rule": {}}',
                     help='JSON {"name": {set_config keys}}; the first is the reference')
     ap.add_argument("--shapes", nargs="*", help="B,S,n,D (default: the three realistic shapes)")
@@ -51,11 +53,15 @@ def main():
                                                                      seed=5)
         fo = tg.forward(x, phi, alpha, bias, g, **kw)
         bargs = backward_args(fo, x, phi, alpha, bias, g, dh_in, dh_post, dh_res)
+        pin = post_inputs(*shape, DT[args.dtype], seed=5) if "post" in args.passes else ()
         fns = {"fwd": lambda: tg.forward(x, phi, alpha, bias, g, **kw),
-               "bwd": lambda: tg.backward(*bargs, **kw)}
+               "bwd": lambda: tg.backward(*bargs, **kw),
+               "post_fwd": lambda: (tg.post_forward(*pin[:4]),),
+               "post_bwd": lambda: tg.post_backward(*pin)}
+        inputs = {"fwd": (x, phi, alpha, bias, g), "bwd": bargs, "post_fwd": pin[:4],
+                  "post_bwd": pin}
         for name in passes:   # bytes that must move: the pass's inputs and outputs
-            moved = nbytes(*(bargs if name == "bwd" else (x, phi, alpha, bias, g)),
-                           *fns[name]())
+            moved = nbytes(*inputs[name], *fns[name]())
             r = dict(shape=shape, pass_=name,
                      floor_ms=round(moved / rows[0]["copy_TBps"] * 1e3, 4),
                      copy_same_ms=round(copy_same_ms(moved), 4))
@@ -81,7 +87,7 @@ def main():
                     rows.append(r)
             finally:
                 tg.set_config()
-        del x, dh_in, fo, bargs, fns, first
+        del x, dh_in, fo, bargs, fns, first, pin, inputs
         torch.cuda.empty_cache()
     with open(os.path.join(os.environ.get("OUT") or ".", "gpu_quick.json"), "w") as f:
         json.dump(rows, f, indent=1)

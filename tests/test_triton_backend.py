@@ -305,7 +305,7 @@ def test_sinkhorn_zero_is_the_plain_path():
 # The post operator: x_next = h_res @ x + h_post * f_out (CONTRACT.md, "The post operator")
 
 POST_CASES = [(5, 3, 7, "bf16"), (7, 4, 130, "fp16"), (9, 1, 130, "fp32"), (6, 4, 7, "bf16"),
-              (3, 3, 130, "fp32")]
+              (3, 3, 130, "fp32"), (5, 6, 1000, "bf16"), (3, 8, 40, "fp32")]
 
 
 @pytest.mark.parametrize("T,n,D,dname", POST_CASES,

@@ -118,19 +118,23 @@ def _plan(key: tuple, build):
 
 
 def _post_config(n: int, D: int, device, fp32: bool = False) -> dict:
-    """Post kernels' blocks.  Forward: a [BLOCK_T, pow2(n), BLOCK_D] tile of ~4096 elements per
-    program.  Backward: BLOCK_T * pow2(n) = 16 rows per dot (the tensor cores' minimum), D in
-    chunks of 256 (512 at n > 4) for 16-bit x; smaller chunks, or 8 warps, are several times
-    slower.  fp32 x splits both dot operands into 3 pieces, in chunks of 128 (correct, not
-    tuned).  Measured on the H200 (docs/performance.md)."""
+    """Post kernels' blocks.  Forward: a [BLOCK_T, pow2(n), BLOCK_D] tile of 4096 elements
+    (8192 at n > 4) per program, BLOCK_D 512 (1024 at n > 4), and where D is shorter, more
+    tokens.  The 3-D tiles have a cliff: at n > 4 a [1, 8, 512] tile, or 8 warps, ran 6-24x
+    slower (docs/triton.md, "The post operator").  Backward: BLOCK_T * pow2(n) = 16 rows per dot
+    (the tensor cores' minimum), D in chunks of 256 (512 at n > 4) for 16-bit x; smaller
+    chunks, or 8 warps, are several times slower.  fp32 x splits both dot operands into 3
+    pieces, in chunks of 128 (correct, not tuned)."""
     npad = _next_pow2(n)
     p2 = max(16, _next_pow2(D))
     if device.type != "cuda":
         cfg = dict(pf_bt=4, pf_bd=32, pb_bt=max(1, 16 // npad), pb_bd=32, warps=4, pb_warps=4)
     else:
-        cfg = dict(pf_bt=max(1, 8 // npad), pf_bd=512, warps=4, pf_stages=2,
-                   pb_bt=max(1, 16 // npad), pb_bd=128 if fp32 else (512 if npad > 4 else 256),
-                   pb_warps=4, pb_stages=3)
+        wide = npad > 4
+        pf_bd = min(1024 if wide else 512, p2)
+        cfg = dict(pf_bt=max(1, (8192 if wide else 4096) // (npad * pf_bd)), pf_bd=pf_bd,
+                   warps=4, pf_stages=2, pb_bt=max(1, 16 // npad),
+                   pb_bd=128 if fp32 else (512 if wide else 256), pb_warps=4, pb_stages=3)
     cfg.update(pf_bd=min(cfg["pf_bd"], p2), pb_bd=min(cfg["pb_bd"], p2))
     cfg.update({k[5:]: v for k, v in _CONFIG_OVERRIDES.items() if k.startswith("post_")})
     return cfg
