@@ -19,6 +19,7 @@ copy bandwidth measured in the same run. Writes every row to JSON (``--json``, d
 
     python bench/step.py                                  # CUDA: (4,4096,4,4096), (4,8192,4,7168)
     python bench/step.py --shapes 2,4096,1,4096 --ns 1,2,3,4,5,6,7,8
+    python bench/step.py --kernels --shapes 4,4096,4,4096 # where the step's time goes, per kernel
     python bench/step.py --device cpu --quick             # smoke test
     # against another version in the same run: install it apart, then
     pip install --no-deps --no-build-isolation --target /tmp/base <its checkout>
@@ -86,6 +87,43 @@ def floor_bytes(B, S, n, D, x_bytes, backward: bool) -> int:
     return fwd + (stream + row + row + stream + phi if backward else 0)
 
 
+def design_bytes(B, S, n, D, x_bytes) -> dict:
+    """What each of our kernels moves as designed (inputs read once, outputs written once per
+    kernel; the per-token gates and partials, a few MB, left out): the step's passes over x."""
+    T = B * S
+    X, H = T * n * D * x_bytes, T * D * x_bytes
+    return {"_pre_fwd_part_kernel": X, "_pre_fwd_fin_kernel": X + H, "_post_fwd_kernel": 2 * X + H,
+            "_post_bwd_kernel": 3 * X + 2 * H, "_pre_bwd_row_kernel": X + H,
+            "_pre_bwd_col_kernel": 3 * X + H}
+
+
+def kernel_rows(shape, fwd, fwd_bwd, x_bytes, bandwidth, iters=10) -> list[dict]:
+    """Per-kernel device time (µs per step, torch.profiler over ``iters`` steps) of our step,
+    forward and forward+backward, with each of our kernels' design bytes and the fraction of
+    the copy bandwidth it reaches; torch's kernels (the block, autograd) by their names."""
+    from torch.profiler import ProfilerActivity, profile
+    design = design_bytes(*shape, x_bytes)
+    rows = []
+    for pass_, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+        for ev in prof.key_averages():
+            us = getattr(ev, "device_time_total", 0) / iters
+            if us <= 0:
+                continue
+            r = dict(shape=shape, pass_=pass_, kernel=ev.key[:70], us=us,
+                     calls=ev.count // iters)
+            b = design.get(ev.key)
+            if b:
+                r.update(design_bytes=b, of_copy=b / (us * 1e-6) / bandwidth)
+            rows.append(r)
+    return sorted(rows, key=lambda r: (r["pass_"], -r["us"]))
+
+
 def _liger(layer, n, D, dt):
     """Liger-Kernel's ``LigerMHC`` around a copy of the same block, or the reason there is none.
 
@@ -117,7 +155,7 @@ def _timer(device):
     return cpu
 
 
-def bench_shape(shape, a, device, timer, bandwidth) -> list[dict]:
+def bench_shape(shape, a, device, timer, bandwidth, kernels=None) -> list[dict]:
     B, S, n, D = shape
     dt = DTYPES[a.dtype]
     torch.manual_seed(0)
@@ -148,6 +186,8 @@ def bench_shape(shape, a, device, timer, bandwidth) -> list[dict]:
         def fwd_bwd():
             return torch.autograd.grad(model(x), [x, *mparams], dy)
         try:
+            if kernels is not None and name == "mhc_multi":
+                kernels += kernel_rows(shape, fwd, fwd_bwd, x.element_size(), bandwidth)
             grads = fwd_bwd()
             if ref is None:
                 ref = grads
@@ -200,6 +240,9 @@ def parse_args(argv=None):
     p.add_argument("--baseline", default=None,
                    help="a directory with another mhc_multi installed (pip --target): its step "
                         "is timed in a subprocess of this run, on the same shapes")
+    p.add_argument("--kernels", action="store_true",
+                   help="also each kernel's device time in our step (torch.profiler), against "
+                        "its design bytes (CUDA)")
     p.add_argument("--only-ours", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
@@ -221,8 +264,9 @@ def main(argv=None) -> int:
     bandwidth, _ = copy_bandwidth(device, a.quick)
     timer = _timer(device)
     rows = []
+    kernels = [] if a.kernels and device.type == "cuda" else None
     for shape in a.shape_list:
-        rows += bench_shape(shape, a, device, timer, bandwidth)
+        rows += bench_shape(shape, a, device, timer, bandwidth, kernels)
     if a.baseline:
         rows += baseline_rows(a)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {a.dtype} x, fp32 parameters, k = {K}")
@@ -237,7 +281,12 @@ def main(argv=None) -> int:
         ratio = f"{r['ms'] / ours['ms']:.2f}x" if ours else "-"
         print(f"{str(r['shape']):<20} {r['impl']:<14} {r['pass_']:<8} {r['ms']:>9.3f} "
               f"{r['floor_ms']:>9.3f} {r['x_floor']:>8.2f} {ratio:>12}")
-    _results.write("step", device.type, {"rows": rows}, a.json, argv,
+    for k in kernels or ():
+        extra = (f"{k['design_bytes'] / 1e6:>8.0f} MB {k['of_copy']:>5.2f} of copy"
+                 if "design_bytes" in k else "")
+        print(f"{str(k['shape']):<20} {k['pass_']:<8} {k['us']:>8.1f} µs x{k['calls']} "
+              f"{k['kernel'][:44]:<44} {extra}")
+    _results.write("step", device.type, {"rows": rows, "kernels": kernels or []}, a.json, argv,
                    device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    copy_bytes_per_s=bandwidth, torch=torch.__version__,
                    mhc_multi=mhc_multi.__version__,
