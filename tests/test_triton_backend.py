@@ -337,6 +337,22 @@ def test_post_vs_float64(T, n, D, dname, monkeypatch):
     assert torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(got, got2))
 
 
+# The CUDA rule's post forward tiles (_post_config): [1, 8, 1024] at n > 4, more tokens where D
+# is short; run here with the interpreter too (the tile is a set_config override there).
+CUDA_POST_TILES = [(3, 6, 1000, "bf16"), (5, 8, 40, "fp32"), (4, 5, 200, "fp16"),
+                   (9, 4, 40, "bf16")]
+
+
+@pytest.mark.parametrize("T,n,D,dname", CUDA_POST_TILES,
+                         ids=[f"cuda-tile-{c[3]}-n{c[1]}-D{c[2]}-T{c[0]}" for c in CUDA_POST_TILES])
+def test_post_cuda_tiles_vs_float64(T, n, D, dname, monkeypatch):
+    cfg = config._post_config(n, D, torch.device("cuda"))
+    npad = _util._next_pow2(n)
+    assert cfg["pf_bt"] * npad * cfg["pf_bd"] == (8192 if npad > 4 else 4096), cfg
+    with config.config_override(post_pf_bt=cfg["pf_bt"], post_pf_bd=cfg["pf_bd"]):
+        test_post_vs_float64(T, n, D, dname, monkeypatch)
+
+
 def test_post_through_front_end():
     import mhc_multi
     inputs = mhc_multi.random_inputs((1, 5, 3, 7), "bf16", seed=3, device=DEVICE)
