@@ -120,7 +120,7 @@ def _plan(key: tuple, build):
 def _post_config(n: int, D: int, device, fp32: bool = False) -> dict:
     """Post kernels' blocks.  Forward: a [BLOCK_T, pow2(n), BLOCK_D] tile of 4096 elements
     (8192 at n > 4) per program, BLOCK_D 512 (1024 at n > 4), and where D is shorter, more
-    tokens.  The 3-D tiles have a cliff: at n > 4 a [1, 8, 512] tile, or 8 warps, ran 6-24x
+    tokens.  The 3-D tiles have a cliff: at n > 4 a [1, 8, 512] tile, or 8 warps, ran 6-48x
     slower (docs/triton.md, "The post operator").  Backward: BLOCK_T * pow2(n) = 16 rows per dot
     (the tensor cores' minimum), D in chunks of 256 (512 at n > 4) for 16-bit x; smaller
     chunks, or 8 warps, are several times slower.  fp32 x splits both dot operands into 3
