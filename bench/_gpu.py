@@ -142,9 +142,9 @@ def copy_same_ms(nbytes_moved):
     return bench(lambda: dst.copy_(src))
 
 
-def kernel_times(fn, iters=20):
-    """Per-kernel device time (ms per call, the mean over ``iters`` calls) by kernel name, from
-    torch.profiler."""
+def kernel_stats(fn, iters=20):
+    """Per-kernel ``(device ms, launches)`` per call of fn (means over ``iters`` calls) by
+    kernel name, from torch.profiler."""
     from torch.profiler import profile, ProfilerActivity
     fn()
     torch.cuda.synchronize()
@@ -159,8 +159,13 @@ def kernel_times(fn, iters=20):
             if t is None:
                 t = ev.cuda_time_total
             if t > 0:
-                out[ev.key] = t / iters / 1e3
+                out[ev.key] = (t / iters / 1e3, ev.count // iters)
     return out
+
+
+def kernel_times(fn, iters=20):
+    """Per-kernel device time (ms per call, the mean over ``iters`` calls) by kernel name."""
+    return {k: ms for k, (ms, _) in kernel_stats(fn, iters).items()}
 
 
 def kernel_ms(fn, iters=20):

@@ -101,25 +101,15 @@ def kernel_rows(shape, fwd, fwd_bwd, x_bytes, bandwidth, iters=10) -> list[dict]
     """Per-kernel device time (µs per step, torch.profiler over ``iters`` steps) of our step,
     forward and forward+backward, with each of our kernels' design bytes and the fraction of
     the copy bandwidth it reaches; torch's kernels (the block, autograd) by their names."""
-    from torch.profiler import ProfilerActivity, profile
+    from _gpu import kernel_stats   # imports the Triton backend: only where it is used
     design = design_bytes(*shape, x_bytes)
     rows = []
     for pass_, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(iters):
-                fn()
-            torch.cuda.synchronize()
-        for ev in prof.key_averages():
-            us = getattr(ev, "device_time_total", 0) / iters
-            if us <= 0:
-                continue
-            r = dict(shape=shape, pass_=pass_, kernel=ev.key[:70], us=us,
-                     calls=ev.count // iters)
-            b = design.get(ev.key)
+        for name, (ms, calls) in kernel_stats(fn, iters).items():
+            r = dict(shape=shape, pass_=pass_, kernel=name[:70], us=ms * 1e3, calls=calls)
+            b = design.get(name)
             if b:
-                r.update(design_bytes=b, of_copy=b / (us * 1e-6) / bandwidth)
+                r.update(design_bytes=b, of_copy=b / (ms * 1e-3) / bandwidth)
             rows.append(r)
     return sorted(rows, key=lambda r: (r["pass_"], -r["us"]))
 
