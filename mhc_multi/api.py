@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from . import registry
 from .checks import MAX_SINKHORN_ITERS, _FLOATS, _Args, _check_post, _torch, validate_pre
-from .convert import _cast_like, _cast_to, _from_backend, _run
+from .convert import _cast_like, _Mover
 from .errors import BackendUnavailableError
 
 __all__ = ["ForwardOutput", "Gradients", "PostGradients", "forward", "backward",
@@ -73,8 +73,10 @@ def _sig(a):
     """One argument's part of a signature."""
     if a is None:
         return None
-    return (type(a), getattr(a, "shape", None), getattr(a, "dtype", None),
-            getattr(a, "device", None))
+    try:
+        return (type(a), a.shape, a.dtype, a.device)   # a tensor
+    except AttributeError:
+        return (type(a), getattr(a, "shape", None), getattr(a, "dtype", None))
 
 
 def _planned(key: tuple, build):
@@ -91,10 +93,21 @@ def _planned(key: tuple, build):
     return plan
 
 
+#: the environment variables a plan depends on, as keys of the process environment's own
+#: mapping (``os.environ._data``, encoded keys): reading it there skips os.environ's encoding
+#: of the key and decoding of the value, about 0.8 us per variable and call
+_ENV_NAMES = (registry.ENV_VAR, "TRITON_INTERPRET")
+try:
+    _ENV_DATA = os.environ._data
+    _ENV_KEYS = tuple(os.environ.encodekey(k) for k in _ENV_NAMES)
+except AttributeError:   # pragma: no cover - another os.environ implementation
+    _ENV_DATA, _ENV_KEYS = os.environ, _ENV_NAMES
+
+
 def _env() -> tuple:
-    """What a plan depends on besides the arguments: the registry and the environment."""
-    return (registry.generation, os.environ.get(registry.ENV_VAR),
-            os.environ.get("TRITON_INTERPRET"))
+    """What a plan depends on besides the arguments: the registry and the environment (the
+    raw values: a plan only compares them)."""
+    return (registry.generation, _ENV_DATA.get(_ENV_KEYS[0]), _ENV_DATA.get(_ENV_KEYS[1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,25 +179,27 @@ def _pre_key(op, x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn
 
 
 def _pre_plan(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters):
-    """``(args, (B, S, n, D), norm_eps, hc_eps, k, backend module)`` for the pre operator."""
+    """``(args, (B, S, n, D), norm_eps, hc_eps, k, backend module, its _Mover)`` for the pre
+    operator."""
     args, dims, norm_eps, hc_eps, k = validate_pre(
         x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters)
     _, mod = _select(args, dims[0] * dims[1], needs="sinkhorn" if k else None)
-    return args, dims, norm_eps, hc_eps, k, mod
+    return args, dims, norm_eps, hc_eps, k, mod, _Mover(args, mod.ARRAY_KIND)
 
 
 def _forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters):
     opts = (backend, norm_eps, hc_eps, sinkhorn_iters)
-    args, (B, S, n, D), norm_eps, hc_eps, k, mod = _planned(
+    args, (B, S, n, D), norm_eps, hc_eps, k, mod, mv = _planned(
         _pre_key("fwd", x, phi, alpha, bias, gamma, *opts),
         lambda: _pre_plan(x, phi, alpha, bias, gamma, *opts))
-    T, F, c = B * S, n * n + 2 * n, args.compute_dtype
-    out = _run(args, mod, "forward",
-               dict(x=(x, (T, n, D)), phi=_cast_to(phi, c), alpha=_cast_to(alpha, c),
-                    bias=_cast_to(bias, c), gamma=_cast_to(gamma, c)),
-               norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=k)
-    shapes = ((B, S, D), (B, S, n), (B, S, n, n), (B, S), (B, S, F), (B, S, n))
-    return ForwardOutput(*(_from_backend(a, args, s) for a, s in zip(out, shapes)))
+    T, F, cast, into, back = B * S, n * n + 2 * n, mv.cast, mv.into, mv.back
+    h_in, h_post, h_res, inv_rms, h_mix, h_pre = mod.forward(
+        x=into(x, (T, n, D)), phi=into(cast(phi)), alpha=into(cast(alpha)),
+        bias=into(cast(bias)), gamma=into(cast(gamma)),
+        norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=k)
+    return ForwardOutput(back(h_in, (B, S, D)), back(h_post, (B, S, n)),
+                         back(h_res, (B, S, n, n)), back(inv_rms, (B, S)),
+                         back(h_mix, (B, S, F)), back(h_pre, (B, S, n)))
 
 
 def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res,
@@ -238,37 +253,36 @@ def _backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post
             args.check("dx_add", dx_add, (B, S, n, D), _FLOATS, "a gradient of x")
         return p
 
-    args, (B, S, n, D), norm_eps, hc_eps, k, mod = _planned(
+    args, (B, S, n, D), norm_eps, hc_eps, k, mod, mv = _planned(
         _pre_key("bwd", x, phi, alpha, bias, gamma, *opts) + tuple(_sig(a) for a in grads),
         plan)
-    per_token = _per_token(B, S, n, D, *grads[:-1])
-    T, c = B * S, args.compute_dtype
-    inputs = {name: (_cast_to(a, c), (T,) + shape[2:])
-              for name, a, shape in per_token if name != "dh_in"}
-    inputs.update(x=(x, (T, n, D)), phi=_cast_to(phi, c), alpha=_cast_to(alpha, c),
-                  bias=_cast_to(bias, c), dh_in=(_cast_like(dh_in, x), (T, D)),
-                  gamma=_cast_to(gamma, c))
-    if dx_add is not None:
-        inputs["dx_add"] = (_cast_like(dx_add, x), (T, n, D))
-    out = _run(args, mod, "backward", inputs, norm_eps=norm_eps, hc_eps=hc_eps,
-               sinkhorn_iters=k)
-    dx, *dparams = out
-    own = [None if g is None else _cast_like(_from_backend(g, args), p)   # rounded once
+    T, F, cast, into, back = B * S, n * n + 2 * n, mv.cast, mv.into, mv.back
+    kw = {} if dx_add is None else {"dx_add": into(_cast_like(dx_add, x), (T, n, D))}
+    dx, *dparams = mod.backward(
+        x=into(x, (T, n, D)), phi=into(cast(phi)), alpha=into(cast(alpha)),
+        bias=into(cast(bias)), inv_rms=into(cast(inv_rms), (T,)),
+        h_mix=into(cast(h_mix), (T, F)), h_pre=into(cast(h_pre), (T, n)),
+        h_post=into(cast(h_post), (T, n)), dh_in=into(_cast_like(dh_in, x), (T, D)),
+        dh_post=into(cast(dh_post), (T, n)), dh_res=into(cast(dh_res), (T, n, n)),
+        gamma=into(cast(gamma)), norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=k,
+        **kw)
+    own = [None if g is None else _cast_like(back(g), p)   # rounded once
            for g, p in zip(dparams, (phi, alpha, bias, gamma))]
-    return Gradients(_from_backend(dx, args, (B, S, n, D)), *own)
+    return Gradients(back(dx, (B, S, n, D)), *own)
 
 
 # ---------------------------------------------------------------------------------------------
 # the post operator: x_next = H_res x + H_post f_out
 
 def _post_plan(x, f_out, h_post, h_res, dx_next, backend):
-    """``(args, (B, S, n, D), backend module)`` for the post operator (``dx_next``: backward)."""
+    """``(args, (B, S, n, D), backend module, its _Mover)`` for the post operator
+    (``dx_next``: backward)."""
     args = _Args(x, backend)
     B, S, n, D = _check_post(args, x, f_out, h_post, h_res)
     if dx_next is not None:
         args.check("dx_next", dx_next, (B, S, n, D), _FLOATS)
     _, mod = _select(args, B * S, needs="post")
-    return args, (B, S, n, D), mod
+    return args, (B, S, n, D), mod, _Mover(args, mod.ARRAY_KIND)
 
 
 def post_forward(x, f_out, h_post, h_res, *, backend: str = "auto"):
@@ -279,14 +293,14 @@ def post_forward(x, f_out, h_post, h_res, *, backend: str = "auto"):
     16-bit gates are computed in fp32). Returns ``x_next [B,S,n,D]`` in x's dtype. Plain
     values, like :func:`forward`; :func:`mhc_multi.mhc_post` is the differentiable form.
     """
-    args, (B, S, n, D), mod = _planned(
+    args, (B, S, n, D), mod, mv = _planned(
         ("post_fwd", backend, _env(), *(_sig(a) for a in (x, f_out, h_post, h_res))),
         lambda: _post_plan(x, f_out, h_post, h_res, None, backend))
-    T, c = B * S, args.compute_dtype
-    out = _run(args, mod, "post_forward",
-               dict(x=(x, (T, n, D)), f_out=(_cast_like(f_out, x), (T, D)),
-                    h_post=(_cast_to(h_post, c), (T, n)), h_res=(_cast_to(h_res, c), (T, n, n))))
-    return _from_backend(out, args, (B, S, n, D))
+    T, cast, into = B * S, mv.cast, mv.into
+    out = mod.post_forward(x=into(x, (T, n, D)), f_out=into(_cast_like(f_out, x), (T, D)),
+                           h_post=into(cast(h_post), (T, n)),
+                           h_res=into(cast(h_res), (T, n, n)))
+    return mv.back(out, (B, S, n, D))
 
 
 def post_backward(x, f_out, h_post, h_res, dx_next, *, backend: str = "auto") -> PostGradients:
@@ -296,14 +310,14 @@ def post_backward(x, f_out, h_post, h_res, dx_next, *, backend: str = "auto") ->
     x's dtype, ``dh_post`` and ``dh_res`` in h_post's dtype (rounded once from fp32 when it
     is 16-bit).
     """
-    args, (B, S, n, D), mod = _planned(
+    args, (B, S, n, D), mod, mv = _planned(
         ("post_bwd", backend, _env(), *(_sig(a) for a in (x, f_out, h_post, h_res, dx_next))),
         lambda: _post_plan(x, f_out, h_post, h_res, dx_next, backend))
-    T, c = B * S, args.compute_dtype
-    out = _run(args, mod, "post_backward",
-               dict(x=(x, (T, n, D)), f_out=(_cast_like(f_out, x), (T, D)),
-                    h_post=(_cast_to(h_post, c), (T, n)), h_res=(_cast_to(h_res, c), (T, n, n)),
-                    dx_next=(_cast_like(dx_next, x), (T, n, D))))
-    dx, df_out, dhp, dhr = (_from_backend(a, args, s) for a, s in
-                            zip(out, ((B, S, n, D), (B, S, D), (B, S, n), (B, S, n, n))))
-    return PostGradients(dx, df_out, _cast_like(dhp, h_post), _cast_like(dhr, h_post))
+    T, cast, into, back = B * S, mv.cast, mv.into, mv.back
+    dx, df_out, dhp, dhr = mod.post_backward(
+        x=into(x, (T, n, D)), f_out=into(_cast_like(f_out, x), (T, D)),
+        h_post=into(cast(h_post), (T, n)), h_res=into(cast(h_res), (T, n, n)),
+        dx_next=into(_cast_like(dx_next, x), (T, n, D)))
+    return PostGradients(back(dx, (B, S, n, D)), back(df_out, (B, S, D)),
+                         _cast_like(back(dhp, (B, S, n)), h_post),
+                         _cast_like(back(dhr, (B, S, n, n)), h_post))

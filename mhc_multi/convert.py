@@ -9,7 +9,7 @@ import weakref
 
 import numpy as np
 
-from .checks import _Args, _is_tensor, _torch, dtype_name
+from .checks import _Args, _is_tensor, _torch
 
 
 def _cast_like(a, ref):
@@ -19,16 +19,6 @@ def _cast_like(a, ref):
     if _is_tensor(a):
         return a.to(ref.dtype)
     return a.astype(ref.dtype)
-
-
-def _cast_to(a, name: str):
-    """``a`` in the dtype named ``name`` ("fp32" or "fp64"; itself when it already is)."""
-    if a is None or dtype_name(a) == name:
-        return a
-    if _is_tensor(a):
-        torch = _torch()
-        return a.to(torch.float64 if name == "fp64" else torch.float32)
-    return a.astype(np.float64 if name == "fp64" else np.float32)
 
 
 class _DLPack:
@@ -118,12 +108,101 @@ def _from_backend(a, args: _Args, shape: tuple | None = None):
     return a if shape is None else a.reshape(shape)
 
 
-def _run(args: _Args, mod, fn: str, inputs: dict, **kw):
-    """``mod.fn(**inputs, **kw)`` with each input (a value, or ``(value, shape)``) in the
-    backend's container, reshaped there (a view: the conversion made it contiguous)."""
-    kind, conv, on_cpu = mod.ARRAY_KIND, {}, args.on_cpu
-    for k, v in inputs.items():
-        v, shape = v if isinstance(v, tuple) else (v, None)
-        a = _to_backend(v, kind, on_cpu)
-        conv[k] = a if shape is None or a is None else a.reshape(shape)
-    return getattr(mod, fn)(**conv, **kw)
+class _Mover:
+    """How one signature's arguments go into a backend's containers and its results come back.
+
+    A plan (api.py) picks the conversions once, from what its signature fixes (the caller's
+    container and device, the backend's container, the parameters' compute dtype), so a call
+    runs only the ones it needs:
+
+    * ``cast(a)``: a parameter or gate in the compute dtype (itself when it already is);
+    * ``into(a, shape)``: an argument in the backend's container;
+    * ``back(a, shape)``: a result in the caller's.
+
+    Each takes None through; ``shape``, when given, reshapes (a view: the conversion made the
+    array contiguous)."""
+    __slots__ = ("cast", "into", "back")
+
+    def __init__(self, args: _Args, kind: str):
+        self.cast = _caster(args)
+        if args.kind == "torch" and args.on_cpu and kind == "numpy":
+            self.into, self.back = _cpu_tensor_movers(_torch())
+        elif args.kind == "torch" and kind == "torch":   # the backend allocates on x's device
+            self.into, self.back = _tensor_in, _reshaped
+        else:
+            on_cpu = args.on_cpu
+
+            def into(a, shape=None):
+                a = _to_backend(a, kind, on_cpu)
+                return a if shape is None or a is None else a.reshape(shape)
+
+            def back(a, shape=None):
+                return _from_backend(a, args, shape)
+            self.into, self.back = into, back
+
+
+def _caster(args: _Args):
+    """``cast(a)``: ``a`` in ``args.compute_dtype``, in the caller's container."""
+    fp64 = args.compute_dtype == "fp64"
+    if args.kind == "torch":
+        torch = _torch()
+        dt = torch.float64 if fp64 else torch.float32
+
+        def cast(a):
+            return a if a is None or a.dtype is dt else a.to(dt)
+    else:
+        dt = np.dtype(np.float64 if fp64 else np.float32)
+
+        def cast(a):
+            return a if a is None or a.dtype == dt else a.astype(dt)
+    return cast
+
+
+def _reshaped(a, shape=None):
+    return a if shape is None or a is None else a.reshape(shape)
+
+
+def _tensor_in(a, shape=None):
+    """A tensor for a torch backend: itself when contiguous and not requiring grad."""
+    if a is None:
+        return None
+    if a.requires_grad or not a.is_contiguous():
+        a = a.detach().contiguous()
+    return a if shape is None else a.reshape(shape)
+
+
+def _cpu_tensor_movers(torch):
+    """``(into, back)`` between CPU tensors and a numpy backend: ``_to_backend(a, "numpy")``
+    and ``_from_backend`` with the containers known, for every argument and result of a
+    call."""
+    Parameter, bf16, i16, to_dlpack = torch.nn.Parameter, torch.bfloat16, torch.int16, \
+        torch._C._to_dlpack
+
+    def into(a, shape=None):
+        if a is None:
+            return None
+        if type(a) is Parameter:
+            a = _param_view(a, True)
+        else:
+            if a.requires_grad:
+                a = a.detach()
+            if not a.is_contiguous():
+                a = a.contiguous()
+            if a.dtype is bf16:
+                a = np.from_dlpack(_DLPack(to_dlpack(a.view(i16)))).view(np.uint16)
+            else:
+                a = np.from_dlpack(_DLPack(to_dlpack(a)))
+        return a if shape is None else a.reshape(shape)
+
+    def back(a, shape=None):
+        if a is None:
+            return None
+        if shape is not None:   # reshaped first: a numpy view is cheaper than a torch one
+            a = a.reshape(shape)
+        if a.dtype == _U16:
+            return torch.from_numpy(a.view(np.int16)).view(bf16)
+        return torch.from_numpy(a)
+    return into, back
+
+
+_U16 = np.dtype(np.uint16)
