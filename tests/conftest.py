@@ -23,8 +23,13 @@ if not _cuda:
 import numpy as np
 import pytest
 
+from mhc_multi import registry
 from mhc_multi.crosscheck import relative_error
 from mhc_multi.tolerances import tolerance
+
+# every backend loads now, under the environment set above: the Triton backend reads
+# TRITON_INTERPRET once, when it is imported, and a test that unsets it must not be the first
+registry.available_backends()
 
 
 #: test modules (or module::test prefixes) whose tests are slow on 2 cores
