@@ -20,6 +20,7 @@ Writes JSON (``--json``, default ``$OUT/tokens.json``, else ``bench/results/toke
 
     python bench/tokens.py                                # CUDA: T = 1 .. 16384, n = 4, D = 4096
     python bench/tokens.py --ts 1,8,64 --n 8 --dtype fp32
+    python bench/tokens.py --ts 1,64 --no-compile --launch jit   # launches through fn[grid]
     python bench/tokens.py --device cpu --quick           # smoke test
 """
 from __future__ import annotations
@@ -138,6 +139,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--backend", default="auto")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--launch", default="direct", choices=("direct", "jit"),
+                   help="the Triton backend's launches: past Triton's per-call binding once "
+                        "compiled (direct, the default) or through fn[grid] every time (jit)")
     p.add_argument("--quick", action="store_true", help="smoke test: T = 1, 8, n = 4, D = 64")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
@@ -150,6 +154,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     a = parse_args(argv)
     device = torch.device(a.device)
+    from mhc_multi.backends.triton import _util
+    _util.DIRECT_LAUNCH = a.launch == "direct"
     bandwidth, _ = copy_bandwidth(device, a.quick)
     rows = []
     for T in a.t_list:
@@ -163,7 +169,7 @@ def main(argv=None) -> int:
                 row["error"] = f"{type(exc).__name__}: {exc}"[:200]
             rows.append(row)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; n = {a.n}, D = {a.D}, {a.dtype} x, "
-          f"fp32 parameters, k = {K}; microseconds")
+          f"fp32 parameters, k = {K}, {a.launch} launches; microseconds")
     print(f"{'T':>6} {'op':<26} {'graph':>9} {'call':>9} {'floor':>9}")
     for r in rows:
         if "error" in r:
@@ -173,7 +179,7 @@ def main(argv=None) -> int:
         print(f"{r['T']:>6} {r['op']:<26} {g} {r['call_us']:>9.1f} {r['floor_us']:>9.2f}")
     _results.write("tokens", device.type, {"rows": rows}, a.json, argv,
                    device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   copy_bytes_per_s=bandwidth, n=a.n, D=a.D, dtype=a.dtype,
+                   copy_bytes_per_s=bandwidth, n=a.n, D=a.D, dtype=a.dtype, launch=a.launch,
                    torch=torch.__version__, mhc_multi=mhc_multi.__version__)
     return 0
 

@@ -86,7 +86,8 @@ def _check_all(T, n, D, dname, sms, resident, cfg, post_f, post_b):
         config._l2_reuse(cfg, S, F_pad, CUDA)
         grid1, grid2, hbt, hbd = grids._split_grids(T, D, S, cfg)
         _within(grid1, f"pre_fwd_part S={S} {where}")
-        assert grid1[0] * cfg["fwd_split_bt"] >= T and grid1[1] == S, (where, grid1)
+        bt = config._split_bt(cfg, T)
+        assert bt <= cfg["fwd_split_bt"] and grid1[0] * bt >= T and grid1[1] == S, (where, grid1)
         _within(grid2, f"pre_fwd_fin {where}")
         # one program per (token block, D chunk): the kernel unfolds pid by the D chunks
         assert grid2[0] == _cdiv(T, hbt) * _cdiv(D, hbd) and hbd >= 1, (where, grid2, hbt, hbd)

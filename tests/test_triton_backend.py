@@ -14,8 +14,10 @@ On a machine with CUDA (and the variable unset) the same tests run on the GPU.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+from types import SimpleNamespace
 
 _HAS_CUDA_HINT = os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")
 if not _HAS_CUDA_HINT and "triton" not in sys.modules:
@@ -223,10 +225,11 @@ def test_batch_size_does_not_recompile():
     kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS)
     cache = pre_forward._pre_fwd_kernel.device_caches[torch.cuda.current_device()][0]
     sizes = []
-    for T in (65, 97, 1999):   # all past FEW_RES and below the split forward's T
-        x, phi, alpha, bias, gamma, *_ = _inputs(T, 4, 64, "bf16", True, T)
-        triton_backend.forward(x, phi, alpha, bias, gamma, **kw)
-        sizes.append(len(cache))   # other tests may have compiled other variants before
+    with config.config_override(fwd_split=0):   # the fused kernel (the rule's from T = 2048)
+        for T in (65, 97, 1999):   # all past FEW_RES
+            x, phi, alpha, bias, gamma, *_ = _inputs(T, 4, 64, "bf16", True, T)
+            triton_backend.forward(x, phi, alpha, bias, gamma, **kw)
+            sizes.append(len(cache))   # other tests may have compiled other variants before
     assert sizes[0] >= 1 and sizes[1:] == sizes[:1] * 2, sizes
     # the split forward, whose number of D shares per token block follows T (4, 2, 1 at n = 4
     # on the H200; up to one per D chunk at n = 8): one compiled variant of each kernel per
@@ -244,6 +247,93 @@ def test_batch_size_does_not_recompile():
             assert all(b <= a + 1 for a, b in zip(sizes[0], sizes[2])), sizes
         else:
             assert min(sizes[0]) >= 1 and sizes[1:] == sizes[:1] * (len(Ts) - 1), (n, sizes)
+
+
+class _FakeParam:
+    """A JIT function's parameter as _util._Launch reads it."""
+    def __init__(self, name, constexpr=False, default=inspect.Parameter.empty):
+        self.name, self.is_constexpr, self.default = name, constexpr, default
+
+
+class _FakeCompiled:
+    """A compiled kernel: records what its own launcher is handed."""
+    function, packed_metadata = "function", "packed"
+
+    def __init__(self):
+        self.runs = []
+
+    def launch_metadata(self, grid, stream, *args):
+        return ("metadata", grid, stream, len(args))
+
+    def run(self, *args):
+        self.runs.append(args)
+
+
+class _FakeJit:
+    """A JIT function: ``fn[grid](...)`` records the call and returns its compiled kernel."""
+    def __init__(self, params):
+        self.params, self.calls, self.ck = params, [], _FakeCompiled()
+
+    def __getitem__(self, grid):
+        def call(*args, **kw):
+            self.calls.append((grid, args, kw))
+            return self.ck
+        return call
+
+
+class _Hooks:
+    def __init__(self, calls):
+        self.calls = calls
+
+
+def test_direct_launch_keys_on_what_triton_specializes(monkeypatch):
+    """_Launch hands the compiled kernel all of fn's arguments in order (constexprs from the
+    plan, defaults, runtime arguments by name) and goes back through fn[grid] whenever what
+    Triton specializes on changes: a tensor's dtype or 16-byte alignment, an int's value, an
+    argument turning None; a float does not.  On the CPU with fakes: the GPU runs the real
+    thing in every other test."""
+    monkeypatch.setattr(_util, "_INTERPRET", False)
+    monkeypatch.setattr(_util, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(_util, "_stream", lambda: "stream")
+    hooks = SimpleNamespace(launch_enter_hook=_Hooks([]), launch_exit_hook=_Hooks([]))
+    monkeypatch.setattr(_util, "_KNOBS", hooks)
+    P = _FakeParam
+    fn = _FakeJit([P("x_ptr"), P("y_ptr"), P("T"), P("eps"), P("N", True), P("B", True, 8),
+                   P("g_ptr", default=None), P("H", True, False)])
+    launch = _util._Launch(fn, (3,), dict(N=4, H=True, num_warps=4))
+    x, y = torch.zeros(16), torch.zeros(16)
+
+    def jit_calls_after(*args, **dyn):
+        before = len(fn.ck.runs)
+        launch(*args, **dyn)
+        return len(fn.calls), len(fn.ck.runs) - before
+
+    assert jit_calls_after(x, y, 5, 0.5, g_ptr=x) == (1, 0)   # compiles (or finds) it
+    assert jit_calls_after(x, y, 5, 0.5, g_ptr=x) == (1, 1)
+    assert fn.ck.runs[-1] == (3, 1, 1, "stream", "function", "packed", None, None, None,
+                              x, y, 5, 0.5, 4, 8, x, True)
+    assert jit_calls_after(x, y, 5, 0.25, g_ptr=x) == (1, 1)      # floats: not specialized
+    assert jit_calls_after(x, y, 6, 0.5, g_ptr=x) == (2, 0)       # an int's value
+    assert jit_calls_after(x, y[1:], 5, 0.5, g_ptr=x) == (3, 0)   # 4 bytes off 16
+    assert jit_calls_after(x, y.double(), 5, 0.5, g_ptr=x) == (4, 0)   # a dtype
+    assert jit_calls_after(x, y, 5, 0.5) == (5, 0)                # g_ptr None
+    assert jit_calls_after(x, y, 5, 0.5) == (6, 0)                # ... every time
+    assert jit_calls_after(x, y, 5, 0.5, g_ptr=x) == (6, 1)       # each key kept
+    assert fn.calls[0] == ((3, 1, 1), (x, y, 5, 0.5), dict(g_ptr=x, N=4, H=True, num_warps=4))
+    hooks.launch_enter_hook.calls.append(print)   # a launch hook: Triton's metadata and hooks
+    assert jit_calls_after(x, y, 5, 0.5, g_ptr=x) == (6, 1)
+    assert fn.ck.runs[-1][6:9] == (("metadata", (3, 1, 1), "stream", 8),
+                                   hooks.launch_enter_hook, hooks.launch_exit_hook)
+    monkeypatch.setattr(_util, "DIRECT_LAUNCH", False)
+    assert jit_calls_after(x, y, 5, 0.5, g_ptr=x) == (7, 0)
+    # a kernel whose first call had None where later ones pass a tensor
+    none_first = _util._Launch(fn, (3,), dict(N=4, H=True, num_warps=4))
+    monkeypatch.setattr(_util, "DIRECT_LAUNCH", True)
+    none_first(x, y, 5, 0.5)
+    none_first(x, y, 5, 0.5)
+    assert len(fn.calls) == 8 and fn.ck.runs[-1][-2] is None   # direct, g_ptr None
+    none_first(x, y, 5, 0.5, g_ptr=x)
+    assert len(fn.calls) == 9                                   # through the JIT
 
 
 # Sinkhorn-Knopp inside the fused kernels (CONTRACT.md, "Sinkhorn-Knopp projection")

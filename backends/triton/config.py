@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 
-from ._util import _cdiv, _f_pad, _interpret, _next_pow2, torch
+from ._util import _HAS_PDL, _cdiv, _f_pad, _interpret, _next_pow2, torch
 from .precision import pieces
 
 #: CUDA's grid limits: programs along axis 0, and along axes 1 and 2 (_checked).
@@ -38,7 +38,8 @@ _INTERP_CONFIG = dict(fwd_bt=16, fwd_bd=16, fwd_warps=4, row_bt=16, row_bd=32, r
 
 #: CUDA: the values every shape shares ...
 _CUDA_COMMON = dict(fwd_bt=64, fwd_bd2=128, fwd_warps=4,
-                    fwd_split_bt=64, fwd_split_warps=4, fwd_split_stages=3,
+                    fwd_split_bt=64, fwd_split_few_bt=16, fwd_split_warps=4,
+                    fwd_split_stages=3,
                     hin_bt=8, hin_bd=512, sk_bt=64, sk_warps=4,
                     row_warps=8, row_stages=2, row_waves="auto", row_few_bt=1,
                     row_few_bd=2048,
@@ -70,7 +71,8 @@ _CUDA_TABLE = {
 _D_CLAMPED = ("fwd_bd", "fwd_bd2", "col_bd", "row_bd")
 
 #: Keys that set_config takes besides the rule's own: variants and switches (see set_config).
-_SWITCHES = ("fwd_split", "fwd_prep", "fwd_ilv", "hin_order", "hin_ev", "sk_bwd", "col_splits",
+_SWITCHES = ("fwd_split", "fwd_prep", "fwd_pdl", "fwd_ilv", "hin_order", "hin_ev", "sk_bwd",
+             "col_splits",
              "col_fblocks", "fwd_fblocks", "w_pieces", "p_pieces")
 #: The post operator's keys, set with a ``post_`` prefix (_post_config).
 _POST_KEYS = ("pf_bt", "pf_bd", "pf_stages", "pb_bt", "pb_bd", "pb_warps", "pb_stages", "warps")
@@ -287,18 +289,44 @@ def _fwd_splits(cfg, T, D, device, F_pad, dname, sms: int | None = None) -> int:
         return 0
     nch = _cdiv(D, cfg["fwd_split_bd"])
     if S < 0:
-        S = _cdiv(4 * (sms or _sm_count(device)), _cdiv(T, cfg["fwd_split_bt"]))
+        S = _cdiv(4 * (sms or _sm_count(device)), _cdiv(T, _split_bt(cfg, T)))
     return max(1, min(S, nch, _MAX_GRID12))
 
 
 def _fwd_prep(cfg, T: int) -> bool:
     """Whether the split forward's pass 1 makes phi*g's bf16 pieces itself (from phi and g, as
     _prep_phi_kernel would: the same bits) instead of reading them from a _prep_phi launch.
-    "auto": when pass 1 has one token block (T <= fwd_split_bt), which then reads phi once
+    "auto": when pass 1 has one token block (T <= _split_bt), which then reads phi once
     either way, so the launch and its [pieces, F_PAD, nD] buffer are saved; with more token
     blocks each would make the pieces again.  set_config(fwd_prep=True | False) forces it."""
     mode = cfg.get("fwd_prep", "auto")
-    return T <= cfg["fwd_split_bt"] if mode == "auto" else bool(mode)
+    return T <= _split_bt(cfg, T) if mode == "auto" else bool(mode)
+
+
+def _split_bt(cfg, T: int) -> int:
+    """The split forward's pass-1 token block: ``fwd_split_bt``, or where the rule has
+    ``fwd_split_few_bt`` (CUDA) and T is smaller, the power of two >= T, at least
+    fwd_split_few_bt (16: the dots' smallest M).  A 64-token block at T = 1 computes 63
+    masked rows; 16 took 0.8-1.3 us off the forward's 16-18 at T = 1 and 8 on the H100."""
+    bt = cfg["fwd_split_bt"]
+    few = cfg.get("fwd_split_few_bt")
+    return min(bt, max(few, _next_pow2(T))) if few else bt
+
+
+def _fwd_pdl(cfg, device) -> str:
+    """Whether the split forward's h_in pass starts before pass 1 has finished (programmatic
+    dependent launch, sm_90 on): "" no; "end": pass 1's programs let it launch once their
+    loads are done, its programs wait (griddepcontrol) before they read pass 1's partials;
+    "start": pass 1's programs let it launch as they start.  The h_in pass's launch then
+    overlaps pass 1 instead of following it.  "auto": "end" on CUDA devices of compute
+    capability 9.0 and up, where this Triton has the instructions.  set_config(fwd_pdl=)
+    forces it on CUDA ("" / "end" / "start"); the interpreter has no such launch."""
+    mode = cfg.get("fwd_pdl", "auto")
+    if device.type != "cuda" or not _HAS_PDL:
+        return ""
+    if mode != "auto":
+        return mode or ""
+    return "end" if torch.cuda.get_device_capability(device)[0] >= 9 else ""
 
 
 def _row_tiles(cfg, T: int, D: int, sms: int) -> tuple[int, int]:

@@ -5,8 +5,8 @@ The math of each pass is above its kernel; blocks come from config._post_config.
 from __future__ import annotations
 
 from .._common import empty_torch
-from ._util import _f32, _interpret, _next_pow2, _on_x_device, tl, torch, triton
-from .config import _post_config
+from ._util import _Launch, _f32, _interpret, _next_pow2, _on_x_device, tl, torch, triton
+from .config import _plan, _post_config
 from .grids import _post_bwd_grid, _post_fwd_grid
 
 if triton is not None:
@@ -153,6 +153,30 @@ if triton is not None:
         return sx, sf
 
 
+def _post_fwd_launch(T, n, D, dev) -> _Launch:
+    """The post forward's launch at (T, n, D, device): tiles from _post_config."""
+    cfg = _post_config(n, D, dev)
+    kw = {"num_warps": cfg["warps"]}
+    if not _interpret():
+        kw["num_stages"] = cfg["pf_stages"]
+    return _Launch(_post_fwd_kernel, _post_fwd_grid(T, D, cfg), dict(
+        N=n, NP=_next_pow2(n), D=D, BLOCK_T=cfg["pf_bt"], BLOCK_D=cfg["pf_bd"],
+        INTERP=_interpret(), **kw))
+
+
+def _post_bwd_launch(T, n, D, dev, fp32) -> _Launch:
+    """The post backward's launch at (T, n, D, device, fp32 x or not)."""
+    cfg = _post_config(n, D, dev, fp32)
+    grid, bt = _post_bwd_grid(T, n, cfg)   # >= 16 rows per dot
+    kw = {"num_warps": cfg["pb_warps"]}
+    if not _interpret():
+        kw["num_stages"] = cfg["pb_stages"]
+    return _Launch(_post_bwd_kernel, grid, dict(
+        N=n, NP=_next_pow2(n), D=D, BLOCK_T=bt, BLOCK_D=cfg["pb_bd"], FR=max(16, _next_pow2(bt)),
+        NPC=3 if fp32 else 1,   # fp32: 3 bf16 pieces per operand
+        INTERP=_interpret(), **kw))
+
+
 @_on_x_device
 def post_forward(x, f_out, h_post, h_res):
     """x_next [T,n,D] (x's dtype) = h_res @ x + h_post * f_out, per token."""
@@ -160,14 +184,8 @@ def post_forward(x, f_out, h_post, h_res):
     dev = x.device
     out = empty_torch((T, n, D), x.dtype, dev)
     if T > 0:
-        cfg = _post_config(n, D, dev)
-        kw = {"num_warps": cfg["warps"]}
-        if not _interpret():
-            kw["num_stages"] = cfg["pf_stages"]
-        _post_fwd_kernel[_post_fwd_grid(T, D, cfg)](
-            x.contiguous(), f_out.to(x.dtype).contiguous(), _f32(h_post), _f32(h_res), out, T,
-            N=n, NP=_next_pow2(n), D=D, BLOCK_T=cfg["pf_bt"], BLOCK_D=cfg["pf_bd"],
-            INTERP=_interpret(), **kw)
+        launch = _plan(("post_fwd", T, n, D, dev), lambda: _post_fwd_launch(T, n, D, dev))
+        launch(x.contiguous(), f_out.to(x.dtype).contiguous(), _f32(h_post), _f32(h_res), out, T)
     return out
 
 
@@ -181,18 +199,11 @@ def post_backward(x, f_out, h_post, h_res, dx_next):
     dhp = empty_torch((T, n), torch.float32, dev)
     dhr = empty_torch((T, n, n), torch.float32, dev)
     if T > 0:
-        cfg = _post_config(n, D, dev, x.dtype == torch.float32)
-        npad = _next_pow2(n)
-        grid, bt = _post_bwd_grid(T, n, cfg)   # >= 16 rows per dot
-        kw = {"num_warps": cfg["pb_warps"]}
-        if not _interpret():
-            kw["num_stages"] = cfg["pb_stages"]
-        _post_bwd_kernel[grid](
-            x.contiguous(), f_out.to(x.dtype).contiguous(), _f32(h_post), _f32(h_res),
-            dx_next.to(x.dtype).contiguous(), dx, df, dhp, dhr, T,
-            N=n, NP=npad, D=D, BLOCK_T=bt, BLOCK_D=cfg["pb_bd"], FR=max(16, _next_pow2(bt)),
-            NPC=3 if x.dtype == torch.float32 else 1,   # fp32: 3 bf16 pieces per operand
-            INTERP=_interpret(), **kw)
+        fp32 = x.dtype == torch.float32
+        launch = _plan(("post_bwd", T, n, D, dev, fp32),
+                       lambda: _post_bwd_launch(T, n, D, dev, fp32))
+        launch(x.contiguous(), f_out.to(x.dtype).contiguous(), _f32(h_post), _f32(h_res),
+               dx_next.to(x.dtype).contiguous(), dx, df, dhp, dhr, T)
     pdt = h_post.dtype
     return (dx, df, dhp if pdt == dhp.dtype else dhp.to(pdt),
             dhr if pdt == dhr.dtype else dhr.to(pdt))

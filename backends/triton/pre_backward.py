@@ -11,8 +11,8 @@ docs/triton.md): three launches, no atomics, every sum in a fixed order (bitwise
 from __future__ import annotations
 
 from .._common import SMALL_ND, empty_torch
-from ._util import _cdiv, _dtype_name, _f32, _f_pad, _interpret, _next_pow2, _on_x_device, tl, \
-    torch, triton
+from ._util import _Launch, _cdiv, _dtype_name, _f32, _f_pad, _interpret, _next_pow2, \
+    _on_x_device, tl, torch, triton
 from .config import _config, _f_blocks, _launch_kw, _plan, _resident, _row_tiles, \
     _sk_bwd_mode, _sm_count
 from .grids import _col_grid, _reduce_grid, _row_grid, _sk_grid
@@ -284,8 +284,8 @@ class _Plan:
     constexprs and grids, kept per signature (config._plan).  The persistent row grid and the
     column kernel's splits come from the compiled kernels (_resident): they are set on the
     first call, from its arguments."""
-    __slots__ = ("dname", "cfg", "sms", "ndm", "bt", "sk", "sk_grid", "sk_kw", "row_kw",
-                 "row_grid", "col_kw", "col_grid", "tok", "red_grid", "red_kw")
+    __slots__ = ("dname", "cfg", "sms", "ndm", "bt", "sk", "sk_launch", "row_kw", "row_grid",
+                 "row", "col_kw", "col_grid", "col", "tok", "red")
 
     def __init__(self, T, n, D, dname, dev, k, has_g, has_add):
         F, F_pad = n * n + 2 * n, _f_pad(n)
@@ -298,10 +298,10 @@ class _Plan:
         self.ndm = max(nwa, npa)
         self.sk = "" if k == 0 else _sk_bwd_mode(cfg, T, self.sms, dev.type == "cuda")
         common = dict(N=n, D=D, F=F, F_PAD=F_pad, NDM=self.ndm, INTERP=_interpret())
+        self.sk_launch = None
         if self.sk == "sep":   # d(logits) by its own kernel; the row kernel runs its k = 0 code
-            self.sk_grid = _sk_grid(T, cfg)
-            self.sk_kw = dict(N=n, F=F, K=k, NP=_next_pow2(n), BLOCK_T=cfg["sk_bt"],
-                              num_warps=cfg["sk_warps"])
+            self.sk_launch = _Launch(_sk_bwd_kernel, _sk_grid(T, cfg), dict(
+                N=n, F=F, K=k, NP=_next_pow2(n), BLOCK_T=cfg["sk_bt"], num_warps=cfg["sk_warps"]))
         self.row_kw = dict(common, BLOCK_T=self.bt, BLOCK_D=bd, **_launch_kw(cfg, "row"),
                            **(_sk_kw(k, n) if self.sk == "fused" else {}))
         exact = ND <= SMALL_ND   # short rows: dx in float64 (_dx_exact)
@@ -313,10 +313,11 @@ class _Plan:
             self.col_kw["EXACT"] = True
         if has_add:
             self.col_kw["HAS_ADD"] = True
-        self.red_grid, block = _reduce_grid(ND, F, F_pad, dev.type == "cuda")
-        self.red_kw = dict(ND=ND, F=F, F_PAD=F_pad, HAS_G=has_g, BLOCK=block,
-                           RB=1024 if dev.type == "cuda" else 32, num_warps=4)
-        self.row_grid = self.col_grid = self.tok = None
+        red_grid, block = _reduce_grid(ND, F, F_pad, dev.type == "cuda")
+        self.red = _Launch(_reduce_partials_kernel, red_grid, dict(
+            ND=ND, F=F, F_PAD=F_pad, HAS_G=has_g, BLOCK=block,
+            RB=1024 if dev.type == "cuda" else 32, num_warps=4))
+        self.row_grid = self.col_grid = self.tok = self.row = self.col = None
 
 
 @_on_x_device
@@ -359,8 +360,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         sk = {}
         if p.sk == "sep":
             dlog = torch.empty((T, n * n), dtype=torch.float32, device=dev)
-            _sk_bwd_kernel[p.sk_grid](hmix32, rms32, alpha32, _f32(bias), dres, dlog, T,
-                                      **p.sk_kw)
+            p.sk_launch(hmix32, rms32, alpha32, _f32(bias), dres, dlog, T)
             dres = dlog
         elif p.sk == "fused":   # d(logits) scratch, [T, n*n] (the size class of dh_res)
             sk = dict(bias_ptr=_f32(bias),
@@ -373,9 +373,10 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
                 res = _resident(_pre_bwd_row_kernel, ("row", n, D, p.dname, dev, k if sk else 0,
                                                       p.bt), dev, row_args, dict(p.row_kw, **sk))
             p.row_grid = _row_grid(T, p.bt, p.cfg, p.sms, res)
+            p.row = _Launch(_pre_bwd_row_kernel, p.row_grid, p.row_kw)
         prow = p.row_grid[0]
         row_args[11] = wsrow = torch.empty((F_pad + 4, prow), dtype=torch.float32, device=dev)
-        _pre_bwd_row_kernel[p.row_grid](*row_args, **p.row_kw, **sk)
+        p.row(*row_args, **sk)
         # column kernel: grid (n, D chunks, token splits) (_col_grid); splits by (n, D, T, SMs,
         # programs per SM): fixed per shape
         col = {}
@@ -394,13 +395,13 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
                 res = _resident(_pre_bwd_col_kernel, ("col", n, D, p.dname, dev, has_g, has_add),
                                 dev, col_args, dict(p.col_kw, **col))
             p.col_grid, p.tok = _col_grid(T, n, D, p.cfg, p.sms, res)
+            p.col = _Launch(_pre_bwd_col_kernel, p.col_grid, p.col_kw)
         splits = p.col_grid[-1]
         col_args[8] = wscol = torch.empty((splits, F, ND), dtype=ws_dt, device=dev)
         col_args[10] = p.tok
-        _pre_bwd_col_kernel[p.col_grid](*col_args, **p.col_kw, **col)
-        _reduce_partials_kernel[p.red_grid](
-            wscol, wsrow, phi32, g, dphi, dgamma if has_g else dphi, dalpha, dbias, splits, prow,
-            **p.red_kw)
+        p.col(*col_args, **col)
+        p.red(wscol, wsrow, phi32, g, dphi, dgamma if has_g else dphi, dalpha, dbias, splits,
+              prow)
     outs = (dphi, dalpha, dbias, dgamma)
     return (dx,) + tuple(None if o is None else (o if o.dtype == pdt else o.to(pdt))
                          for o in outs)

@@ -13,9 +13,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .._common import FEW_RES, empty_torch
-from ._util import _dtype_name, _f32, _f_pad, _interpret, _on_x_device, tl, torch, triton
-from .config import _cat, _config, _f_blocks, _fwd_prep, _fwd_splits, _l2_reuse, \
-    _launch_kw, _plan
+from ._util import _Launch, _dtype_name, _f32, _f_pad, _interpret, _on_x_device, tl, torch, \
+    triton
+from .config import _cat, _config, _f_blocks, _fwd_pdl, _fwd_prep, _fwd_splits, _l2_reuse, \
+    _launch_kw, _plan, _split_bt
 from .grids import _fwd_grid, _prep_phi_grid, _split_grids
 from .precision import fwd_pieces
 from .sinkhorn import _sk_kw
@@ -181,9 +182,12 @@ if triton is not None:
         PREP: tl.constexpr = False,  # pg_ptr is phi [F, ND] fp32: pieces made here (_fwd_dot)
         g_ptr=None,                  # [ND] fp32 (PREP and HAS_G)
         HAS_G: tl.constexpr = False,
+        PDL: tl.constexpr = "",      # when the h_in pass may launch: "start", "end" (_fwd_pdl)
     ):
         ND: tl.constexpr = N * D
         NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        if PDL == "start" and not INTERP:
+            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0)
         s = tl.program_id(1)
         rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -220,6 +224,8 @@ if triton is not None:
                 if FB > 0:
                     accb = _fwd_dot(xv, pg_ptr, i, d, fb, accb, ND, D, F_PAD, NPA, NPB, INTERP,
                                     SEP, PREP, g_ptr, F, HAS_G)
+        if PDL == "end" and not INTERP:   # the h_in pass waits for this grid's stores anyway
+            tl.extra.cuda.gdc_launch_dependents()
         acc = _fwd_acc_sum(acc, FA, CAT)
         sT = tl.cast(s, tl.int64) * T   # int64: S * T can pass 2^31
         tl.store(mpart_ptr + (sT + rows64[:, None]) * F + ff[None, :], acc,
@@ -243,6 +249,7 @@ if triton is not None:
         K: tl.constexpr = 0, NP: tl.constexpr = 1,
         ORDER: tl.constexpr = "rev",   # programs' order over (token blocks, D chunks), _l2_reuse
         EV: tl.constexpr = "",         # eviction policy of the x loads
+        PDL: tl.constexpr = False,     # launched before pass 1 has finished (_fwd_pdl)
     ):
         ND: tl.constexpr = N * D
         # one grid axis of NBLK token blocks x NCH D chunks (_split_grids: a 2-D grid with the
@@ -266,6 +273,8 @@ if triton is not None:
         rows64 = rows.to(tl.int64)
         ff = tl.arange(0, F_PAD)
         rm2 = rmask[:, None]
+        if PDL and not INTERP:   # pass 1's partials are complete and visible past this
+            tl.extra.cuda.gdc_wait()
         # the block's projections and sums of squares: its S partials, in a fixed order
         acc = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)
         ss = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -293,27 +302,35 @@ if triton is not None:
 
 
 
-def _prep_phi(phi, g, F_pad, npieces):
-    """[npieces, F_PAD, nD] bf16: the pieces of phi [F, nD] (times g [nD], if given)."""
+def _prep_phi_launch(F, ND, F_pad, npieces, has_g, cuda) -> _Launch:
+    """The launch of _prep_phi_kernel: phi [F, nD] (times g [nD] with has_g) -> its bf16
+    pieces [npieces, F_PAD, nD]."""
+    grid, BLOCK = _prep_phi_grid(ND, F_pad, cuda)
+    return _Launch(_prep_phi_kernel, grid, dict(F=F, ND=ND, F_PAD=F_pad, NPIECE=npieces,
+                                                HAS_G=has_g, BLOCK=BLOCK, INTERP=_interpret(),
+                                                num_warps=4))
+
+
+def _prep_phi(phi, g, F_pad, npieces, launch=None):
+    """[npieces, F_PAD, nD] bf16: the pieces of phi [F, nD] (times g [nD], if given), by
+    ``launch`` (_prep_phi_launch's; made here when not given)."""
     F, ND = phi.shape
     out = torch.empty((npieces, F_pad, ND), dtype=torch.bfloat16, device=phi.device)
-    grid, BLOCK = _prep_phi_grid(ND, F_pad, phi.device.type == "cuda")
-    _prep_phi_kernel[grid](phi, g if g is not None else phi, out, F=F, ND=ND, F_PAD=F_pad,
-                           NPIECE=npieces, HAS_G=g is not None, BLOCK=BLOCK, INTERP=_interpret(),
-                           num_warps=4)
+    launch = launch or _prep_phi_launch(F, ND, F_pad, npieces, g is not None,
+                                        phi.device.type == "cuda")
+    launch(phi, g if g is not None else phi, out)
     return out
 
 
 class _Plan(NamedTuple):
     """A forward's launches at one (T, n, D, x dtype, device, k, gamma or not): pure values of
     the launch rule, kept per signature (config._plan)."""
-    S: int             # 0: the fused kernel; else the split forward's shares
-    prep: bool         # pass 1 makes phi*g's pieces (config._fwd_prep)
-    npb: int           # phi*g's pieces
-    grid: tuple        # the fused kernel's or pass 1's grid
-    kw: dict           # its constexprs and launch options
-    grid2: tuple = ()  # the h_in pass's grid (split forward)
-    kw2: dict | None = None
+    S: int                       # 0: the fused kernel; else the split forward's shares
+    prep: bool                   # pass 1 makes phi*g's pieces (config._fwd_prep)
+    npb: int                     # phi*g's pieces
+    main: _Launch                # the fused kernel, or pass 1 of the split forward
+    fin: _Launch | None = None   # the split forward's h_in pass
+    pieces: _Launch | None = None   # _prep_phi_kernel, where the pieces are made apart
 
 
 def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
@@ -324,23 +341,30 @@ def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
     cfg = _config(n, D, dname, dev)
     common = dict(N=n, D=D, F=F, F_PAD=F_pad, INTERP=_interpret())
     S = _fwd_splits(cfg, T, D, dev, F_pad, dname)
+    pieces = _prep_phi_launch(F, n * D, F_pad, npb, has_g, dev.type == "cuda")
     if S == 0:
-        return _Plan(0, False, npb, _fwd_grid(T, cfg), dict(
+        return _Plan(0, False, npb, _Launch(_pre_fwd_kernel, _fwd_grid(T, cfg), dict(
             common, BLOCK_T=cfg["fwd_bt"], BLOCK_D=cfg["fwd_bd"],
             BLOCK_D2=cfg.get("fwd_bd2", cfg["fwd_bd"]), NPA=npa, NPB=npb,
-            CAT=_cat(npa, npb, F_pad), SEP=few, **_sk_kw(k, n), **_launch_kw(cfg, "fwd")))
+            CAT=_cat(npa, npb, F_pad), SEP=few, **_sk_kw(k, n), **_launch_kw(cfg, "fwd"))),
+            pieces=pieces)
     prep = _fwd_prep(cfg, T)
     fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
     ilv, order, hin_ev = _l2_reuse(cfg, S, F_pad, dev)
     grid1, grid2, hbt, hbd = _split_grids(T, D, S, cfg)
-    kw1 = dict(common, BLOCK_T=cfg["fwd_split_bt"], BLOCK_D=cfg["fwd_split_bd"], NPA=npa,
+    kw1 = dict(common, BLOCK_T=_split_bt(cfg, T), BLOCK_D=cfg["fwd_split_bd"], NPA=npa,
                NPB=npb, FA=fa, FB=fb, CAT=not prep and _cat(npa, npb, F_pad), ILV=ilv, SEP=few,
                **_launch_kw(cfg, "fwd_split"))
     if prep:
         kw1.update(PREP=True, HAS_G=has_g)
     kw2 = dict(common, BLOCK_T=hbt, BLOCK_D=hbd, ORDER=order, EV=hin_ev, **_sk_kw(k, n),
                num_warps=4)
-    return _Plan(S, prep, npb, grid1, kw1, grid2, kw2)
+    pdl = _fwd_pdl(cfg, dev)
+    if pdl:
+        kw1.update(PDL=pdl)
+        kw2.update(PDL=True, launch_pdl=True)
+    return _Plan(S, prep, npb, _Launch(_pre_fwd_part_kernel, grid1, kw1),
+                 _Launch(_pre_fwd_fin_kernel, grid2, kw2), None if prep else pieces)
 
 
 @_on_x_device
@@ -370,16 +394,16 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
         if p.prep:   # pass 1 makes the pieces from phi and g
             pg, prep = phi32, dict(g_ptr=g if has_g else phi32)
         else:
-            pg, prep = _prep_phi(phi32, g, _f_pad(n), p.npb), {}
+            pg, prep = _prep_phi(phi32, g, _f_pad(n), p.npb, p.pieces), {}
         if p.S == 0:
-            _pre_fwd_kernel[p.grid](x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res,
-                                    inv_rms, h_mix, h_pre, T, *eps, **p.kw)
+            p.main(x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre,
+                   T, *eps)
         else:
             # pass 1 in S shares -> partials [S, T, F] and [S, T]; then the gates and h_in
             mpart = torch.empty((p.S, T, F), dtype=torch.float32, device=dev)
             spart = torch.empty((p.S, T), dtype=torch.float32, device=dev)
-            _pre_fwd_part_kernel[p.grid](x, pg, mpart, spart, T, p.S, **p.kw, **prep)
-            _pre_fwd_fin_kernel[p.grid2](x, mpart, spart, _f32(alpha), _f32(bias), h_in, h_post,
-                                         h_res, inv_rms, h_mix, h_pre, T, p.S, *eps, **p.kw2)
+            p.main(x, pg, mpart, spart, T, p.S, **prep)
+            p.fin(x, mpart, spart, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix,
+                  h_pre, T, p.S, *eps)
     outs = (h_post, h_res, inv_rms, h_mix, h_pre)
     return (h_in,) + tuple(o if o.dtype == pdt else o.to(pdt) for o in outs)
