@@ -336,6 +336,54 @@ def test_direct_launch_keys_on_what_triton_specializes(monkeypatch):
     assert len(fn.calls) == 9                                   # through the JIT
 
 
+def _every_output(x, phi, alpha, bias, gamma, k, dx_add):
+    """Every output of the pre and post operators, forward and backward, through the API."""
+    import mhc_multi
+    kw = dict(backend="triton", sinkhorn_iters=k)
+    o = mhc_multi.forward(x, phi, alpha, bias, gamma, **kw)
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(1)
+    dh_in, dh_post, dh_res = (torch.randn(o.h_in.shape, device=x.device, generator=gen)
+                              .to(o.h_in.dtype), torch.randn(o.h_post.shape, device=x.device,
+                                                             generator=gen),
+                              torch.randn(o.h_res.shape, device=x.device, generator=gen))
+    g = mhc_multi.backward(x, phi, alpha, bias, o.inv_rms, o.h_mix, o.h_pre, o.h_post, dh_in,
+                           dh_post, dh_res, gamma, dx_add=dx_add, **kw)
+    x_next = mhc_multi.post_forward(x, o.h_in, o.h_post, o.h_res, backend="triton")
+    pg = mhc_multi.post_backward(x, o.h_in, o.h_post, o.h_res, x_next, backend="triton")
+    return [t for t in (*o, *g, x_next, *pg) if t is not None]
+
+
+@pytest.mark.parametrize("shape,dname,k,with_gamma,with_add", [
+    ((1, 1, 4, 4096), "bf16", 20, True, False),   # split forward (PDL), one-token row kernel
+    ((1, 64, 4, 4096), "bf16", 20, True, True),
+    ((2, 3000, 4, 512), "bf16", 0, False, True),   # the fused forward
+    ((1, 5, 8, 1000), "bf16", 20, True, False),
+    ((3, 7, 3, 300), "fp32", 0, True, False),
+    ((1, 40, 2, 256), "fp16", 5, False, True)])
+def test_direct_launch_matches_jit_launch_bitwise(shape, dname, k, with_gamma, with_add,
+                                                  monkeypatch):
+    """Every output of every kernel launched directly (_Launch, from its second call with a
+    key on) is bit for bit the output of the same launch through fn[grid], with no element
+    left unwritten (outputs poisoned)."""
+    if triton_backend._interpret():
+        pytest.skip("the interpreter always launches through fn[grid]")
+    from mhc_multi.backends import _common
+    monkeypatch.setattr(_common, "POISON", True)
+    x, phi, alpha, bias, gamma = random_inputs(shape, dname, seed=3, device="cuda")
+    gamma = gamma if with_gamma else None
+    dx_add = torch.randn_like(x) if with_add else None
+    monkeypatch.setattr(_util, "DIRECT_LAUNCH", False)
+    want = [t.clone() for t in _every_output(x, phi, alpha, bias, gamma, k, dx_add)]
+    monkeypatch.setattr(_util, "DIRECT_LAUNCH", True)
+    for _ in range(2):   # a new key's first call goes through fn[grid]; the second is direct
+        got = _every_output(x, phi, alpha, bias, gamma, k, dx_add)
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(want, got)):
+        assert not torch.isnan(b.float()).any(), i
+        assert torch.equal(a, b), i
+
+
 # Sinkhorn-Knopp inside the fused kernels (CONTRACT.md, "Sinkhorn-Knopp projection")
 SK_CASES = [(13, 4, 130, "bf16", True, 1), (5, 3, 7, "fp16", False, 3), (19, 4, 7, "fp32", True, 20),
             (3, 1, 130, "bf16", True, 20), (7, 3, 130, "fp32", False, 20)]

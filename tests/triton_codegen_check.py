@@ -111,7 +111,7 @@ def cases():
                dict(N=n, D=4096, F=F, F_PAD=F_pad, BLOCK_T=cfg["fwd_split_bt"],
                     BLOCK_D=cfg["fwd_split_bd"], NPA=npa, NPB=npb, INTERP=False, FA=fa, FB=fb,
                     CAT=config._cat(npa, npb, F_pad), ILV=n == 4, SEP=False, PREP=False,
-                    HAS_G=False),   # ILV: as at short T
+                    HAS_G=False, PDL="end"),   # ILV, PDL: as at short T on sm_90
                cfg["fwd_split_warps"], cfg["fwd_split_stages"])
     for dt in ("fp32", "bf16"):   # pass 1 for few h_res entries (SEP: separate dots), with
         #                             phi*g's pieces read, or made in pass 1 (PREP, one token block)
@@ -122,7 +122,7 @@ def cases():
                         F_PAD=16 if not prep else 32, BLOCK_T=64, BLOCK_D=32,
                         NPA=precision._PIECES[dt][0][0], NPB=3, INTERP=False,
                         FA=16 if not prep else 32, FB=0, CAT=False, ILV=False, SEP=True,
-                        PREP=prep, HAS_G=prep))
+                        PREP=prep, HAS_G=prep, PDL=""))
     col = {"x_ptr": "*{0}", "dhin_ptr": "*{0}", "dx_ptr": "*{0}", "dm_ptr": "*bf16",
            "hc_eps": "fp32", "dxadd_ptr": "*{0}"}
     no_exact = dict.fromkeys(("rms_ptr", "hmix_ptr", "hpost_ptr", "dhpost_ptr", "dres_ptr",

@@ -24,7 +24,6 @@ except Exception:  # pragma: no cover
     torch = None
 
 
-
 def _has_pdl() -> bool:
     """Whether this Triton has programmatic dependent launch: the griddepcontrol instructions
     (``tl.extra.cuda.gdc_wait``) and the ``launch_pdl`` launch option (Triton 3.5 on), which
