@@ -506,7 +506,8 @@ def test_post_through_front_end():
 
 VARIANTS = [dict(fwd_split=2), dict(fwd_split=3, hin_order="plain"), dict(fwd_split=-1),
             dict(sk_bwd="sep"), dict(fwd_split=2, sk_bwd="sep"),
-            dict(fwd_split=4, fwd_ilv=True, hin_order="dlast", hin_ev="evict_first")]
+            dict(fwd_split=4, fwd_ilv=True, hin_order="dlast", hin_ev="evict_first"),
+            dict(fwd_split=-1, hin_sb=4)]
 VAR_CASES = [(37, 4, 130, "bf16", True, 0), (19, 4, 130, "fp16", False, 20),
              (9, 3, 7, "fp32", True, 3), (3, 1, 1, "bf16", True, 20), (6, 8, 33, "bf16", True, 1)]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .._common import FEW_RES, empty_torch
-from ._util import _Launch, _dtype_name, _f32, _f_pad, _interpret, _on_x_device, tl, torch, \
-    triton
+from ._util import _Launch, _dtype_name, _f32, _f_pad, _interpret, _next_pow2, _on_x_device, \
+    tl, torch, triton
 from .config import _cat, _config, _f_blocks, _fwd_pdl, _fwd_prep, _fwd_splits, _l2_reuse, \
     _launch_kw, _plan, _split_bt
 from .grids import _fwd_grid, _prep_phi_grid, _split_grids
@@ -250,6 +250,7 @@ if triton is not None:
         ORDER: tl.constexpr = "rev",   # programs' order over (token blocks, D chunks), _l2_reuse
         EV: tl.constexpr = "",         # eviction policy of the x loads
         PDL: tl.constexpr = False,     # launched before pass 1 has finished (_fwd_pdl)
+        SB: tl.constexpr = 0,          # shares summed per step as one tile (0: one at a time)
     ):
         ND: tl.constexpr = N * D
         # one grid axis of NBLK token blocks x NCH D chunks (_split_grids: a 2-D grid with the
@@ -278,11 +279,24 @@ if triton is not None:
         # the block's projections and sums of squares: its S partials, in a fixed order
         acc = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)
         ss = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for s in range(S):
-            sT = tl.cast(s, tl.int64) * T   # int64: S * T can pass 2^31
-            acc += tl.load(mpart_ptr + (sT + rows64[:, None]) * F + ff[None, :],
-                           mask=rm2 & (ff < F)[None, :], other=0.0)
-            ss += tl.load(spart_ptr + sT + rows64, mask=rmask, other=0.0)
+        if SB == 0:
+            for s in range(S):
+                sT = tl.cast(s, tl.int64) * T   # int64: S * T can pass 2^31
+                acc += tl.load(mpart_ptr + (sT + rows64[:, None]) * F + ff[None, :],
+                               mask=rm2 & (ff < F)[None, :], other=0.0)
+                ss += tl.load(spart_ptr + sT + rows64, mask=rmask, other=0.0)
+        else:   # SB shares' partials as one [SB, BLOCK_T, F_PAD] tile, summed over the shares
+            sb = tl.arange(0, SB)
+            for s0 in range(0, S, SB):
+                sv = s0 + sb
+                sT = sv.to(tl.int64) * T
+                sm = (sv < S)[:, None]
+                acc += tl.sum(tl.load(
+                    mpart_ptr + (sT[:, None, None] + rows64[None, :, None]) * F
+                    + ff[None, None, :], mask=sm[:, :, None] & rm2[None, :, :]
+                    & (ff < F)[None, None, :], other=0.0), axis=0)
+                ss += tl.sum(tl.load(spart_ptr + sT[:, None] + rows64[None, :],
+                                     mask=sm & rmask[None, :], other=0.0), axis=0)
         # every D chunk's program computes the gates (a few hundred flops per token); the
         # first one stores them
         r, gate = _gates(acc, ss, ff, alpha_ptr, bias_ptr, norm_eps, hc_eps, N, F, ND)
@@ -359,6 +373,8 @@ def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
         kw1.update(PREP=True, HAS_G=has_g)
     kw2 = dict(common, BLOCK_T=hbt, BLOCK_D=hbd, ORDER=order, EV=hin_ev, **_sk_kw(k, n),
                num_warps=4)
+    if cfg.get("hin_sb"):   # the fin kernel sums its partials hin_sb shares at a time
+        kw2["SB"] = _next_pow2(cfg["hin_sb"])
     pdl = _fwd_pdl(cfg, dev)
     if pdl:
         kw1.update(PDL=pdl)
