@@ -173,16 +173,17 @@ class _Launch:
         Nones sit (floats are not specialized), from the first call."""
         params = self.fn.params
         rest = params[len(args):]
-        self.tail = tuple(self.kw.get(p.name, None if p.default is inspect.Parameter.empty
-                                      else p.default) for p in rest)
+        tail = tuple(self.kw.get(p.name, None if p.default is inspect.Parameter.empty
+                                 else p.default) for p in rest)
         self.slot = {p.name: i for i, p in enumerate(rest)}
-        vals = list(args) + list(self.tail)
+        vals = list(args) + list(tail)
         for name, v in dyn.items():
             vals[len(args) + self.slot[name]] = v
         runtime = [(i, v) for i, (p, v) in enumerate(zip(params, vals)) if not p.is_constexpr]
         self.tpos = tuple(i for i, v in runtime if hasattr(v, "data_ptr"))
         self.ipos = tuple(i for i, v in runtime if isinstance(v, int))
         self.npos = tuple(i for i, v in runtime if v is None)
+        self.tail = tail   # last: another thread reads the rest once tail is set
 
 
 def _stream():
