@@ -109,6 +109,20 @@ def _pre_backward(ctx, dh_in, dh_post, dh_res, _inv_rms, _h_mix, _h_pre, dslot):
 _pre_forward_op.register_autograd(_pre_backward, setup_context=_pre_setup_context)
 
 
+def _untracked(*tensors) -> bool:
+    """Whether a call on ``tensors`` may skip its custom op and run the front end directly: no
+    graph records it (grad mode off, as under ``torch.no_grad`` or ``torch.inference_mode``),
+    nothing traces it (not compiling), and every tensor is a plain one (a FakeTensor, a DTensor
+    or another subclass goes through the op, whose fake implementation or dispatch it needs).
+    The op would call the same front end: the results are the same, without the dispatcher's
+    host time."""
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and all(a is None or type(a) in _PLAIN for a in tensors))
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def mhc_pre(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps: float = 1e-6,
             hc_eps: float = 1e-6, sinkhorn_iters: int = 0):
     """Differentiable pre operator: ``(h_in, h_post, h_res)`` (see :func:`mhc_multi.forward`).
@@ -124,6 +138,9 @@ def mhc_pre(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps:
     registry.check_name(backend)
     norm_eps, hc_eps = checks.check_eps(norm_eps, hc_eps)
     k = checks.check_iters(sinkhorn_iters)
+    if _untracked(x, phi, alpha, bias, gamma):
+        out = api._forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, k)
+        return out.h_in, out.h_post, out.h_res
     h_in, h_post, h_res, *_ = _pre_forward_op(x, phi, alpha, bias, gamma, backend, norm_eps,
                                               hc_eps, k)
     return h_in, h_post, h_res
@@ -131,7 +148,12 @@ def mhc_pre(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps:
 
 def pre_with_slot(x, phi, alpha, bias, gamma, *, backend, norm_eps, hc_eps, sinkhorn_iters):
     """``(h_in, h_post, h_res, slot)``: :func:`mhc_pre` (arguments already checked) and its
-    :func:`dx_slot`, for a consumer of x that passes its gradient of x through the slot."""
+    :func:`dx_slot`, for a consumer of x that passes its gradient of x through the slot (None
+    where no graph records the call: no gradient will flow)."""
+    if _untracked(x, phi, alpha, bias, gamma):
+        out = api._forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps,
+                           sinkhorn_iters)
+        return out.h_in, out.h_post, out.h_res, None
     h_in, h_post, h_res, _, _, _, slot = _pre_forward_op(x, phi, alpha, bias, gamma, backend,
                                                          norm_eps, hc_eps, sinkhorn_iters)
     return h_in, h_post, h_res, slot
@@ -194,6 +216,8 @@ def mhc_post(x, f_out, h_post, h_res, *, backend: str = "auto", slot=None):
     ``slot``: the fourth output of ``MHCPre(...)(x, dx_slot=True)`` for this x; the gradient of
     x then reaches the pre backward through it and is added to dx in its kernel, and none flows
     to x from here. Without it (the default) x gets its gradient as from any other op."""
+    if _untracked(x, f_out, h_post, h_res, slot):
+        return api.post_forward(x, f_out, h_post, h_res, backend=backend)
     return _post_forward_op(x, f_out, h_post, h_res, slot, backend)
 
 

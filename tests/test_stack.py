@@ -191,3 +191,35 @@ def test_meta_device_init(seed):
         assert torch.equal(layer.alpha, torch.full((3,), 0.01))
         assert torch.equal(layer.bias, default_bias(4, 20).float())
         assert torch.isfinite(layer.block.weight).all() and layer.block.weight.std() > 0
+
+
+def _count_ops(monkeypatch, calls):
+    """Record each call of the pre and post custom ops (by name) in ``calls``."""
+    from mhc_multi import autograd
+    for name in ("_pre_forward_op", "_post_forward_op"):
+        op = getattr(autograd, name)
+        monkeypatch.setattr(autograd, name,
+                            lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_untracked_calls_skip_the_custom_ops(mode, monkeypatch, seed):
+    """Where no graph records a call (no_grad, inference_mode) the stack's layers run the
+    front end directly instead of through the custom ops: the same bits, and the ops are not
+    called. With grad on they are."""
+    from mhc_multi import autograd
+    x = random_inputs((1, 3, 4, 16), "fp32", seed=seed)[0]
+    stack = _stack(4, 16, 2, None, CPU, seed)
+    untracked = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    calls = []
+    _count_ops(monkeypatch, calls)
+    with monkeypatch.context() as m, untracked():
+        m.setattr(autograd, "_untracked", lambda *a: False)   # through the ops
+        want = stack(x)
+    assert calls == ["_pre_forward_op", "_post_forward_op"] * 2
+    calls.clear()
+    with untracked():
+        got = stack(x)
+    assert calls == [] and torch.equal(got, want)
+    got = stack(x)   # grad on: through the ops, the same values
+    assert calls == ["_pre_forward_op", "_post_forward_op"] * 2 and torch.equal(got, want)
