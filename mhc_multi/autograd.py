@@ -138,11 +138,8 @@ def mhc_pre(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps:
     registry.check_name(backend)
     norm_eps, hc_eps = checks.check_eps(norm_eps, hc_eps)
     k = checks.check_iters(sinkhorn_iters)
-    if _untracked(x, phi, alpha, bias, gamma):
-        out = api._forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, k)
-        return out.h_in, out.h_post, out.h_res
-    h_in, h_post, h_res, *_ = _pre_forward_op(x, phi, alpha, bias, gamma, backend, norm_eps,
-                                              hc_eps, k)
+    h_in, h_post, h_res, _ = pre_with_slot(x, phi, alpha, bias, gamma, backend=backend,
+                                           norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=k)
     return h_in, h_post, h_res
 
 

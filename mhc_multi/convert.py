@@ -52,12 +52,7 @@ def _to_backend(a, kind: str, on_cpu: bool = False):
             t = a.detach() if a.requires_grad else a
             if not on_cpu and t.device.type != "cpu":
                 t = t.cpu()
-            t = t.contiguous()
-            bf16 = t.dtype == torch.bfloat16
-            if bf16:
-                t = t.view(torch.int16)
-            a = np.from_dlpack(_DLPack(torch.utils.dlpack.to_dlpack(t)))
-            return a.view(np.uint16) if bf16 else a
+            return _cpu_tensor_as_numpy(t.contiguous(), torch)
         return np.ascontiguousarray(a)
     torch = _torch()
     if _is_tensor(a):
@@ -101,8 +96,7 @@ def _from_backend(a, args: _Args, shape: tuple | None = None):
     if isinstance(a, np.ndarray):   # reshaped first: a numpy view is cheaper than a torch one
         if shape is not None:
             a, shape = a.reshape(shape), None
-        a = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == np.uint16
-             else torch.from_numpy(a))
+        a = _numpy_as_cpu_tensor(a, torch)
     if not args.on_cpu and a.device != args.device:
         a = a.to(args.device)
     return a if shape is None else a.reshape(shape)
@@ -175,8 +169,7 @@ def _cpu_tensor_movers(torch):
     """``(into, back)`` between CPU tensors and a numpy backend: ``_to_backend(a, "numpy")``
     and ``_from_backend`` with the containers known, for every argument and result of a
     call."""
-    Parameter, bf16, i16, to_dlpack = torch.nn.Parameter, torch.bfloat16, torch.int16, \
-        torch._C._to_dlpack
+    Parameter = torch.nn.Parameter
 
     def into(a, shape=None):
         if a is None:
@@ -186,12 +179,7 @@ def _cpu_tensor_movers(torch):
         else:
             if a.requires_grad:
                 a = a.detach()
-            if not a.is_contiguous():
-                a = a.contiguous()
-            if a.dtype is bf16:
-                a = np.from_dlpack(_DLPack(to_dlpack(a.view(i16)))).view(np.uint16)
-            else:
-                a = np.from_dlpack(_DLPack(to_dlpack(a)))
+            a = _cpu_tensor_as_numpy(a if a.is_contiguous() else a.contiguous(), torch)
         return a if shape is None else a.reshape(shape)
 
     def back(a, shape=None):
@@ -199,10 +187,23 @@ def _cpu_tensor_movers(torch):
             return None
         if shape is not None:   # reshaped first: a numpy view is cheaper than a torch one
             a = a.reshape(shape)
-        if a.dtype == _U16:
-            return torch.from_numpy(a.view(np.int16)).view(bf16)
-        return torch.from_numpy(a)
+        return _numpy_as_cpu_tensor(a, torch)
     return into, back
 
 
 _U16 = np.dtype(np.uint16)
+
+
+def _cpu_tensor_as_numpy(t, torch):
+    """A contiguous CPU tensor's memory as a numpy array, through DLPack (bf16 as uint16
+    words); the array holds the tensor alive."""
+    if t.dtype is torch.bfloat16:
+        return np.from_dlpack(_DLPack(torch._C._to_dlpack(t.view(torch.int16)))).view(np.uint16)
+    return np.from_dlpack(_DLPack(torch._C._to_dlpack(t)))
+
+
+def _numpy_as_cpu_tensor(a, torch):
+    """A numpy array as a CPU tensor sharing its memory (uint16 words as bf16)."""
+    if a.dtype == _U16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)

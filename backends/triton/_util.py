@@ -137,13 +137,7 @@ class _Launch:
             return
         if self.tail is None:
             self._bind(args, dyn)
-        if dyn:
-            tail = list(self.tail)
-            for name, v in dyn.items():
-                tail[self.slot[name]] = v
-            vals = args + tuple(tail)
-        else:
-            vals = args + self.tail
+        vals = self._values(args, dyn, self.tail)
         try:   # a None where the first call had a tensor, or the reverse: the JIT decides
             key = (tuple([(vals[i].dtype, vals[i].data_ptr() & 15 == 0) for i in self.tpos]),
                    tuple([vals[i] for i in self.ipos]))
@@ -167,6 +161,16 @@ class _Launch:
         ck.run(g[0], g[1], g[2], stream, ck.function, ck.packed_metadata, meta,
                enter if hooked else None, leave if hooked else None, *vals)
 
+    def _values(self, args, dyn, tail) -> tuple:
+        """All of fn's arguments in order: ``args``, then ``tail`` with ``dyn``'s in their
+        slots."""
+        if not dyn:
+            return args + tail
+        tail = list(tail)
+        for name, v in dyn.items():
+            tail[self.slot[name]] = v
+        return args + tuple(tail)
+
     def _bind(self, args, dyn) -> None:
         """The values of fn's parameters after the positional ones (plan's constexprs, else
         defaults; a call's ``dyn`` replaces its own), and where the runtime tensors, ints and
@@ -176,9 +180,7 @@ class _Launch:
         tail = tuple(self.kw.get(p.name, None if p.default is inspect.Parameter.empty
                                  else p.default) for p in rest)
         self.slot = {p.name: i for i, p in enumerate(rest)}
-        vals = list(args) + list(tail)
-        for name, v in dyn.items():
-            vals[len(args) + self.slot[name]] = v
+        vals = self._values(args, dyn, tail)
         runtime = [(i, v) for i, (p, v) in enumerate(zip(params, vals)) if not p.is_constexpr]
         self.tpos = tuple(i for i, v in runtime if hasattr(v, "data_ptr"))
         self.ipos = tuple(i for i, v in runtime if isinstance(v, int))

@@ -10,6 +10,7 @@ Kernels (design in docs/triton.md; phi*g's bf16 pieces come from precision._prep
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 from .._common import FEW_RES, empty_torch
@@ -325,13 +326,11 @@ def _prep_phi_launch(F, ND, F_pad, npieces, has_g, cuda) -> _Launch:
                                                 num_warps=4))
 
 
-def _prep_phi(phi, g, F_pad, npieces, launch=None):
+def _prep_phi(phi, g, F_pad, npieces, launch):
     """[npieces, F_PAD, nD] bf16: the pieces of phi [F, nD] (times g [nD], if given), by
-    ``launch`` (_prep_phi_launch's; made here when not given)."""
+    ``launch`` (the plan's _prep_phi_launch)."""
     F, ND = phi.shape
     out = torch.empty((npieces, F_pad, ND), dtype=torch.bfloat16, device=phi.device)
-    launch = launch or _prep_phi_launch(F, ND, F_pad, npieces, g is not None,
-                                        phi.device.type == "cuda")
     launch(phi, g if g is not None else phi, out)
     return out
 
@@ -355,13 +354,13 @@ def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
     cfg = _config(n, D, dname, dev)
     common = dict(N=n, D=D, F=F, F_PAD=F_pad, INTERP=_interpret())
     S = _fwd_splits(cfg, T, D, dev, F_pad, dname)
-    pieces = _prep_phi_launch(F, n * D, F_pad, npb, has_g, dev.type == "cuda")
+    pieces = partial(_prep_phi_launch, F, n * D, F_pad, npb, has_g, dev.type == "cuda")
     if S == 0:
         return _Plan(0, False, npb, _Launch(_pre_fwd_kernel, _fwd_grid(T, cfg), dict(
             common, BLOCK_T=cfg["fwd_bt"], BLOCK_D=cfg["fwd_bd"],
             BLOCK_D2=cfg.get("fwd_bd2", cfg["fwd_bd"]), NPA=npa, NPB=npb,
             CAT=_cat(npa, npb, F_pad), SEP=few, **_sk_kw(k, n), **_launch_kw(cfg, "fwd"))),
-            pieces=pieces)
+            pieces=pieces())
     prep = _fwd_prep(cfg, T)
     fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
     ilv, order, hin_ev = _l2_reuse(cfg, S, F_pad, dev)
@@ -380,7 +379,7 @@ def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
         kw1.update(PDL=pdl)
         kw2.update(PDL=True, launch_pdl=True)
     return _Plan(S, prep, npb, _Launch(_pre_fwd_part_kernel, grid1, kw1),
-                 _Launch(_pre_fwd_fin_kernel, grid2, kw2), None if prep else pieces)
+                 _Launch(_pre_fwd_fin_kernel, grid2, kw2), None if prep else pieces())
 
 
 @_on_x_device
