@@ -100,16 +100,19 @@ def test_short_rows_cancel(backend, shape, poison, seed):
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 1, 3, 50)], ids=lambda s: "B{}S{}n{}D{}".format(*s))
 @pytest.mark.parametrize("backend", [_backend_param("numba"), _backend_param("triton")])
 def test_cancelling_h_res(backend, shape, x_dtype, poison, seed):
-    """h_res = a_res*r*m + bias with the bias chosen to cancel 99% of a_res*r*m: the relative
-    error of m is multiplied by 100 in h_res, and with few entries nothing averages it out.
-    Needs m to fp32 precision (Triton: 3 pieces of phi*g below FEW_RES entries)."""
+    """h_res = a_res*r*m + bias with the bias chosen to cancel 95% of a_res*r*m: the relative
+    error of a_res*r*m is multiplied by 20 in h_res, and with few entries nothing averages it
+    out. An m short of fp32 precision (TF32, one bf16 piece: 2^-11..2^-9) misses the bound by
+    orders of magnitude; fp32 arithmetic (a few ulps over r, m and the products) meets it 4x
+    over. A 99 % cancellation would multiply those ulps by 100, which puts fp32 arithmetic at
+    the bound itself (1 in ~100 draws of the Triton interpreter over it)."""
     device = _device(backend)
     x, phi, alpha, bias, g = random_inputs(shape, x_dtype, seed=seed, device=device)
     n = shape[2]
     out = forward(x, phi, alpha, bias, g, backend="numpy")
     u_res = out.inv_rms[0, 0].double() * out.h_mix[0, 0, 2 * n:].double()   # the token's r*m
     bias = bias.clone()
-    bias[2 * n:] = (-0.99 * alpha[2].double() * u_res).to(bias)
+    bias[2 * n:] = (-0.95 * alpha[2].double() * u_res).to(bias)
     report = crosscheck(x, phi, alpha, bias, g, backends=[backend], seed=seed)
     assert report.ok, f"seed={seed}\n{report}"
 
