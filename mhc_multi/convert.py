@@ -153,7 +153,9 @@ def _caster(args: _Args):
 
 
 def _reshaped(a, shape=None):
-    return a if shape is None or a is None else a.reshape(shape)
+    """A torch backend's result (contiguous: it allocates them) in the caller's shape; ``view``
+    costs about half of ``reshape`` per call."""
+    return a if shape is None or a is None else a.view(shape)
 
 
 def _tensor_in(a, shape=None):
@@ -162,7 +164,7 @@ def _tensor_in(a, shape=None):
         return None
     if a.requires_grad or not a.is_contiguous():
         a = a.detach().contiguous()
-    return a if shape is None else a.reshape(shape)
+    return a if shape is None else a.view(shape)
 
 
 def _cpu_tensor_movers(torch):

@@ -349,14 +349,14 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         p = _plan(("bwd", T, n, D, x.dtype, dev, k, has_g, has_add),
                   lambda: _Plan(T, n, D, _dtype_name(x.dtype), dev, k, has_g, has_add))
         phi32 = _f32(phi)
-        g = _f32(gamma).reshape(ND) if has_g else phi32   # phi32: a placeholder (HAS_G)
+        g = _f32(gamma) if has_g else phi32   # [n, D] read as [nD]; phi32: a placeholder (HAS_G)
         dh_in = dh_in.contiguous()
         rms32, hmix32, hp32, hpost32, dhpost32, alpha32 = (
             _f32(a) for a in (inv_rms, h_mix, h_pre, h_post, dh_post, alpha))
         # row kernel: persistent, as many programs as fit on the GPU at once
         dm = torch.empty((p.ndm, T, F_pad), dtype=torch.bfloat16, device=dev)
         coef = torch.empty((T,), dtype=torch.float32, device=dev)
-        dres = _f32(dh_res).reshape(T, n * n)
+        dres = _f32(dh_res)   # [T, n, n], read as [T, n*n]
         sk = {}
         if p.sk == "sep":
             dlog = torch.empty((T, n * n), dtype=torch.float32, device=dev)

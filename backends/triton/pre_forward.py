@@ -404,7 +404,7 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
         p = _plan(("fwd", T, n, D, x.dtype, dev, k, has_g),
                   lambda: _plan_forward(T, n, D, _dtype_name(x.dtype), dev, k, has_g))
         phi32 = _f32(phi)
-        g = _f32(gamma).reshape(n * D) if has_g else None
+        g = _f32(gamma) if has_g else None   # [n, D]: the kernels take it as [nD]
         eps = (float(norm_eps), float(hc_eps))
         if p.prep:   # pass 1 makes the pieces from phi and g
             pg, prep = phi32, dict(g_ptr=g if has_g else phi32)
