@@ -14,6 +14,10 @@ has already validated, flattened to ``T = B*S`` tokens and made contiguous:
 
     forward(...)  -> (h_in, h_post, h_res, inv_rms, h_mix, h_pre)
     backward(...) -> (dx, dphi, dalpha, dbias, dgamma)            dgamma is None without gamma
+
+A backend that sets ``LEADING_TOKEN_DIMS = True`` (the Triton one) takes the token dims as the
+caller shaped them instead: x [*L, n, D] and every per-token array [*L, ...] (the front end
+hands L = (B, S)), and returns its per-token results with the same leading dims.
 """
 from __future__ import annotations
 

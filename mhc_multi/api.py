@@ -142,6 +142,13 @@ def _select(args: _Args, total_tokens: int, *, needs: str | None = None):
     return name, mod
 
 
+def _leading(mod) -> bool:
+    """Whether the backend takes the token dims as the caller shaped them (LEADING_TOKEN_DIMS:
+    x [B, S, n, D] and the per-token arrays [B, S, ...] in, results with the same leading
+    dims out) instead of flattened to T = B*S."""
+    return bool(getattr(mod, "LEADING_TOKEN_DIMS", False))
+
+
 # ---------------------------------------------------------------------------------------------
 # the pre operator
 
@@ -184,7 +191,7 @@ def _pre_plan(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_it
     args, dims, norm_eps, hc_eps, k = validate_pre(
         x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters)
     _, mod = _select(args, dims[0] * dims[1], needs="sinkhorn" if k else None)
-    return args, dims, norm_eps, hc_eps, k, mod, _Mover(args, mod.ARRAY_KIND)
+    return args, dims, norm_eps, hc_eps, k, mod, _Mover(args, mod.ARRAY_KIND, _leading(mod))
 
 
 def _forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps, sinkhorn_iters):
@@ -282,7 +289,7 @@ def _post_plan(x, f_out, h_post, h_res, dx_next, backend):
     if dx_next is not None:
         args.check("dx_next", dx_next, (B, S, n, D), _FLOATS)
     _, mod = _select(args, B * S, needs="post")
-    return args, (B, S, n, D), mod, _Mover(args, mod.ARRAY_KIND)
+    return args, (B, S, n, D), mod, _Mover(args, mod.ARRAY_KIND, _leading(mod))
 
 
 def post_forward(x, f_out, h_post, h_res, *, backend: str = "auto"):

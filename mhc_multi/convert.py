@@ -114,15 +114,18 @@ class _Mover:
     * ``back(a, shape)``: a result in the caller's.
 
     Each takes None through; ``shape``, when given, reshapes (a view: the conversion made the
-    array contiguous)."""
+    array contiguous), except where the backend takes the caller's token dims as they are
+    (``leading``: a backend's LEADING_TOKEN_DIMS) and the containers match: there arguments go
+    in and results come back with their shapes untouched."""
     __slots__ = ("cast", "into", "back")
 
-    def __init__(self, args: _Args, kind: str):
+    def __init__(self, args: _Args, kind: str, leading: bool = False):
         self.cast = _caster(args)
         if args.kind == "torch" and args.on_cpu and kind == "numpy":
             self.into, self.back = _cpu_tensor_movers(_torch())
         elif args.kind == "torch" and kind == "torch":   # the backend allocates on x's device
-            self.into, self.back = _tensor_in, _reshaped
+            self.into, self.back = ((_tensor_in_as_is, _as_is) if leading
+                                    else (_tensor_in, _reshaped))
         else:
             on_cpu = args.on_cpu
 
@@ -156,6 +159,19 @@ def _reshaped(a, shape=None):
     """A torch backend's result (contiguous: it allocates them) in the caller's shape; ``view``
     costs about half of ``reshape`` per call."""
     return a if shape is None or a is None else a.view(shape)
+
+
+def _as_is(a, shape=None):
+    return a
+
+
+def _tensor_in_as_is(a, shape=None):
+    """``_tensor_in`` keeping the caller's shape (the backend takes its token dims)."""
+    if a is None:
+        return None
+    if a.requires_grad or not a.is_contiguous():
+        a = a.detach().contiguous()
+    return a
 
 
 def _tensor_in(a, shape=None):

@@ -3,6 +3,7 @@
 A backend is a module exposing (see ``backends/numpy_ref.py`` for the full interface):
 
     ARRAY_KIND          "numpy" (computes on numpy arrays, CPU) or "torch" (torch tensors)
+    LEADING_TOKEN_DIMS  (optional) True: takes [B, S, ...] as they come, not flattened to T
     SUPPORTS_SINKHORN   whether forward/backward accept sinkhorn_iters > 0
     availability()      None when it can run here, else the reason it cannot
     forward(...), backward(...)        the pre operator

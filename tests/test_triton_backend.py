@@ -126,6 +126,37 @@ def test_forward_backward_vs_float64(T, n, D, dname, with_gamma):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_leading_token_dims_give_the_flat_results(monkeypatch):
+    """LEADING_TOKEN_DIMS: x [B, S, n, D] with per-token arrays [B, S, ...] (as the front end
+    hands them) gives every result with those leading dims and the bits of the flat [T, ...]
+    call (outputs poisoned: an element unwritten in either layout fails)."""
+    from mhc_multi.backends import _common
+    monkeypatch.setattr(_common, "POISON", True)
+    B, S, n, D, k = 2, 3, 3, 7, 3
+    T = B * S
+    x, phi, alpha, bias, gamma, dh_in, dh_post, dh_res = _inputs(T, n, D, "bf16", True, 5)
+    kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS, sinkhorn_iters=k)
+    lead = lambda a: a.reshape(B, S, *a.shape[1:])  # noqa: E731
+    flat = triton_backend.forward(x, phi, alpha, bias, gamma, **kw)
+    out = triton_backend.forward(lead(x), phi, alpha, bias, gamma, **kw)
+    _, h_post, h_res, inv_rms, h_mix, h_pre = flat
+    grads = (inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res)
+    bflat = triton_backend.backward(x, phi, alpha, bias, *grads, gamma, dx_add=x, **kw)
+    bout = triton_backend.backward(lead(x), phi, alpha, bias, *map(lead, grads), gamma,
+                                   dx_add=lead(x), **kw)
+    f = flat[0]
+    pflat = (triton_backend.post_forward(x, f, h_post, h_res),
+             *triton_backend.post_backward(x, f, h_post, h_res, x))
+    pout = (triton_backend.post_forward(lead(x), lead(f), lead(h_post), lead(h_res)),
+            *triton_backend.post_backward(lead(x), lead(f), lead(h_post), lead(h_res), lead(x)))
+    per_token = list(zip(flat, out)) + [(bflat[0], bout[0])] + list(zip(pflat, pout))
+    for a, b in per_token:
+        assert tuple(b.shape) == (B, S) + tuple(a.shape[1:])
+        assert not torch.isnan(a).any() and torch.equal(lead(a), b)
+    for a, b in zip(bflat[1:], bout[1:]):   # parameter gradients: no token dims
+        assert torch.equal(a, b)
+
+
 def test_empty_batch():
     x, phi, alpha, bias, gamma, dh_in, dh_post, dh_res = _inputs(0, 3, 7, "bf16", True, 0)
     kw = dict(norm_eps=NORM_EPS, hc_eps=HC_EPS)

@@ -26,6 +26,10 @@ from .pre_backward import backward
 from .pre_forward import forward
 
 ARRAY_KIND = "torch"
+#: forward/backward/post take x as [*L, n, D] and the per-token arrays as [*L, ...] for any
+#: token dims L (the front end's [B, S]) and return results with the same leading dims: the
+#: kernels see flat [T, ...] memory, so no reshape costs a plain call a view per tensor.
+LEADING_TOKEN_DIMS = True
 SUPPORTS_SINKHORN = True
 X_DTYPES = ("bf16", "fp16", "fp32")  # the front end refuses others before we run
 PARAM_DTYPES = ("fp32",)
@@ -35,7 +39,7 @@ PARAM_DTYPES = ("fp32",)
 #: 2^16 (the rules' largest is 64).  Offsets of token * row length are int64 (rows64).
 MAX_TOKENS = 2**31 - 2**16
 
-__all__ = ["ARRAY_KIND", "SUPPORTS_SINKHORN", "X_DTYPES", "PARAM_DTYPES", "MAX_TOKENS",
+__all__ = ["ARRAY_KIND", "LEADING_TOKEN_DIMS", "SUPPORTS_SINKHORN", "X_DTYPES", "PARAM_DTYPES", "MAX_TOKENS",
            "availability", "forward", "backward", "post_forward", "post_backward", "set_config",
            "config_override"]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 
 try:  # importing this backend must never fail where triton is missing
@@ -54,6 +55,16 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _tokens(x):
+    """(lead, T, n, D) of x [*lead, n, D]: the token dims as the caller shaped them (the front
+    end hands [B, S, ...]: LEADING_TOKEN_DIMS), and their number of tokens T.  The kernels
+    index every per-token tensor as flat [T, ...] memory, so outputs are allocated with the
+    caller's leading dims and need no reshaping."""
+    shape = x.shape
+    lead = shape[:-2]
+    return lead, math.prod(lead), shape[-2], shape[-1]
+
+
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
@@ -75,6 +86,13 @@ def _f32(a):
     if a.dtype is torch.float32 and a.is_contiguous():
         return a
     return a.to(torch.float32).contiguous()
+
+
+def _as(a, dtype):
+    """``a`` as a contiguous tensor of ``dtype`` (itself when it already is one)."""
+    if a.dtype is dtype and a.is_contiguous():
+        return a
+    return a.to(dtype).contiguous()
 
 
 def _on_x_device(fn):

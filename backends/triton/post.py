@@ -5,7 +5,8 @@ The math of each pass is above its kernel; blocks come from config._post_config.
 from __future__ import annotations
 
 from .._common import empty_torch
-from ._util import _Launch, _f32, _interpret, _next_pow2, _on_x_device, tl, torch, triton
+from ._util import _Launch, _as, _f32, _interpret, _next_pow2, _on_x_device, _tokens, tl, torch, \
+    triton
 from .config import _plan, _post_config
 from .grids import _post_bwd_grid, _post_fwd_grid
 
@@ -179,31 +180,33 @@ def _post_bwd_launch(T, n, D, dev, fp32) -> _Launch:
 
 @_on_x_device
 def post_forward(x, f_out, h_post, h_res):
-    """x_next [T,n,D] (x's dtype) = h_res @ x + h_post * f_out, per token."""
-    T, n, D = x.shape
+    """x_next [*L,n,D] (x's dtype) = h_res @ x + h_post * f_out, per token (L: the token
+    dims, T tokens in all; f_out [*L,D], h_post [*L,n], h_res [*L,n,n])."""
+    _, T, n, D = _tokens(x)
     dev = x.device
-    out = empty_torch((T, n, D), x.dtype, dev)
+    out = empty_torch(x.shape, x.dtype, dev)
     if T > 0:
         launch = _plan(("post_fwd", T, n, D, dev), lambda: _post_fwd_launch(T, n, D, dev))
-        launch(x.contiguous(), f_out.to(x.dtype).contiguous(), _f32(h_post), _f32(h_res), out, T)
+        launch(_as(x, x.dtype), _as(f_out, x.dtype), _f32(h_post), _f32(h_res), out, T)
     return out
 
 
 @_on_x_device
 def post_backward(x, f_out, h_post, h_res, dx_next):
-    """(dx [T,n,D], df_out [T,D] in x's dtype; dh_post [T,n], dh_res [T,n,n] in h_post's)"""
-    T, n, D = x.shape
+    """(dx [*L,n,D], df_out [*L,D] in x's dtype; dh_post [*L,n], dh_res [*L,n,n] in h_post's)
+    for x [*L,n,D] (L: the token dims, T tokens in all)."""
+    lead, T, n, D = _tokens(x)
     dev = x.device
-    dx = empty_torch((T, n, D), x.dtype, dev)
-    df = empty_torch((T, D), x.dtype, dev)
-    dhp = empty_torch((T, n), torch.float32, dev)
-    dhr = empty_torch((T, n, n), torch.float32, dev)
+    dx = empty_torch(x.shape, x.dtype, dev)
+    df = empty_torch((*lead, D), x.dtype, dev)
+    dhp = empty_torch((*lead, n), torch.float32, dev)
+    dhr = empty_torch((*lead, n, n), torch.float32, dev)
     if T > 0:
         fp32 = x.dtype == torch.float32
         launch = _plan(("post_bwd", T, n, D, dev, fp32),
                        lambda: _post_bwd_launch(T, n, D, dev, fp32))
-        launch(x.contiguous(), f_out.to(x.dtype).contiguous(), _f32(h_post), _f32(h_res),
-               dx_next.to(x.dtype).contiguous(), dx, df, dhp, dhr, T)
+        launch(_as(x, x.dtype), _as(f_out, x.dtype), _f32(h_post), _f32(h_res),
+               _as(dx_next, x.dtype), dx, df, dhp, dhr, T)
     pdt = h_post.dtype
     return (dx, df, dhp if pdt == dhp.dtype else dhp.to(pdt),
             dhr if pdt == dhr.dtype else dhr.to(pdt))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .._common import SMALL_ND, empty_torch
 from ._util import _Launch, _cdiv, _dtype_name, _f32, _f_pad, _interpret, _next_pow2, \
-    _on_x_device, tl, torch, triton
+    _on_x_device, _tokens, tl, torch, triton
 from .config import _config, _f_blocks, _launch_kw, _plan, _resident, _row_tiles, \
     _sk_bwd_mode, _sm_count
 from .grids import _col_grid, _reduce_grid, _row_grid, _sk_grid
@@ -323,19 +323,20 @@ class _Plan:
 @_on_x_device
 def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
              *, norm_eps, hc_eps, sinkhorn_iters=0, dx_add=None):
-    """(dx [T,n,D] x dtype, dphi [F,nD], dalpha [3], dbias [F], dgamma [n,D] or None; the
-    parameter gradients in phi's dtype) from the forward's inputs and intermediates and the
-    gradients dh_in [T,D] (x's dtype), dh_post [T,n], dh_res [T,n,n] (fp32). ``dx_add``
-    [T,n,D] (x's dtype) is added to dx in the column kernel, before its one rounding."""
+    """(dx [*L,n,D] x dtype, dphi [F,nD], dalpha [3], dbias [F], dgamma [n,D] or None; the
+    parameter gradients in phi's dtype) from x [*L,n,D] (L: the token dims, T tokens in all),
+    the forward's other inputs and intermediates ([*L, ...]) and the gradients dh_in [*L,D]
+    (x's dtype), dh_post [*L,n], dh_res [*L,n,n] (fp32). ``dx_add`` [*L,n,D] (x's dtype) is
+    added to dx in the column kernel, before its one rounding."""
     k = int(sinkhorn_iters)
-    T, n, D = x.shape
+    _, T, n, D = _tokens(x)
     F = n * n + 2 * n
     F_pad = _f_pad(n)
     ND = n * D
     dev = x.device
     pdt = phi.dtype
     x = x.contiguous()
-    dx = empty_torch((T, n, D), x.dtype, dev)
+    dx = empty_torch(x.shape, x.dtype, dev)
     dphi = empty_torch((F, ND), torch.float32, dev)
     dalpha = empty_torch((3,), torch.float32, dev)
     dbias = empty_torch((F,), torch.float32, dev)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from .._common import FEW_RES, empty_torch
 from ._util import _Launch, _dtype_name, _f32, _f_pad, _interpret, _next_pow2, _on_x_device, \
-    tl, torch, triton
+    _tokens, tl, torch, triton
 from .config import _cat, _config, _f_blocks, _fwd_pdl, _fwd_prep, _fwd_splits, _l2_reuse, \
     _launch_kw, _plan, _split_bt
 from .grids import _fwd_grid, _prep_phi_grid, _split_grids
@@ -384,21 +384,22 @@ def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
 
 @_on_x_device
 def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
-    """(h_in [T,D] x dtype, h_post [T,n], h_res [T,n,n], inv_rms [T], h_mix [T,F], h_pre [T,n])
-    from x [T,n,D] (bf16/fp16/fp32), phi [F,nD], alpha [3], bias [F], gamma [n,D] or None
-    (fp32; the gates come back in phi's dtype)."""
+    """(h_in [*L,D] x dtype, h_post [*L,n], h_res [*L,n,n], inv_rms [*L], h_mix [*L,F],
+    h_pre [*L,n]) from x [*L,n,D] (bf16/fp16/fp32; L: the token dims, T tokens in all),
+    phi [F,nD], alpha [3], bias [F], gamma [n,D] or None (fp32; the gates come back in phi's
+    dtype)."""
     k = int(sinkhorn_iters)
-    T, n, D = x.shape
+    lead, T, n, D = _tokens(x)
     F = n * n + 2 * n
     dev = x.device
     pdt = phi.dtype
     x = x.contiguous()
-    h_in = empty_torch((T, D), x.dtype, dev)
-    h_post = empty_torch((T, n), torch.float32, dev)
-    h_res = empty_torch((T, n, n), torch.float32, dev)
-    inv_rms = empty_torch((T,), torch.float32, dev)
-    h_mix = empty_torch((T, F), torch.float32, dev)
-    h_pre = empty_torch((T, n), torch.float32, dev)
+    h_in = empty_torch((*lead, D), x.dtype, dev)
+    h_post = empty_torch((*lead, n), torch.float32, dev)
+    h_res = empty_torch((*lead, n, n), torch.float32, dev)
+    inv_rms = empty_torch(lead, torch.float32, dev)
+    h_mix = empty_torch((*lead, F), torch.float32, dev)
+    h_pre = empty_torch((*lead, n), torch.float32, dev)
     if T > 0:
         has_g = gamma is not None
         p = _plan(("fwd", T, n, D, x.dtype, dev, k, has_g),
