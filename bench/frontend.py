@@ -3,12 +3,19 @@
 the results of one real call, so what is timed is the front end alone (checks or the cached
 plan, conversions to and from the backend's container, output assembly).
 
+``--backend triton`` times the whole host path of a plain call instead (front end and the
+backend's host code: plans, allocations, argument handling) with the kernel launches stubbed
+(``_util._Launch.__call__``), on CPU tensors through the interpreter's code path: what a call
+costs the host besides its launches (on a GPU add Triton's launcher, ~6-8 us per kernel, and
+the caching allocator's cost per tensor).
+
 Per entry point (forward, backward, post_forward, post_backward) it prints the median of
 ``--rounds`` rounds of ``--calls`` calls, in microseconds per call, and writes them to JSON
 (``--json``, default ``$OUT/frontend.json``, else ``bench/results/frontend-<backend>.json``).
 
     .venv/bin/python bench/frontend.py                      # numba, T = 1 (1,1,4,64) bf16
     .venv/bin/python bench/frontend.py --shape 1,1,4,4096 --backend numpy
+    .venv/bin/python bench/frontend.py --shape 1,1,4,4096 --backend triton --calls 300 --rounds 25
 """
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+if "triton" in sys.argv:   # the triton host path runs on CPU tensors: the interpreter's
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # code path, set before triton loads
 
 import torch  # noqa: E402
 
@@ -30,9 +39,22 @@ from mhc_multi import random_inputs  # noqa: E402
 ENTRY_POINTS = ("forward", "backward", "post_forward", "post_backward")
 
 
+def _stub_backend(name: str) -> None:
+    """The backend's four functions return the first real result, every time."""
+    mod = importlib.import_module(f"mhc_multi.backends.{'numpy_ref' if name == 'numpy' else name}")
+    for fn in ENTRY_POINTS:
+        real, memo = getattr(mod, fn), []
+
+        def stub(*args, _real=real, _memo=memo, **kw):
+            if not _memo:
+                _memo.append(_real(*args, **kw))
+            return _memo[0]
+        setattr(mod, fn, stub)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--backend", default="numba", choices=("numba", "numpy"))
+    p.add_argument("--backend", default="numba", choices=("numba", "numpy", "triton"))
     p.add_argument("--shape", default="1,1,4,64", help="B,S,n,D")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--calls", type=int, default=2000)
@@ -49,15 +71,11 @@ def main(argv=None) -> int:
     dh_post, dh_res = torch.randn(B, S, n), torch.randn(B, S, n, n)
     f_out, dx_next = torch.randn(B, S, D).to(x.dtype), torch.randn(B, S, n, D).to(x.dtype)
 
-    mod = importlib.import_module(f"mhc_multi.backends.{'numpy_ref' if a.backend == 'numpy' else a.backend}")
-    for fn in ENTRY_POINTS:   # stubs: the first real result, every time
-        real, memo = getattr(mod, fn), []
-
-        def stub(*args, _real=real, _memo=memo, **kw):
-            if not _memo:
-                _memo.append(_real(*args, **kw))
-            return _memo[0]
-        setattr(mod, fn, stub)
+    if a.backend == "triton":   # the backend's host code runs; its launches do not
+        from mhc_multi.backends.triton import _util
+        _util._Launch.__call__ = lambda self, *args, **kw: None
+    else:
+        _stub_backend(a.backend)
 
     calls = {
         "forward": lambda: mhc_multi.forward(x, phi, alpha, bias, g, backend=a.backend),

@@ -166,7 +166,8 @@ def _as_is(a, shape=None):
 
 
 def _tensor_in_as_is(a, shape=None):
-    """``_tensor_in`` keeping the caller's shape (the backend takes its token dims)."""
+    """A tensor for a torch backend, in the caller's shape (``shape`` is ignored: the backend
+    takes the token dims as they come): itself when contiguous and not requiring grad."""
     if a is None:
         return None
     if a.requires_grad or not a.is_contiguous():
@@ -175,12 +176,10 @@ def _tensor_in_as_is(a, shape=None):
 
 
 def _tensor_in(a, shape=None):
-    """A tensor for a torch backend: itself when contiguous and not requiring grad."""
-    if a is None:
-        return None
-    if a.requires_grad or not a.is_contiguous():
-        a = a.detach().contiguous()
-    return a if shape is None else a.view(shape)
+    """A tensor for a torch backend: itself when contiguous and not requiring grad, viewed as
+    ``shape`` when given."""
+    a = _tensor_in_as_is(a)
+    return a if shape is None or a is None else a.view(shape)
 
 
 def _cpu_tensor_movers(torch):

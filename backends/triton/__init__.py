@@ -39,9 +39,9 @@ PARAM_DTYPES = ("fp32",)
 #: 2^16 (the rules' largest is 64).  Offsets of token * row length are int64 (rows64).
 MAX_TOKENS = 2**31 - 2**16
 
-__all__ = ["ARRAY_KIND", "LEADING_TOKEN_DIMS", "SUPPORTS_SINKHORN", "X_DTYPES", "PARAM_DTYPES", "MAX_TOKENS",
-           "availability", "forward", "backward", "post_forward", "post_backward", "set_config",
-           "config_override"]
+__all__ = ["ARRAY_KIND", "LEADING_TOKEN_DIMS", "SUPPORTS_SINKHORN", "X_DTYPES", "PARAM_DTYPES",
+           "MAX_TOKENS", "availability", "forward", "backward", "post_forward", "post_backward",
+           "set_config", "config_override"]
 
 
 def availability() -> str | None:
