@@ -9,8 +9,8 @@ backend's host code: plans, allocations, argument handling) with the kernel laun
 costs the host besides its launches (on a GPU add Triton's launcher, ~6-8 us per kernel, and
 the caching allocator's cost per tensor).
 
-Per entry point (forward, backward, post_forward, post_backward) it prints the median of
-``--rounds`` rounds of ``--calls`` calls, in microseconds per call, and writes them to JSON
+Per entry point (forward, backward, post_forward, post_backward) it prints the median (and the
+minimum) of ``--rounds`` rounds of ``--calls`` calls, in microseconds per call, and writes them to JSON
 (``--json``, default ``$OUT/frontend.json``, else ``bench/results/frontend-<backend>.json``).
 
     .venv/bin/python bench/frontend.py                      # numba, T = 1 (1,1,4,64) bf16
@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-if "triton" in sys.argv:   # the triton host path runs on CPU tensors: the interpreter's
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # code path, set before triton loads
+if any(a.endswith("triton") for a in sys.argv[1:]):   # the triton host path runs on CPU
+    # tensors: the interpreter's code path, set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
