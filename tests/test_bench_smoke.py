@@ -50,10 +50,14 @@ def test_step_bench_quick_writes_json(tmp_path):
     assert all(r["ms"] > 0 and r["rel_diff_vs_first"] < 0.05 for r in rows), rows
 
 
-def test_frontend_bench_writes_json(tmp_path):
-    """bench/frontend.py: every entry point timed with the backend stubbed out."""
-    results = _run_bench("frontend.py", tmp_path, "--backend", "numpy", "--calls", "20",
-                         "--rounds", "2")["results"]
+@pytest.mark.parametrize("backend", ["numpy", "triton"])
+def test_frontend_bench_writes_json(tmp_path, backend):
+    """bench/frontend.py: every entry point timed with the backend stubbed out (triton: its
+    launches stubbed, through the interpreter)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    results = _run_bench("frontend.py", tmp_path, "--backend", backend, "--calls", "20",
+                         "--rounds", "2", env={"TRITON_INTERPRET": "1"})["results"]
     assert set(results) == {"forward", "backward", "post_forward", "post_backward"}
     assert all(r["median_us"] > 0 for r in results.values()), results
 
