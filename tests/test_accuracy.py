@@ -102,10 +102,10 @@ def test_short_rows_cancel(backend, shape, poison, seed):
 def test_cancelling_h_res(backend, shape, x_dtype, poison, seed):
     """h_res = a_res*r*m + bias with the bias chosen to cancel 95% of a_res*r*m: the relative
     error of a_res*r*m is multiplied by 20 in h_res, and with few entries nothing averages it
-    out. An m short of fp32 precision (TF32, one bf16 piece: 2^-11..2^-9) misses the bound by
-    orders of magnitude; fp32 arithmetic (a few ulps over r, m and the products) meets it 4x
-    over. A 99 % cancellation would multiply those ulps by 100, which puts fp32 arithmetic at
-    the bound itself (1 in ~100 draws of the Triton interpreter over it)."""
+    out. An m short of fp32 precision (Triton's plain 2-piece forward, set_config(few_res=0):
+    up to 8.6e-5 here) misses the bound; fp32 arithmetic (a few ulps over r, m and the
+    products) meets it 4x over at these short rows. A 99 % cancellation would multiply those
+    ulps by 100, which puts fp32 arithmetic at the bound itself (docs/tolerances.md)."""
     device = _device(backend)
     x, phi, alpha, bias, g = random_inputs(shape, x_dtype, seed=seed, device=device)
     n = shape[2]

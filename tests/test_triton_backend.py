@@ -538,9 +538,19 @@ def test_post_through_front_end():
 VARIANTS = [dict(fwd_split=2), dict(fwd_split=3, hin_order="plain"), dict(fwd_split=-1),
             dict(sk_bwd="sep"), dict(fwd_split=2, sk_bwd="sep"),
             dict(fwd_split=4, fwd_ilv=True, hin_order="dlast", hin_ev="evict_first"),
-            dict(fwd_split=-1, hin_sb=4)]
+            dict(fwd_split=-1, hin_sb=4), dict(few_res=0)]
 VAR_CASES = [(37, 4, 130, "bf16", True, 0), (19, 4, 130, "fp16", False, 20),
              (9, 3, 7, "fp32", True, 3), (3, 1, 1, "bf16", True, 20), (6, 8, 33, "bf16", True, 1)]
+
+
+def test_few_res_switch_picks_the_forward_pieces():
+    """Below FEW_RES h_res entries the forward's plan takes 3 pieces of phi*g with separate
+    dots; set_config(few_res=0) gives the plain path's pieces at any T."""
+    dev = torch.device(DEVICE)
+    plain = pre_forward.fwd_pieces("bf16", False)[1]
+    assert pre_forward._plan_forward(1, 4, 64, "bf16", dev, 0, True).npb == 3 != plain
+    with triton_backend.config_override(few_res=0):
+        assert pre_forward._plan_forward(1, 4, 64, "bf16", dev, 0, True).npb == plain
 
 
 @pytest.fixture

@@ -73,7 +73,7 @@ _D_CLAMPED = ("fwd_bd", "fwd_bd2", "col_bd", "row_bd")
 #: Keys that set_config takes besides the rule's own: variants and switches (see set_config).
 _SWITCHES = ("fwd_split", "fwd_prep", "fwd_pdl", "fwd_ilv", "hin_order", "hin_ev", "hin_sb",
              "sk_bwd", "col_splits",
-             "col_fblocks", "fwd_fblocks", "w_pieces", "p_pieces")
+             "col_fblocks", "fwd_fblocks", "w_pieces", "p_pieces", "few_res")
 #: The post operator's keys, set with a ``post_`` prefix (_post_config).
 _POST_KEYS = ("pf_bt", "pf_bd", "pf_stages", "pb_bt", "pb_bd", "pb_warps", "pb_stages", "warps")
 VALID_KEYS = frozenset(_CUDA_COMMON) | frozenset(_CUDA_COLUMNS) | frozenset(_INTERP_CONFIG) \
@@ -151,7 +151,8 @@ def set_config(**kw) -> None:
     fwd_split, hin, sk, row, col (and fwd_bd2), ``col_waves``; ``row_waves`` and ``col_occ``
     take "auto" (programs per SM as many as fit, from the compiled kernel, _resident) or a
     number; ``w_pieces`` / ``p_pieces`` the bf16 pieces (A, B) of the backward's two products
-    (precision.py); ``col_fblocks=False`` / ``fwd_fblocks=False`` keep the column kernel's /
+    (precision.py); ``few_res`` the h_res entries (T*n*n) below which the forward takes
+    fp32-class m (_common.FEW_RES; 0: never); ``col_fblocks=False`` / ``fwd_fblocks=False`` keep the column kernel's /
     the split forward's gate columns in one block (_f_blocks); ``col_splits`` fixes the column
     kernel's token splits.  The post operator's keys take a ``post_`` prefix (_post_config).
 

@@ -349,9 +349,9 @@ class _Plan(NamedTuple):
 def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
     """The launch rule's choices for a forward at this signature (config.py, grids.py)."""
     F, F_pad = n * n + 2 * n, _f_pad(n)
-    few = T * n * n < FEW_RES   # few h_res entries: products added in fp32 (SEP)
-    npa, npb = fwd_pieces(dname, few)
     cfg = _config(n, D, dname, dev)
+    few = T * n * n < cfg.get("few_res", FEW_RES)   # few h_res entries: products added in fp32
+    npa, npb = fwd_pieces(dname, few)
     common = dict(N=n, D=D, F=F, F_PAD=F_pad, INTERP=_interpret())
     S = _fwd_splits(cfg, T, D, dev, F_pad, dname)
     pieces = partial(_prep_phi_launch, F, n * D, F_pad, npb, has_g, dev.type == "cuda")
