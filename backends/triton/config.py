@@ -154,7 +154,8 @@ def set_config(**kw) -> None:
     (precision.py); ``few_res`` the h_res entries (T*n*n) below which the forward takes
     fp32-class m (_common.FEW_RES; 0: never); ``col_fblocks=False`` / ``fwd_fblocks=False``
     keep the column kernel's / the split forward's gate columns in one block (_f_blocks);
-    ``col_splits`` fixes the column kernel's token splits.  The post operator's keys take a ``post_`` prefix (_post_config).
+    ``col_splits`` fixes the column kernel's token splits.  The post operator's keys take a
+    ``post_`` prefix (_post_config).
 
     Variants: ``fwd_split`` ("auto": the rule in _fwd_splits; 0: the fused forward; S >= 1,
     or -1 for ~4 programs per SM: the split forward), with ``fwd_ilv``, ``hin_order`` ("rev",
