@@ -10,8 +10,9 @@ costs the host besides its launches (on a GPU add Triton's launcher, ~6-8 us per
 the caching allocator's cost per tensor).
 
 Per entry point (forward, backward, post_forward, post_backward) it prints the median (and the
-minimum) of ``--rounds`` rounds of ``--calls`` calls, in microseconds per call, and writes them to JSON
-(``--json``, default ``$OUT/frontend.json``, else ``bench/results/frontend-<backend>.json``).
+minimum) of ``--rounds`` rounds of ``--calls`` calls, in microseconds per call, and writes them
+to JSON (``--json``, default ``$OUT/frontend.json``, else
+``bench/results/frontend-<backend>.json``).
 
     .venv/bin/python bench/frontend.py                      # numba, T = 1 (1,1,4,64) bf16
     .venv/bin/python bench/frontend.py --shape 1,1,4,4096 --backend numpy

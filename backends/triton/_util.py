@@ -80,19 +80,17 @@ def _dtype_name(dt) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dt]
 
 
-def _f32(a):
-    """``a`` as a contiguous fp32 tensor (returned as is when it already is one: no dispatch,
-    as this runs several times per launch)."""
-    if a.dtype is torch.float32 and a.is_contiguous():
-        return a
-    return a.to(torch.float32).contiguous()
-
-
 def _as(a, dtype):
-    """``a`` as a contiguous tensor of ``dtype`` (itself when it already is one)."""
+    """``a`` as a contiguous tensor of ``dtype`` (returned as is when it already is one: no
+    dispatch, as this runs several times per launch)."""
     if a.dtype is dtype and a.is_contiguous():
         return a
     return a.to(dtype).contiguous()
+
+
+def _f32(a):
+    """``a`` as a contiguous fp32 tensor (_as)."""
+    return _as(a, torch.float32)
 
 
 def _on_x_device(fn):

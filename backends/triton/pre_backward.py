@@ -357,7 +357,7 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         # row kernel: persistent, as many programs as fit on the GPU at once
         dm = torch.empty((p.ndm, T, F_pad), dtype=torch.bfloat16, device=dev)
         coef = torch.empty((T,), dtype=torch.float32, device=dev)
-        dres = _f32(dh_res)   # [T, n, n], read as [T, n*n]
+        dres = _f32(dh_res)   # [*L, n, n], read as [T, n*n]
         sk = {}
         if p.sk == "sep":
             dlog = torch.empty((T, n * n), dtype=torch.float32, device=dev)
