@@ -151,12 +151,23 @@ def parse_args(argv=None):
     return a
 
 
+def _print_row(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['T']:>6} {r['op']:<26} n/a: {r['error']}", flush=True)
+        return
+    g = f"{r['graph_us']:>9.1f}" if "graph_us" in r else f"{'n/a':>9}"
+    print(f"{r['T']:>6} {r['op']:<26} {g} {r['call_us']:>9.1f} {r['floor_us']:>9.2f}", flush=True)
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     device = torch.device(a.device)
     from mhc_multi.backends.triton import _util
     _util.DIRECT_LAUNCH = a.launch == "direct"
     bandwidth, _ = copy_bandwidth(device, a.quick)
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; n = {a.n}, D = {a.D}, {a.dtype} x, "
+          f"fp32 parameters, k = {K}, {a.launch} launches; microseconds")
+    print(f"{'T':>6} {'op':<26} {'graph':>9} {'call':>9} {'floor':>9}", flush=True)
     rows = []
     for T in a.t_list:
         for name, fn, nb in cases(T, a, device):
@@ -168,15 +179,7 @@ def main(argv=None) -> int:
             except Exception as exc:   # noqa: BLE001 - reported in the table
                 row["error"] = f"{type(exc).__name__}: {exc}"[:200]
             rows.append(row)
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; n = {a.n}, D = {a.D}, {a.dtype} x, "
-          f"fp32 parameters, k = {K}, {a.launch} launches; microseconds")
-    print(f"{'T':>6} {'op':<26} {'graph':>9} {'call':>9} {'floor':>9}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['T']:>6} {r['op']:<26} n/a: {r['error']}")
-            continue
-        g = f"{r['graph_us']:>9.1f}" if "graph_us" in r else f"{'n/a':>9}"
-        print(f"{r['T']:>6} {r['op']:<26} {g} {r['call_us']:>9.1f} {r['floor_us']:>9.2f}")
+            _print_row(row)   # as it is measured: a run cut short keeps what it printed
     _results.write("tokens", device.type, {"rows": rows}, a.json, argv,
                    device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    copy_bytes_per_s=bandwidth, n=a.n, D=a.D, dtype=a.dtype, launch=a.launch,
