@@ -125,3 +125,37 @@ def test_capture_layer_forward_step():
             return layer(x)
 
     _replay_matches(step, [xa], [xb])
+
+
+@pytest.mark.parametrize("B,S,n,D,dname", CASES[:2], ids=[f"{c[4]}-n{c[2]}-T{c[0] * c[1]}-D{c[3]}"
+                                                           for c in CASES[:2]])
+def test_calls_do_not_sync_the_host(B, S, n, D, dname):
+    """A call of a signature seen before (its plans built, its kernels compiled) never waits
+    for the GPU: forward, backward, the post operator and a layer's training step through
+    autograd run with torch's sync debug mode raising on any synchronizing operation (an
+    .item(), a device-to-host copy, a synchronize)."""
+    k = 20
+    x, phi, alpha, bias, gamma, dh_in, dh_post, dh_res = _draw((B, S, n, D), dname, 7)
+    layer = mhc_multi.MHCLayer(torch.nn.Linear(D, D, device="cuda", dtype=x.dtype), n, D,
+                               sinkhorn_iters=k, device="cuda")
+    xg = x.clone().requires_grad_()
+
+    def calls():
+        o = mhc_multi.forward(x, phi, alpha, bias, gamma, backend="triton", sinkhorn_iters=k)
+        g = mhc_multi.backward(x, phi, alpha, bias, o.inv_rms, o.h_mix, o.h_pre, o.h_post,
+                               dh_in, dh_post, dh_res, gamma, backend="triton",
+                               sinkhorn_iters=k)
+        y = mhc_multi.post_forward(x, o.h_in, o.h_post, o.h_res, backend="triton")
+        p = mhc_multi.post_backward(x, o.h_in, o.h_post, o.h_res, y, backend="triton")
+        layer(xg).float().square().sum().backward()
+        return o, g, y, p
+
+    calls()   # builds the plans and compiles (the first call may ask the driver)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = calls()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(outs[1].dx.float()).all() and xg.grad is not None
