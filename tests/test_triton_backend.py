@@ -264,10 +264,12 @@ def test_batch_size_does_not_recompile():
     assert sizes[0] >= 1 and sizes[1:] == sizes[:1] * 2, sizes
     # the split forward, whose number of D shares per token block follows T (4, 2, 1 at n = 4
     # on the H200; up to one per D chunk at n = 8): one compiled variant of each kernel per
-    # L2 regime (_l2_reuse: at >= 4 shares and n <= 6, interleaved shares and eviction hints)
+    # L2 regime (_l2_reuse: at >= 4 shares and n <= 6, interleaved shares and eviction hints).
+    # Every T here is past one pass-1 token block (config._split_bt, _fwd_prep), where the
+    # block's size and who makes phi*g's pieces are fixed.
     caches = [k.device_caches[torch.cuda.current_device()][0]
               for k in (pre_forward._pre_fwd_part_kernel, pre_forward._pre_fwd_fin_kernel)]
-    for n, D, Ts in ((4, 512, (5003, 16384, 2048, 3000)), (8, 1000, (5, 9001, 40000))):
+    for n, D, Ts in ((4, 512, (5003, 16384, 2048, 3000)), (8, 1000, (65, 9001, 40000))):
         sizes = []
         for T in Ts:
             x, phi, alpha, bias, gamma, *_ = _inputs(T, n, D, "bf16", True, T)
