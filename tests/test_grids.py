@@ -82,7 +82,8 @@ def _check_all(T, n, D, dname, sms, resident, cfg, post_f, post_b):
         _within(grid, f"pre_fwd {where}")
         assert grid[0] * cfg["fwd_bt"] >= T, (where, grid)
     else:
-        assert 1 <= S <= _cdiv(D, cfg["fwd_split_bd"]), (where, S)   # no share without a chunk
+        # no share without a chunk
+        assert 1 <= S <= _cdiv(D, config._split_bd(cfg, T)), (where, S)
         config._l2_reuse(cfg, S, F_pad, CUDA)
         grid1, grid2, hbt, hbd = grids._split_grids(T, D, S, cfg)
         _within(grid1, f"pre_fwd_part S={S} {where}")
@@ -174,8 +175,8 @@ def test_max_tokens_leaves_room_for_token_blocks():
     for n in range(1, 9):
         for dname in DTYPES:
             cfg = config._make_config(n, 4096, dname, CUDA)
-            blocks += [cfg[k] for k in ("fwd_bt", "fwd_split_bt", "hin_bt", "sk_bt", "row_bt",
-                                        "col_bt")]
+            blocks += [cfg[k] for k in ("fwd_bt", "fwd_split_bt", "hin_bt", "hin_few_bt",
+                                        "sk_bt", "row_bt", "col_bt")]
             pb = config._post_config(n, 4096, CUDA)
             blocks += [pb["pf_bt"], max(16, _util._next_pow2(grids._post_bwd_grid(1, n, pb)[1]))]
     assert tg.MAX_TOKENS + max(blocks) - 1 <= 2**31 - 1 and tg.MAX_TOKENS <= AXIS0

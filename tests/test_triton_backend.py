@@ -571,8 +571,10 @@ def test_variants_vs_float64(T, n, D, dname, with_gamma, k, variant_config):
 
 
 # Few tokens (T = 1 .. 64): on CUDA the rule splits the forward's row over programs (split-K,
-# config._fwd_splits) and gives the backward's row kernel one token per program
-# (config._row_tiles); the interpreter runs those paths here with the same settings.
+# config._fwd_splits) in its few-token tiles (config._few_tiles: 32-column shares, a fin
+# kernel of one token per program summing the shares as tiles) and gives the backward's row
+# kernel one token per program (config._row_tiles); the interpreter runs those paths here
+# with the same settings.
 FEW_T = [(T, n, ("bf16", "fp16", "fp32")[(T + n) % 3]) for T in (1, 8, 64)
          for n in range(1, 9)]
 
@@ -585,14 +587,20 @@ def test_few_tokens_split_k_vs_float64(T, n, dname):
                               sms=132) > 1, "the CUDA rule splits the row at few tokens"
     assert config._row_tiles(cuda_cfg, T, 4096, 132)[0] == cuda_cfg["row_few_bt"], \
         "the CUDA rule gives the backward's row kernel one program per token at few tokens"
+    assert config._few_tiles(cuda_cfg, T), "the CUDA rule's split forward takes few-token tiles"
     D = 40 if DEVICE == "cpu" else 1000   # several D chunks of the device's split forward
-    # the interpreter's rule has no few-token row tiles: these are the CUDA rule's, in D chunks
-    # of 16 (several per row)
-    few_rows = dict(row_few_bt=cuda_cfg["row_few_bt"], row_few_bd=16) if DEVICE == "cpu" else {}
-    with config.config_override(fwd_split=-1, **few_rows):
+    # the interpreter's rule has no few-token tiles: these are the CUDA rule's, in D chunks of
+    # 16 (several per row) and, at odd n, the fin kernel summing 2 shares per step (the last
+    # step part masked); the interpreter's pass-1 token block (16) leaves T = 64 to its tiles
+    few = {} if DEVICE != "cpu" else dict(
+        row_few_bt=cuda_cfg["row_few_bt"], row_few_bd=16, fwd_split_few_bd=16,
+        hin_few_bt=cuda_cfg["hin_few_bt"], hin_few_bd=cuda_cfg["hin_few_bd"],
+        hin_few_sb=2 if n % 2 else cuda_cfg["hin_few_sb"])
+    with config.config_override(fwd_split=-1, **few):
         dev = torch.device(DEVICE)
         cfg = config._config(n, D, dname, dev)
         assert config._fwd_splits(cfg, T, D, dev, F_pad, dname) > 1
+        assert config._few_tiles(cfg, T) == (T <= cfg["fwd_split_bt"])
         if T < 64:
             assert config._row_tiles(cfg, T, D, config._sm_count(dev))[0] == 1
         _fwd_bwd_vs_float64(T, n, D, dname, T % 2 == 0, 20)

@@ -38,9 +38,10 @@ _INTERP_CONFIG = dict(fwd_bt=16, fwd_bd=16, fwd_warps=4, row_bt=16, row_bd=32, r
 
 #: CUDA: the values every shape shares ...
 _CUDA_COMMON = dict(fwd_bt=64, fwd_bd2=128, fwd_warps=4,
-                    fwd_split_bt=64, fwd_split_few_bt=16, fwd_split_warps=4,
-                    fwd_split_stages=3,
-                    hin_bt=8, hin_bd=512, sk_bt=64, sk_warps=4,
+                    fwd_split_bt=64, fwd_split_few_bt=16, fwd_split_few_bd=32,
+                    fwd_split_warps=4, fwd_split_stages=3,
+                    hin_bt=8, hin_bd=512, hin_few_bt=1, hin_few_bd=1024, hin_few_sb=128,
+                    sk_bt=64, sk_warps=4,
                     row_warps=8, row_stages=2, row_waves="auto", row_few_bt=1,
                     row_few_bd=2048,
                     col_warps=4, col_waves=4)
@@ -276,8 +277,9 @@ def _fwd_splits(cfg, T, D, device, F_pad, dname, sms: int | None = None) -> int:
       re-reads the [F_PAD, BLOCK_D] phi*g tiles, 2-4x its x tile, per token block and has only
       T/64 programs.
     The fused kernel runs where asked for (fwd_split=0), and in the interpreter.
-    -1: S = ceil(4 SMs / token blocks), at most one share per D chunk (and at most 65535, the
-    grid's axis 1).  ``sms``: the device's multiprocessors (default: asked of ``device``)."""
+    -1: S = ceil(4 SMs / token blocks), at most one share per D chunk (of _split_bd: 32
+    columns at few tokens, so up to D/32 shares) and at most 65535 (the grid's axis 1).
+    ``sms``: the device's multiprocessors (default: asked of ``device``)."""
     S = cfg.get("fwd_split", "auto")
     if S == "auto":
         S = 0
@@ -289,7 +291,7 @@ def _fwd_splits(cfg, T, D, device, F_pad, dname, sms: int | None = None) -> int:
     S = int(S)
     if S == 0:
         return 0
-    nch = _cdiv(D, cfg["fwd_split_bd"])
+    nch = _cdiv(D, _split_bd(cfg, T))
     if S < 0:
         S = _cdiv(4 * (sms or _sm_count(device)), _cdiv(T, _split_bt(cfg, T)))
     return max(1, min(S, nch, _MAX_GRID12))
@@ -313,6 +315,32 @@ def _split_bt(cfg, T: int) -> int:
     bt = cfg["fwd_split_bt"]
     few = cfg.get("fwd_split_few_bt")
     return min(bt, max(few, _next_pow2(T))) if few else bt
+
+
+def _few_tiles(cfg, T: int) -> bool:
+    """Whether the split forward takes its few-token tiles: where the rule has them (CUDA:
+    ``fwd_split_few_bd``, ``hin_few_bt``, ``hin_few_bd``, ``hin_few_sb``) and T fits one
+    pass-1 token block (T <= fwd_split_bt).  Then pass 1 walks 32-column D chunks (4x the
+    shares of 128-column ones: each program one short step over the row) and the fin kernel
+    takes one token per program in D chunks of 1024, summing its S partials as one tile: on
+    the H100 at n = 4, D = 4096, 11.6 against 14.6 us at T = 1, 11.2 against 16.0 at T = 8,
+    12.7 against 16.0 at T = 64 (at T = 256, 20.6 against 19.6: the rule's tiles)."""
+    return "hin_few_bt" in cfg and T <= cfg["fwd_split_bt"]
+
+
+def _split_bd(cfg, T: int) -> int:
+    """The split forward's pass-1 D chunk: ``fwd_split_few_bd`` at few tokens (_few_tiles),
+    else ``fwd_split_bd``."""
+    return cfg["fwd_split_few_bd"] if _few_tiles(cfg, T) else cfg["fwd_split_bd"]
+
+
+def _hin_tiles(cfg, T: int) -> tuple[int, int, int]:
+    """The fin kernel's (BLOCK_T, BLOCK_D before the short-row clamp, shares summed per step:
+    0 one at a time): ``hin_few_*`` at few tokens (_few_tiles), else ``hin_bt``, ``hin_bd``
+    and ``hin_sb`` (0 unless set).  ``hin_sb``, where set, holds at every T."""
+    if _few_tiles(cfg, T):
+        return cfg["hin_few_bt"], cfg["hin_few_bd"], cfg.get("hin_sb") or cfg["hin_few_sb"]
+    return cfg["hin_bt"], cfg["hin_bd"], cfg.get("hin_sb") or 0
 
 
 def _fwd_pdl(cfg, device) -> str:

@@ -13,7 +13,7 @@ to 65535), phi's padded gate rows (<= 128), and the column kernel's D chunks (fo
 from __future__ import annotations
 
 from ._util import _cdiv, _next_pow2
-from .config import _MAX_GRID0, _MAX_GRID12, _col_splits, _split_bt
+from .config import _MAX_GRID0, _MAX_GRID12, _col_splits, _hin_tiles, _split_bt
 
 
 def _checked(grid: tuple) -> tuple:
@@ -38,10 +38,11 @@ def _fwd_grid(T: int, cfg) -> tuple:
 def _split_grids(T: int, D: int, S: int, cfg) -> tuple[tuple, tuple, int, int]:
     """The split forward's grids and h_in blocks: (pass 1's grid (token blocks of
     config._split_bt, S shares),
-    the h_in pass's (token blocks * D chunks,), its BLOCK_T, its BLOCK_D).  The h_in pass has
-    one grid axis in every ORDER; the kernel unfolds the program id (_pre_fwd_fin_kernel)."""
-    hbt = cfg["hin_bt"]
-    hbd = min(cfg["hin_bd"], max(16, _next_pow2(D)))
+    the h_in pass's (token blocks * D chunks,), its BLOCK_T, its BLOCK_D (config._hin_tiles)).
+    The h_in pass has one grid axis in every ORDER; the kernel unfolds the program id
+    (_pre_fwd_fin_kernel)."""
+    hbt, hbd, _ = _hin_tiles(cfg, T)
+    hbd = min(hbd, max(16, _next_pow2(D)))
     return (_checked((_cdiv(T, _split_bt(cfg, T)), S)),
             _checked((_cdiv(T, hbt) * _cdiv(D, hbd),)), hbt, hbd)
 

@@ -16,8 +16,8 @@ from typing import NamedTuple
 from .._common import FEW_RES, empty_torch
 from ._util import _Launch, _dtype_name, _f32, _f_pad, _interpret, _next_pow2, _on_x_device, \
     _tokens, tl, torch, triton
-from .config import _cat, _config, _f_blocks, _fwd_pdl, _fwd_prep, _fwd_splits, _l2_reuse, \
-    _launch_kw, _plan, _split_bt
+from .config import _cat, _config, _f_blocks, _fwd_pdl, _fwd_prep, _fwd_splits, _hin_tiles, \
+    _l2_reuse, _launch_kw, _plan, _split_bd, _split_bt
 from .grids import _fwd_grid, _prep_phi_grid, _split_grids
 from .precision import fwd_pieces
 from .sinkhorn import _sk_kw
@@ -365,15 +365,16 @@ def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
     fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
     ilv, order, hin_ev = _l2_reuse(cfg, S, F_pad, dev)
     grid1, grid2, hbt, hbd = _split_grids(T, D, S, cfg)
-    kw1 = dict(common, BLOCK_T=_split_bt(cfg, T), BLOCK_D=cfg["fwd_split_bd"], NPA=npa,
+    kw1 = dict(common, BLOCK_T=_split_bt(cfg, T), BLOCK_D=_split_bd(cfg, T), NPA=npa,
                NPB=npb, FA=fa, FB=fb, CAT=not prep and _cat(npa, npb, F_pad), ILV=ilv, SEP=few,
                **_launch_kw(cfg, "fwd_split"))
     if prep:
         kw1.update(PREP=True, HAS_G=has_g)
     kw2 = dict(common, BLOCK_T=hbt, BLOCK_D=hbd, ORDER=order, EV=hin_ev, **_sk_kw(k, n),
                num_warps=4)
-    if cfg.get("hin_sb"):   # the fin kernel sums its partials hin_sb shares at a time
-        kw2["SB"] = _next_pow2(cfg["hin_sb"])
+    sb = _hin_tiles(cfg, T)[2]
+    if sb:   # the fin kernel sums its partials sb shares at a time
+        kw2["SB"] = _next_pow2(sb)
     pdl = _fwd_pdl(cfg, dev)
     if pdl:
         kw1.update(PDL=pdl)
