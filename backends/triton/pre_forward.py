@@ -166,12 +166,18 @@ if triton is not None:
     #   _pre_fwd_fin_kernel   grid (T/BT2 * D/BD2,): fixed-order sum over s, r, gates (in every
     #                         program; stored, with Sinkhorn, by the first D chunk's),
     #                         h_in = sum_i h_pre[i] x[i, :]
+    @triton.jit
+    def _spart(mpart_ptr, S, T, F: tl.constexpr):
+        """Where the split forward's partial sums of squares [S, T] start: after the partials
+        of m [S, T, F] in the one buffer (int64: S * T * F can pass 2^31)."""
+        return mpart_ptr + tl.cast(S, tl.int64) * T * F
+
     @triton.jit(do_not_specialize=["T", "S"])
     def _pre_fwd_part_kernel(
         x_ptr,       # [T, n, D] x dtype
         pg_ptr,      # [NPB, F_PAD, ND] bf16 pieces of phi*g (PREP: phi [F, ND] fp32)
-        mpart_ptr,   # [S, T, F] fp32 (out): share s's part of m
-        spart_ptr,   # [S, T] fp32 (out): share s's part of the sum of squares
+        mpart_ptr,   # [S*T*F + S*T] fp32 (out): [S, T, F] share s's part of m, then [S, T]
+        #              its part of the sum of squares (_spart)
         T, S,
         N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -234,13 +240,12 @@ if triton is not None:
         if FB > 0:
             tl.store(mpart_ptr + (sT + rows64[:, None]) * F + fb[None, :], accb,
                      mask=rmask[:, None] & (fb < F)[None, :])
-        tl.store(spart_ptr + sT + rows64, tl.sum(ss2, axis=1), mask=rmask)
+        tl.store(_spart(mpart_ptr, S, T, F) + sT + rows64, tl.sum(ss2, axis=1), mask=rmask)
 
     @triton.jit(do_not_specialize=["T", "S"])
     def _pre_fwd_fin_kernel(
         x_ptr,       # [T, n, D] x dtype
-        mpart_ptr,   # [S, T, F] fp32
-        spart_ptr,   # [S, T] fp32
+        mpart_ptr,   # [S*T*F + S*T] fp32: pass 1's partials of m and of the sum of squares
         alpha_ptr, bias_ptr,   # [3], [F] fp32
         hin_ptr,     # [T, D] x dtype (out)
         hpost_ptr, hres_ptr, rms_ptr, hmix_ptr, hpre_ptr,   # as _pre_fwd_kernel's (out)
@@ -278,6 +283,7 @@ if triton is not None:
         if PDL and not INTERP:   # pass 1's partials are complete and visible past this
             tl.extra.cuda.gdc_wait()
         # the block's projections and sums of squares: its S partials, in a fixed order
+        spart_ptr = _spart(mpart_ptr, S, T, F)
         acc = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)
         ss = tl.zeros([BLOCK_T], dtype=tl.float32)
         if SB == 0:
@@ -416,11 +422,11 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
             p.main(x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre,
                    T, *eps)
         else:
-            # pass 1 in S shares -> partials [S, T, F] and [S, T]; then the gates and h_in
-            mpart = torch.empty((p.S, T, F), dtype=torch.float32, device=dev)
-            spart = torch.empty((p.S, T), dtype=torch.float32, device=dev)
-            p.main(x, pg, mpart, spart, T, p.S, **prep)
-            p.fin(x, mpart, spart, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix,
+            # pass 1 in S shares -> partials [S, T, F] and [S, T] (one buffer: _spart); then
+            # the gates and h_in
+            part = torch.empty(p.S * T * (F + 1), dtype=torch.float32, device=dev)
+            p.main(x, pg, part, T, p.S, **prep)
+            p.fin(x, part, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix,
                   h_pre, T, p.S, *eps)
     outs = (h_post, h_res, inv_rms, h_mix, h_pre)
     return (h_in,) + tuple(o if o.dtype == pdt else o.to(pdt) for o in outs)
