@@ -31,7 +31,7 @@ pytest.importorskip("triton")
 
 from mhc_multi.backends import numpy_ref  # noqa: E402
 from mhc_multi.backends import triton as triton_backend  # noqa: E402
-from mhc_multi.backends.triton import _util, config, pre_forward  # noqa: E402
+from mhc_multi.backends.triton import _util, config, grids, pre_forward  # noqa: E402
 from mhc_multi.crosscheck import random_inputs, relative_error  # noqa: E402
 from mhc_multi.tolerances import tolerance  # noqa: E402
 
@@ -604,6 +604,30 @@ def test_few_tokens_split_k_vs_float64(T, n, dname):
         if T < 64:
             assert config._row_tiles(cfg, T, D, config._sm_count(dev))[0] == 1
         _fwd_bwd_vs_float64(T, n, D, dname, T % 2 == 0, 20)
+
+
+def test_few_token_tiles_only_within_one_pass1_block():
+    """The CUDA rule's few-token tiles (config._few_tiles) hold while T fits one pass-1 token
+    block and stop at the next token; set_config(hin_sb=) sets the fin kernel's shares per
+    step at every T, the few-token tiles' included; the interpreter's rule has none."""
+    cuda = torch.device("cuda")
+    cfg = config._make_config(4, 4096, "bf16", cuda)
+    bt = cfg["fwd_split_bt"]
+    few_sb = cfg["hin_few_sb"]
+    for T in (1, bt, bt + 1, 4096):
+        few = T <= bt
+        assert config._few_tiles(cfg, T) == few, T
+        assert config._split_bd(cfg, T) == cfg["fwd_split_few_bd" if few else "fwd_split_bd"]
+        assert config._hin_tiles(cfg, T) == ((cfg["hin_few_bt"], cfg["hin_few_bd"], few_sb)
+                                             if few else (cfg["hin_bt"], cfg["hin_bd"], 0)), T
+        _, grid2, hbt, hbd = grids._split_grids(T, 4096, 8, cfg)
+        assert (hbt, hbd) == config._hin_tiles(cfg, T)[:2], T
+        assert grid2[0] == _util._cdiv(T, hbt) * _util._cdiv(4096, hbd), (T, grid2)
+    with config.config_override(hin_sb=few_sb // 2):
+        cfg = config._make_config(4, 4096, "bf16", cuda)
+        assert [config._hin_tiles(cfg, T)[2] for T in (1, 4096)] == [few_sb // 2] * 2
+    interp = config._make_config(4, 4096, "bf16", torch.device("cpu"))
+    assert not config._few_tiles(interp, 1)
 
 
 def _fwd_bwd_vs_float64(T, n, D, dname, with_gamma, k):
