@@ -13,7 +13,7 @@ Per launch site of the pre forward: the whole ``_Launch`` call against the compi
 own launcher called alone with the same arguments (what Triton's launch costs by itself) and
 ``_Launch``'s key.  Then one ``torch.empty`` and one small aten op (``x.sum()``), for scale.
 
-Medians of 7 blocks of calls, microseconds; JSON to ``--json``, default ``$OUT/host.json``,
+Medians of 5 loops of calls (``tokens.call_us``), microseconds; JSON to ``--json``, default ``$OUT/host.json``,
 else ``bench/results/host-<device>.json``.
 
     python3 bench/host.py                       # n = 4, D = 4096, bf16, k = 20, T = 1
@@ -22,9 +22,7 @@ else ``bench/results/host-<device>.json``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,21 +31,9 @@ import torch  # noqa: E402
 
 import _results  # noqa: E402
 import mhc_multi  # noqa: E402
+from tokens import call_us  # noqa: E402
 
-
-def _us(fn, reps: int) -> float:
-    """Median over 7 blocks of ``reps`` calls of ``fn`` (then one sync), µs per call."""
-    for _ in range(max(10, reps // 20)):
-        fn()
-    torch.cuda.synchronize()
-    blocks = []
-    for _ in range(7):
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-        blocks.append((time.perf_counter() - t) / reps * 1e6)
-    return statistics.median(blocks)
+CUDA = torch.device("cuda")
 
 
 def _counted(fn, launch_cls) -> tuple[int, int]:
@@ -104,11 +90,11 @@ def main(argv=None) -> int:
     print(f"{'call':10s} {'call':>8s} {'stubbed':>8s} {'launches':>9s} {'n':>3s} {'allocs':>7s}")
     real_call = launch_cls.__call__
     for name, fn in calls.items():
-        whole = _us(fn, args.reps)
+        whole = call_us(fn, CUDA, args.reps)
         n_launch, n_empty = _counted(fn, launch_cls)
         launch_cls.__call__ = lambda self, *a, **k: None
         try:
-            stubbed = _us(fn, args.reps)
+            stubbed = call_us(fn, CUDA, args.reps)
         finally:
             launch_cls.__call__ = real_call
         rows.append(dict(kind="call", op=name, call_us=whole, stubbed_us=stubbed,
@@ -130,20 +116,16 @@ def main(argv=None) -> int:
     print(f"{'launch site':24s} {'_Launch':>8s} {'launcher':>9s} {'key':>6s}")
     for site, a, k in sites:
         vals = site._values(a, k, site.tail)
-
-        def key(site=site, vals=vals):
-            return (tuple([(vals[i].dtype, vals[i].data_ptr() & 15 == 0) for i in site.tpos]),
-                    tuple([vals[i] for i in site.ipos]))
-        ck = site.kernels.get(key())
+        ck = site.kernels.get(site._key(vals))
         name = getattr(getattr(site.fn, "fn", site.fn), "__name__", "?")
-        whole = _us(lambda: site(*a, **k), args.reps * 5)
+        whole = call_us(lambda: site(*a, **k), CUDA, args.reps * 5)
         alone = None
         if ck is not None:
             g3, stream = site.grid, _util._stream()
-            alone = _us(lambda: ck.run(g3[0], g3[1], g3[2], stream, ck.function,
-                                       ck.packed_metadata, None, None, None, *vals),
-                        args.reps * 5)
-        key_us = _us(key, args.reps * 20)
+            alone = call_us(lambda: ck.run(g3[0], g3[1], g3[2], stream, ck.function,
+                                           ck.packed_metadata, None, None, None, *vals),
+                            CUDA, args.reps * 5)
+        key_us = call_us(lambda: site._key(vals), CUDA, args.reps * 20)
         rows.append(dict(kind="launch", op=name, launch_us=whole, launcher_us=alone,
                          key_us=key_us))
         print(f"{name:24s} {whole:8.2f} {alone if alone is not None else float('nan'):9.2f} "
@@ -151,7 +133,7 @@ def main(argv=None) -> int:
     for name, fn in (("torch.empty", lambda: torch.empty((1, 4096), dtype=torch.bfloat16,
                                                          device="cuda")),
                      ("x.sum()", lambda: x.sum())):
-        v = _us(fn, args.reps * 5)
+        v = call_us(fn, CUDA, args.reps * 5)
         rows.append(dict(kind="torch", op=name, call_us=v))
         print(f"{name:24s} {v:8.2f}")
     _results.write("host", torch.cuda.get_device_name().replace(" ", "_"), {"rows": rows},

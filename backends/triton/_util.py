@@ -154,13 +154,7 @@ class _Launch:
         if self.tail is None:
             self._bind(args, dyn)
         vals = self._values(args, dyn, self.tail)
-        try:   # a None where the first call had a tensor, or the reverse: the JIT decides
-            key = (tuple([(vals[i].dtype, vals[i].data_ptr() & 15 == 0) for i in self.tpos]),
-                   tuple([vals[i] for i in self.ipos]))
-            if any([vals[i] is not None for i in self.npos]):
-                key = None
-        except AttributeError:
-            key = None
+        key = self._key(vals)
         ck = self.kernels.get(key)
         if ck is None:
             ck = self.fn[self.grid](*args, **dyn, **self.kw)
@@ -176,6 +170,17 @@ class _Launch:
         meta = ck.launch_metadata(g, stream, *vals) if hooked else None
         ck.run(g[0], g[1], g[2], stream, ck.function, ck.packed_metadata, meta,
                enter if hooked else None, leave if hooked else None, *vals)
+
+    def _key(self, vals):
+        """What Triton specializes on per call, of fn's arguments ``vals`` in order: each
+        runtime tensor's dtype and 16-byte alignment and each int's value; None where an
+        argument is None where the first call had a tensor, or the reverse (the JIT decides)."""
+        try:
+            key = (tuple([(vals[i].dtype, vals[i].data_ptr() & 15 == 0) for i in self.tpos]),
+                   tuple([vals[i] for i in self.ipos]))
+        except AttributeError:
+            return None
+        return None if any([vals[i] is not None for i in self.npos]) else key
 
     def _values(self, args, dyn, tail) -> tuple:
         """All of fn's arguments in order: ``args``, then ``tail`` with ``dyn``'s in their
