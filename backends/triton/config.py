@@ -73,7 +73,7 @@ _D_CLAMPED = ("fwd_bd", "fwd_bd2", "col_bd", "row_bd")
 
 #: Keys that set_config takes besides the rule's own: variants and switches (see set_config).
 _SWITCHES = ("fwd_split", "fwd_prep", "fwd_pdl", "fwd_ilv", "hin_order", "hin_ev", "hin_sb",
-             "sk_bwd", "col_splits", "col_sb",
+             "sk_bwd", "col_splits",
              "col_fblocks", "fwd_fblocks", "w_pieces", "p_pieces", "few_res")
 #: The post operator's keys, set with a ``post_`` prefix (_post_config).
 _POST_KEYS = ("pf_bt", "pf_bd", "pf_stages", "pb_bt", "pb_bd", "pb_warps", "pb_stages", "warps")
@@ -395,16 +395,6 @@ def _sk_bwd_mode(cfg, T: int, sms: int, cuda: bool) -> str:
     if mode == "auto":
         mode = "sep" if cuda and T >= 48 * sms else "fused"
     return mode
-
-
-def _col_sb(cfg, n: int, exact: bool) -> int:
-    """Streams per column-kernel tile: 1 (a program per stream), or with ``col_sb`` "all"
-    pow2(n), every stream of a D chunk in one tile of col_bd columns (col_bd / pow2(n) per
-    stream), which reads dh_in, dm and dx_next once for all streams.  Short rows (``exact``,
-    _dx_exact) take 1."""
-    if exact or cfg.get("col_sb", 1) != "all":
-        return 1
-    return _next_pow2(n)
 
 
 def _f_blocks(F: int, F_pad: int) -> tuple[int, int]:

@@ -70,22 +70,17 @@ def _col_fold(D: int, cfg) -> bool:
     return _cdiv(D, cfg["col_bd"]) > _MAX_GRID12
 
 
-def _col_grid(T: int, n: int, D: int, cfg, sms: int, resident: int | None = None,
-              sb: int = 1) -> tuple[tuple, int]:
+def _col_grid(T: int, n: int, D: int, cfg, sms: int, resident: int | None = None
+              ) -> tuple[tuple, int]:
     """(grid (n, D chunks, token splits) or, with _col_fold, (n * D chunks, token splits);
     tokens per split) of the column kernel: the splits by _col_splits (``col_occ`` "auto":
-    ``resident`` programs per SM, else 4), each a whole number of token blocks, none empty.
-    With ``sb`` > 1 streams per tile (config._col_sb): (D chunks of col_bd / sb, splits)."""
+    ``resident`` programs per SM, else 4), each a whole number of token blocks, none empty."""
     bt = cfg["col_bt"]
+    nch = _cdiv(D, cfg["col_bd"])
     nblk = _cdiv(T, bt)
     occ = cfg.get("col_occ")
     if occ == "auto":
         occ = resident or 4
-    if sb > 1:
-        nch = _cdiv(D, cfg["col_bd"] // sb)
-        tok = _cdiv(nblk, _col_splits(cfg, nch, nblk, sms, occ)) * bt
-        return _checked((nch, _cdiv(T, tok))), tok
-    nch = _cdiv(D, cfg["col_bd"])
     tok = _cdiv(nblk, _col_splits(cfg, n * nch, nblk, sms, occ)) * bt
     splits = _cdiv(T, tok)
     return _checked((n * nch, splits) if _col_fold(D, cfg) else (n, nch, splits)), tok

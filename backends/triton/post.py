@@ -80,7 +80,6 @@ if triton is not None:
         N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, FR: tl.constexpr,
         NPC: tl.constexpr, INTERP: tl.constexpr,
-        HAS_DX: tl.constexpr = True,   # False: no dx (the pre backward forms it, HAS_NEXT)
     ):
         ND: tl.constexpr = N * D
         R: tl.constexpr = BLOCK_T * NP
@@ -115,13 +114,12 @@ if triton is not None:
             df = tl.sum(hp[:, :, None] * g3, axis=1)
             tl.store(df_ptr + rows64[:, None] * D + d[None, :],
                      _round_out(df, df_ptr.dtype.element_ty, INTERP), mask=m2)
-            if HAS_DX:
-                for j in tl.static_range(N):
-                    hc = tl.load(hres_ptr + rows64[:, None] * (N * N) + jj[None, :] * N + j,
-                                 mask=hm, other=0.0)                    # h_res[t, :, j]
-                    dxj = tl.sum(hc[:, :, None] * g3, axis=1)
-                    tl.store(dx_ptr + rows64[:, None] * ND + j * D + d[None, :],
-                             _round_out(dxj, dx_ptr.dtype.element_ty, INTERP), mask=m2)
+            for j in tl.static_range(N):
+                hc = tl.load(hres_ptr + rows64[:, None] * (N * N) + jj[None, :] * N + j, mask=hm,
+                             other=0.0)                             # h_res[t, :, j]
+                dxj = tl.sum(hc[:, :, None] * g3, axis=1)
+                tl.store(dx_ptr + rows64[:, None] * ND + j * D + d[None, :],
+                         _round_out(dxj, dx_ptr.dtype.element_ty, INTERP), mask=m2)
             # the reductions: [R, BLOCK_D] tiles (the re-read of g comes from L1)
             sx, sf = _post_red_dots(g_ptr, x_ptr, f_ptr, qoff, qmask, foff, fmask, d, dmask,
                                     sx, sf, NPC, INTERP)
@@ -167,8 +165,8 @@ def _post_fwd_launch(T, n, D, dev) -> _Launch:
         INTERP=_interpret(), **kw))
 
 
-def _post_bwd_launch(T, n, D, dev, fp32, need_dx=True) -> _Launch:
-    """The post backward's launch at (T, n, D, device, fp32 x or not, dx or not)."""
+def _post_bwd_launch(T, n, D, dev, fp32) -> _Launch:
+    """The post backward's launch at (T, n, D, device, fp32 x or not)."""
     cfg = _post_config(n, D, dev, fp32)
     grid, bt = _post_bwd_grid(T, n, cfg)   # >= 16 rows per dot
     kw = {"num_warps": cfg["pb_warps"]}
@@ -177,7 +175,7 @@ def _post_bwd_launch(T, n, D, dev, fp32, need_dx=True) -> _Launch:
     return _Launch(_post_bwd_kernel, grid, dict(
         N=n, NP=_next_pow2(n), D=D, BLOCK_T=bt, BLOCK_D=cfg["pb_bd"], FR=max(16, _next_pow2(bt)),
         NPC=3 if fp32 else 1,   # fp32: 3 bf16 pieces per operand
-        INTERP=_interpret(), **({} if need_dx else {"HAS_DX": False}), **kw))
+        INTERP=_interpret(), **kw))
 
 
 @_on_x_device
@@ -194,22 +192,21 @@ def post_forward(x, f_out, h_post, h_res):
 
 
 @_on_x_device
-def post_backward(x, f_out, h_post, h_res, dx_next, *, need_dx=True):
+def post_backward(x, f_out, h_post, h_res, dx_next):
     """(dx [*L,n,D], df_out [*L,D] in x's dtype; dh_post [*L,n], dh_res [*L,n,n] in h_post's)
-    for x [*L,n,D] (L: the token dims, T tokens in all).  ``need_dx=False``: dx is None, not
-    computed (the pre backward forms it from dx_next, its ``dx_next`` argument)."""
+    for x [*L,n,D] (L: the token dims, T tokens in all)."""
     lead, T, n, D = _tokens(x)
     dev = x.device
-    dx = empty_torch(x.shape, x.dtype, dev) if need_dx else None
+    dx = empty_torch(x.shape, x.dtype, dev)
     df = empty_torch((*lead, D), x.dtype, dev)
     dhp = empty_torch((*lead, n), torch.float32, dev)
     dhr = empty_torch((*lead, n, n), torch.float32, dev)
     if T > 0:
         fp32 = x.dtype == torch.float32
-        launch = _plan(("post_bwd", T, n, D, dev, fp32, need_dx),
-                       lambda: _post_bwd_launch(T, n, D, dev, fp32, need_dx))
+        launch = _plan(("post_bwd", T, n, D, dev, fp32),
+                       lambda: _post_bwd_launch(T, n, D, dev, fp32))
         launch(_as(x, x.dtype), _as(f_out, x.dtype), _f32(h_post), _f32(h_res),
-               _as(dx_next, x.dtype), df if dx is None else dx, df, dhp, dhr, T)
+               _as(dx_next, x.dtype), dx, df, dhp, dhr, T)
     pdt = h_post.dtype
     return (dx, df, dhp if pdt == dhp.dtype else dhp.to(pdt),
             dhr if pdt == dhr.dtype else dhr.to(pdt))

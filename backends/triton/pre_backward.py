@@ -13,13 +13,13 @@ from __future__ import annotations
 from .._common import SMALL_ND, empty_torch
 from ._util import _Launch, _cdiv, _dtype_name, _f32, _f_pad, _interpret, _next_pow2, \
     _on_x_device, _tokens, tl, torch, triton
-from .config import _col_sb, _config, _f_blocks, _launch_kw, _plan, _resident, _row_tiles, \
+from .config import _config, _f_blocks, _launch_kw, _plan, _resident, _row_tiles, \
     _sk_bwd_mode, _sm_count
 from .grids import _col_grid, _reduce_grid, _row_grid, _sk_grid
 from .sinkhorn import _sk_kw
 
 if triton is not None:
-    from .precision import _col_p, _col_phi, _col_w, _dx_exact, _mm_core, _round_out, _split3
+    from .precision import _col_p, _col_phi, _col_w, _dx_exact, _round_out, _split3
     from .sinkhorn import _sk_bwd_kernel, _sk_dlogits
 
     # Backward, row part, per token t:
@@ -131,14 +131,9 @@ if triton is not None:
     # -----------------------------------------------------------------------------------------
     # Backward, column part: program (stream i, D chunk c, token split s), grid
     # (n, D chunks, splits), or past 65535 D chunks (n * D chunks, splits) in the same order
-    # (_col_fold, _col_grid); with SB > 1 program (D chunk c, token split s), grid (D chunks,
-    # splits), whose BLOCK_D columns are BLOCK_D / SB columns of each of the SB >= n streams
-    # (stream-major: tile column j is stream j // (BLOCK_D / SB)), so that dh_in, dm and
-    # dx_next are read once for all streams.
+    # (_col_fold, _col_grid).
     #   w = dm @ phi[:, i*D + d];  dx[i, d] = w*g - coef*x[i, d] + h_pre[i]*dh_in[d]
     #   P[f, i*D + d] += sum_t dm[t, f] x[t, i, d]   (registers; dphi = g*P, dgamma = sum_f phi*P)
-    # plus another gradient of x before dx's one rounding: dx_add (HAS_ADD), or the post
-    # operator's dx formed here from its dx_next and h_res (HAS_NEXT, _post_dx).
     # The gate columns f go in one block [0, FA) (FA = F_PAD) or, at n = 8 (FB > 0), in two,
     # [0, FA) and [FA, FA + FB), so that the dots do not multiply zero rows: F = 80 takes
     # 64 + 16 columns instead of 128 (_f_blocks).
@@ -167,38 +162,19 @@ if triton is not None:
         alpha_ptr=None, hc_eps=0.0,
         HAS_ADD: tl.constexpr = False,
         dxadd_ptr=None,  # [T, n, D] x dtype (HAS_ADD): added to dx before its one rounding
-        SB: tl.constexpr = 1,   # streams per tile (1, or pow2(n): all of them)
-        NXP: tl.constexpr = 1,  # bf16 pieces of dx_next (HAS_NEXT): 1 bf16, 2 fp16, 3 fp32
-        HAS_NEXT: tl.constexpr = False,
-        dxn_ptr=None,    # [T, n, D] x dtype (HAS_NEXT): the post operator's dx_next
-        hres_ptr=None,   # [T, n, n] fp32 (HAS_NEXT): the h_res that the post operator took
     ):
         ND: tl.constexpr = N * D
-        BDS: tl.constexpr = BLOCK_D // SB   # a tile's columns per stream
-        NCH: tl.constexpr = (D + BDS - 1) // BDS
-        if SB > 1:   # all streams of D chunk c: stream i and position d per tile column
-            tl.static_assert(SB >= N and not EXACT)
-            c = tl.program_id(0)
+        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        if NCH > 65535:   # streams and D chunks on grid axis 0 (the rule of _col_fold)
+            i = tl.program_id(0) % N
+            c = tl.program_id(0) // N
             s = tl.program_id(1)
-            jj = tl.arange(0, BLOCK_D)
-            i = jj // BDS
-            d = c * BDS + jj % BDS
-            dmask = (d < D) & (i < N)
-            ss = tl.arange(0, SB)               # streams, and
-            dc = c * BDS + tl.arange(0, BDS)    # positions of the chunk, for _spread
         else:
-            if NCH > 65535:   # streams and D chunks on grid axis 0 (the rule of _col_fold)
-                i = tl.program_id(0) % N
-                c = tl.program_id(0) // N
-                s = tl.program_id(1)
-            else:
-                i = tl.program_id(0)
-                c = tl.program_id(1)
-                s = tl.program_id(2)
-            d = c * BLOCK_D + tl.arange(0, BLOCK_D)
-            dmask = d < D
-            ss = i   # (SB > 1 only)
-            dc = d
+            i = tl.program_id(0)
+            c = tl.program_id(1)
+            s = tl.program_id(2)
+        d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = d < D
         col = i * D + d
         # per gate-column block: the loop-invariant B operand of w, phi [FA, BLOCK_D] (rows >= F
         # zero) split into bf16 pieces once per program, and the accumulator P
@@ -220,29 +196,16 @@ if triton is not None:
             rm2 = rmask[:, None]
             m2 = rm2 & dmask[None, :]
             coef = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
+            hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
             xv = tl.load(x_ptr + rows64[:, None] * ND + col[None, :], mask=m2, other=0.0)
-            if SB > 1:   # h_pre and dh_in per stream and position, broadcast to the columns
-                hp2 = _spread(tl.load(hpre_ptr + rows64[:, None] * N + ss[None, :],
-                                      mask=rm2 & (ss < N)[None, :], other=0.0), SB, BDS, True)
-                dh = _spread(tl.load(dhin_ptr + rows64[:, None] * D + dc[None, :],
-                                     mask=rm2 & (dc < D)[None, :], other=0.0), SB, BDS, False)
-            else:
-                hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
-                hp2 = hp[:, None]
-                dh = tl.load(dhin_ptr + rows64[:, None] * D + d[None, :], mask=m2, other=0.0)
+            dh = tl.load(dhin_ptr + rows64[:, None] * D + d[None, :], mask=m2, other=0.0)
             if HAS_ADD:
                 xa = tl.load(dxadd_ptr + rows64[:, None] * ND + col[None, :], mask=m2, other=0.0)
             if EXACT:   # P too (FB = 0 here)
-                if HAS_NEXT:
-                    xa = _post_dx(dxn_ptr, hres_ptr, rows64, rmask, m2, i, d, i, d, N, D, SB,
-                                  tl.float64)
-                elif HAS_ADD:
-                    xa = xa.to(tl.float64)
-                else:
-                    xa = 0.0
                 dx, P = _dx_exact(x_ptr, rms_ptr, hmix_ptr, hpre_ptr, hpost_ptr, dhin_ptr,
                                   dhpost_ptr, dres_ptr, alpha_ptr, phi_ptr, g_ptr, hc_eps, xv,
-                                  dh, hp, xa, rows64, rmask, col, dmask, P, N, D, HAS_G)
+                                  dh, hp, xa.to(tl.float64) if HAS_ADD else 0.0, rows64, rmask,
+                                  col, dmask, P, N, D, HAS_G)
             else:
                 w = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
                 w = _col_w(dm_ptr, rows64, rm2, ff, p0, p1, p2, w, T, F_PAD, NWA, NWB, INTERP)
@@ -252,16 +215,9 @@ if triton is not None:
                 if HAS_G:
                     w = w * g[None, :]
                 xf = xv.to(tl.float32)
-                dx = w - coef[:, None] * xf + hp2 * dh.to(tl.float32)
+                dx = w - coef[:, None] * xf + hp[:, None] * dh.to(tl.float32)
                 if HAS_ADD:
                     dx += xa.to(tl.float32)
-                if HAS_NEXT:
-                    if SB > 1:
-                        dx += _post_dx(dxn_ptr, hres_ptr, rows64, rmask, m2, i, d, ss, dc, N,
-                                       D, SB, tl.float32)
-                    else:
-                        dx = _post_dx_mma(dxn_ptr, hres_ptr, t0, t_hi, rows64, rmask, i, d,
-                                          dmask, dx, N, D, NXP, INTERP)
             tl.store(dx_ptr + rows64[:, None] * ND + col[None, :],
                      _round_out(dx, dx_ptr.dtype.element_ty, INTERP), mask=m2)
             if not EXACT:   # P += dm^T @ x (_col_p)
@@ -273,72 +229,6 @@ if triton is not None:
         if FB > 0:
             tl.store(ws + fb[:, None] * ND + col[None, :], PB,
                      mask=(fb < F)[:, None] & dmask[None, :])
-
-    @triton.jit
-    def _spread(v, SB: tl.constexpr, BDS: tl.constexpr, PER_STREAM: tl.constexpr):
-        """A [BLOCK_T, SB] (PER_STREAM) or [BLOCK_T, BDS] (per position) tile as the
-        [BLOCK_T, SB * BDS] columns of an SB > 1 tile (stream-major): broadcast in registers,
-        no gathered loads."""
-        BT: tl.constexpr = v.shape[0]
-        if PER_STREAM:
-            v3 = tl.broadcast_to(v[:, :, None], [BT, SB, BDS])
-        else:
-            v3 = tl.broadcast_to(v[:, None, :], [BT, SB, BDS])
-        return tl.reshape(v3, [BT, SB * BDS])
-
-    @triton.jit
-    def _post_dx(dxn_ptr, hres_ptr, rows64, rmask, m2, i, d, ss, dc, N: tl.constexpr,
-                 D: tl.constexpr, SB: tl.constexpr, DT: tl.constexpr):
-        """The post operator's dx at the tile's columns (stream i, position d), in DT:
-        sum_k h_res[t, k, i] * dx_next[t, k, d] (CONTRACT.md, "The post operator"), k in
-        order.  SB > 1 tiles load each stream's [BLOCK_T, BDS] of dx_next and [BLOCK_T, SB]
-        of h_res once and form the [BLOCK_T, SB, BDS] sum in registers (ss, dc: the tile's
-        streams and positions)."""
-        if SB > 1:
-            BT: tl.constexpr = m2.shape[0]
-            BDS: tl.constexpr = m2.shape[1] // SB
-            rm2 = rmask[:, None]
-            acc3 = tl.zeros([BT, SB, BDS], dtype=DT)
-            for k in tl.static_range(N):
-                g = tl.load(dxn_ptr + rows64[:, None] * (N * D) + k * D + dc[None, :],
-                            mask=rm2 & (dc < D)[None, :], other=0.0).to(DT)
-                h = tl.load(hres_ptr + rows64[:, None] * (N * N) + k * N + ss[None, :],
-                            mask=rm2 & (ss < N)[None, :], other=0.0).to(DT)
-                acc3 += h[:, :, None] * g[:, None, :]
-            acc = tl.reshape(acc3, [BT, SB * BDS])
-        else:
-            acc = tl.zeros(m2.shape, dtype=DT)
-            for k in tl.static_range(N):
-                g = tl.load(dxn_ptr + rows64[:, None] * (N * D) + k * D + d[None, :], mask=m2,
-                            other=0.0).to(DT)
-                h = tl.load(hres_ptr + rows64 * (N * N) + k * N + i, mask=rmask,
-                            other=0.0).to(DT)[:, None]
-                acc += h * g
-        return acc
-
-    @triton.jit
-    def _post_dx_mma(dxn_ptr, hres_ptr, t0, t_hi, rows64, rmask, i, d, dmask, acc,
-                     N: tl.constexpr, D: tl.constexpr, NXP: tl.constexpr, INTERP: tl.constexpr):
-        """acc + the post operator's dx of stream i at the token block's rows and columns d,
-        on the tensor cores: A @ G with G [BLOCK_T * NP, BLOCK_D] the block's dx_next rows
-        (token t', stream k: one 2-D tile) and A [BLOCK_T, BLOCK_T * NP] block diagonal,
-        A[t, t'*NP + k] = h_res[t, k, i] if t' = t (2 bf16 pieces; dx_next in NXP)."""
-        BT: tl.constexpr = acc.shape[0]
-        NP: tl.constexpr = triton.next_power_of_2(N)
-        q = tl.arange(0, BT * NP)
-        qt = t0 + q // NP
-        qk = q % NP
-        qm = (qt < t_hi) & (qk < N)
-        G = tl.load(dxn_ptr + qt.to(tl.int64)[:, None] * (N * D) + qk[:, None] * D + d[None, :],
-                    mask=qm[:, None] & dmask[None, :], other=0.0)
-        tt = tl.arange(0, BT)
-        am = rmask[:, None] & ((q // NP)[None, :] == tt[:, None]) & (qk < N)[None, :]
-        A = tl.load(hres_ptr + rows64[:, None] * (N * N) + qk[None, :] * N + i, mask=am,
-                    other=0.0)
-        NA: tl.constexpr = 3 if NXP > 2 else 2   # fp32 x: h_res in fp32's 3 pieces
-        a0, a1, a2 = _split3(A, NA, INTERP)
-        g0, g1, g2 = _split3(G, NXP, INTERP)
-        return _mm_core(a0, a1, a2, g0, g1, g2, acc, NA, NXP, INTERP)
 
     # -----------------------------------------------------------------------------------------
     # Fixed-order reduction of the workspaces:
@@ -390,15 +280,14 @@ if triton is not None:
 
 
 class _Plan:
-    """A backward's launches at one (T, n, D, x dtype, device, k, gamma or not, what is added
-    to dx: "" nothing, "add" dx_add, "next" the post operator's dx from dx_next and h_res):
+    """A backward's launches at one (T, n, D, x dtype, device, k, gamma or not, dx_add or not):
     constexprs and grids, kept per signature (config._plan).  The persistent row grid and the
     column kernel's splits come from the compiled kernels (_resident): they are set on the
     first call, from its arguments."""
     __slots__ = ("dname", "cfg", "sms", "ndm", "bt", "sk", "sk_launch", "row_kw", "row_grid",
-                 "row", "col_kw", "col_grid", "col", "tok", "red", "sb")
+                 "row", "col_kw", "col_grid", "col", "tok", "red")
 
-    def __init__(self, T, n, D, dname, dev, k, has_g, add):
+    def __init__(self, T, n, D, dname, dev, k, has_g, has_add):
         F, F_pad = n * n + 2 * n, _f_pad(n)
         ND = n * D
         self.dname = dname
@@ -422,13 +311,8 @@ class _Plan:
                            **_launch_kw(cfg, "col"))
         if exact:
             self.col_kw["EXACT"] = True
-        if add == "add":
+        if has_add:
             self.col_kw["HAS_ADD"] = True
-        elif add == "next":
-            self.col_kw.update(HAS_NEXT=True, NXP={"bf16": 1, "fp16": 2}.get(dname, 3))
-        self.sb = _col_sb(cfg, n, exact)
-        if self.sb > 1:
-            self.col_kw["SB"] = self.sb
         red_grid, block = _reduce_grid(ND, F, F_pad, dev.type == "cuda")
         self.red = _Launch(_reduce_partials_kernel, red_grid, dict(
             ND=ND, F=F, F_PAD=F_pad, HAS_G=has_g, BLOCK=block,
@@ -438,14 +322,12 @@ class _Plan:
 
 @_on_x_device
 def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
-             *, norm_eps, hc_eps, sinkhorn_iters=0, dx_add=None, dx_next=None, h_res_next=None):
+             *, norm_eps, hc_eps, sinkhorn_iters=0, dx_add=None):
     """(dx [*L,n,D] x dtype, dphi [F,nD], dalpha [3], dbias [F], dgamma [n,D] or None; the
     parameter gradients in phi's dtype) from x [*L,n,D] (L: the token dims, T tokens in all),
     the forward's other inputs and intermediates ([*L, ...]) and the gradients dh_in [*L,D]
     (x's dtype), dh_post [*L,n], dh_res [*L,n,n] (fp32). ``dx_add`` [*L,n,D] (x's dtype) is
-    added to dx in the column kernel, before its one rounding; so is, given ``dx_next``
-    [*L,n,D] (x's dtype) and ``h_res_next`` [*L,n,n] (fp32), the post operator's dx
-    ``sum_k h_res_next[k, i] dx_next[k]``, formed there (the two exclude each other)."""
+    added to dx in the column kernel, before its one rounding."""
     k = int(sinkhorn_iters)
     _, T, n, D = _tokens(x)
     F = n * n + 2 * n
@@ -464,10 +346,9 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
         if dgamma is not None:
             dgamma.zero_()
     else:
-        has_g = gamma is not None
-        add = "add" if dx_add is not None else ("next" if dx_next is not None else "")
-        p = _plan(("bwd", T, n, D, x.dtype, dev, k, has_g, add),
-                  lambda: _Plan(T, n, D, _dtype_name(x.dtype), dev, k, has_g, add))
+        has_g, has_add = gamma is not None, dx_add is not None
+        p = _plan(("bwd", T, n, D, x.dtype, dev, k, has_g, has_add),
+                  lambda: _Plan(T, n, D, _dtype_name(x.dtype), dev, k, has_g, has_add))
         phi32 = _f32(phi)
         g = _f32(gamma) if has_g else phi32   # [n, D] read as [nD]; phi32: a placeholder (HAS_G)
         dh_in = dh_in.contiguous()
@@ -504,19 +385,17 @@ def backward(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
             col = dict(rms_ptr=rms32, hmix_ptr=hmix32, hpost_ptr=hpost32, dhpost_ptr=dhpost32,
                        dres_ptr=sk.get("dlog_ptr", dres), alpha_ptr=alpha32,
                        hc_eps=float(hc_eps))
-        if add == "add":
+        if has_add:
             col["dxadd_ptr"] = dx_add.contiguous()
-        elif add == "next":
-            col.update(dxn_ptr=dx_next.contiguous(), hres_ptr=_f32(h_res_next).contiguous())
         ws_dt = torch.float64 if "EXACT" in p.col_kw else torch.float32   # P's workspace
         col_args = [x, dh_in, hp32, dm, coef, phi32, g, dx, None, T, 0]
         if p.col_grid is None:
             col_args[8] = torch.empty((1,), dtype=ws_dt, device=dev)   # for the workspace
             res = None
             if p.cfg.get("col_occ") == "auto":   # the splits fill waves of the programs that fit
-                res = _resident(_pre_bwd_col_kernel, ("col", n, D, p.dname, dev, has_g, add,
-                                                      p.sb), dev, col_args, dict(p.col_kw, **col))
-            p.col_grid, p.tok = _col_grid(T, n, D, p.cfg, p.sms, res, p.sb)
+                res = _resident(_pre_bwd_col_kernel, ("col", n, D, p.dname, dev, has_g, has_add),
+                                dev, col_args, dict(p.col_kw, **col))
+            p.col_grid, p.tok = _col_grid(T, n, D, p.cfg, p.sms, res)
             p.col = _Launch(_pre_bwd_col_kernel, p.col_grid, p.col_kw)
         splits = p.col_grid[-1]
         col_args[8] = wscol = torch.empty((splits, F, ND), dtype=ws_dt, device=dev)
