@@ -72,7 +72,7 @@ _CUDA_TABLE = {
 _D_CLAMPED = ("fwd_bd", "fwd_bd2", "col_bd", "row_bd")
 
 #: Keys that set_config takes besides the rule's own: variants and switches (see set_config).
-_SWITCHES = ("fwd_split", "fwd_prep", "fwd_pdl", "fwd_ilv", "hin_order", "hin_ev", "hin_sb",
+_SWITCHES = ("fwd_split", "fwd_coop", "fwd_coop_bd2", "fwd_prep", "fwd_pdl", "fwd_ilv", "hin_order", "hin_ev", "hin_sb",
              "sk_bwd", "col_splits",
              "col_fblocks", "fwd_fblocks", "w_pieces", "p_pieces", "few_res")
 #: The post operator's keys, set with a ``post_`` prefix (_post_config).

@@ -14,8 +14,8 @@ from functools import partial
 from typing import NamedTuple
 
 from .._common import FEW_RES, empty_torch
-from ._util import _Launch, _dtype_name, _f32, _f_pad, _interpret, _next_pow2, _on_x_device, \
-    _tokens, tl, torch, triton
+from ._util import _Launch, _cdiv, _dtype_name, _f32, _f_pad, _interpret, _next_pow2, \
+    _on_x_device, _tokens, tl, torch, triton
 from .config import _cat, _config, _f_blocks, _fwd_pdl, _fwd_prep, _fwd_splits, _hin_tiles, \
     _l2_reuse, _launch_kw, _plan, _split_bd, _split_bt
 from .grids import _fwd_grid, _prep_phi_grid, _split_grids
@@ -191,13 +191,25 @@ if triton is not None:
         HAS_G: tl.constexpr = False,
         PDL: tl.constexpr = "",      # when the h_in pass may launch: "start", "end" (_fwd_pdl)
     ):
-        ND: tl.constexpr = N * D
-        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
         if PDL == "start" and not INTERP:
             tl.extra.cuda.gdc_launch_dependents()
-        pid = tl.program_id(0)
-        s = tl.program_id(1)
-        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        _part_share(x_ptr, pg_ptr, mpart_ptr, rows, tl.program_id(1), T, S, g_ptr, N, D, F,
+                    F_PAD, BLOCK_T, BLOCK_D, NPA, NPB, INTERP, FA, FB, CAT, ILV, SEP, PREP,
+                    HAS_G, PDL)
+
+    @triton.jit
+    def _part_share(x_ptr, pg_ptr, mpart_ptr, rows, s, T, S, g_ptr, N: tl.constexpr,
+                    D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NPA: tl.constexpr,
+                    NPB: tl.constexpr, INTERP: tl.constexpr, FA: tl.constexpr, FB: tl.constexpr,
+                    CAT: tl.constexpr, ILV: tl.constexpr, SEP: tl.constexpr,
+                    PREP: tl.constexpr, HAS_G: tl.constexpr, PDL: tl.constexpr):
+        """Pass 1 of the split forward for the token block ``rows`` over share s of the D
+        chunks (all n streams): its parts of m and of the sum of squares, stored to the
+        partials (see _pre_fwd_part_kernel's arguments)."""
+        ND: tl.constexpr = N * D
+        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
         rmask = rows < T
         rows64 = rows.to(tl.int64)
         dd = tl.arange(0, BLOCK_D)
@@ -282,28 +294,7 @@ if triton is not None:
         rm2 = rmask[:, None]
         if PDL and not INTERP:   # pass 1's partials are complete and visible past this
             tl.extra.cuda.gdc_wait()
-        # the block's projections and sums of squares: its S partials, in a fixed order
-        spart_ptr = _spart(mpart_ptr, S, T, F)
-        acc = tl.zeros([BLOCK_T, F_PAD], dtype=tl.float32)
-        ss = tl.zeros([BLOCK_T], dtype=tl.float32)
-        if SB == 0:
-            for s in range(S):
-                sT = tl.cast(s, tl.int64) * T   # int64: S * T can pass 2^31
-                acc += tl.load(mpart_ptr + (sT + rows64[:, None]) * F + ff[None, :],
-                               mask=rm2 & (ff < F)[None, :], other=0.0)
-                ss += tl.load(spart_ptr + sT + rows64, mask=rmask, other=0.0)
-        else:   # SB shares' partials as one [SB, BLOCK_T, F_PAD] tile, summed over the shares
-            sb = tl.arange(0, SB)
-            for s0 in range(0, S, SB):
-                sv = s0 + sb
-                sT = sv.to(tl.int64) * T
-                sm = (sv < S)[:, None]
-                acc += tl.sum(tl.load(
-                    mpart_ptr + (sT[:, None, None] + rows64[None, :, None]) * F
-                    + ff[None, None, :], mask=sm[:, :, None] & rm2[None, :, :]
-                    & (ff < F)[None, None, :], other=0.0), axis=0)
-                ss += tl.sum(tl.load(spart_ptr + sT[:, None] + rows64[None, :],
-                                     mask=sm & rmask[None, :], other=0.0), axis=0)
+        acc, ss = _sum_parts(mpart_ptr, S, T, rows64, rmask, ff, F, SB)
         # every D chunk's program computes the gates (a few hundred flops per token); the
         # first one stores them
         r, gate = _gates(acc, ss, ff, alpha_ptr, bias_ptr, norm_eps, hc_eps, N, F, ND)
@@ -321,6 +312,115 @@ if triton is not None:
         tl.store(hin_ptr + rows64[:, None] * D + d[None, :],
                  _round_out(h, hin_ptr.dtype.element_ty, INTERP), mask=m2)
 
+
+
+    @triton.jit
+    def _sum_parts(mpart_ptr, S, T, rows64, rmask, ff, F: tl.constexpr, SB: tl.constexpr,
+                   CG: tl.constexpr = False):
+        """A token block's projections [BLOCK_T, F_PAD] and sums of squares [BLOCK_T]: its S
+        partials (_part_share) summed in a fixed order, one share at a time (SB = 0) or SB
+        shares as one [SB, BLOCK_T, F_PAD] tile.  CG: loads from L2 (".cg"), for partials
+        that other programs of the same grid wrote."""
+        MOD: tl.constexpr = ".cg" if CG else ""
+        spart_ptr = _spart(mpart_ptr, S, T, F)
+        rm2 = rmask[:, None]
+        acc = tl.zeros([rows64.shape[0], ff.shape[0]], dtype=tl.float32)
+        ss = tl.zeros([rows64.shape[0]], dtype=tl.float32)
+        if SB == 0:
+            for s in range(S):
+                sT = tl.cast(s, tl.int64) * T   # int64: S * T can pass 2^31
+                acc += tl.load(mpart_ptr + (sT + rows64[:, None]) * F + ff[None, :],
+                               mask=rm2 & (ff < F)[None, :], other=0.0, cache_modifier=MOD)
+                ss += tl.load(spart_ptr + sT + rows64, mask=rmask, other=0.0,
+                              cache_modifier=MOD)
+        else:
+            sb = tl.arange(0, SB)
+            for s0 in range(0, S, SB):
+                sv = s0 + sb
+                sT = sv.to(tl.int64) * T
+                sm = (sv < S)[:, None]
+                acc += tl.sum(tl.load(
+                    mpart_ptr + (sT[:, None, None] + rows64[None, :, None]) * F
+                    + ff[None, None, :], mask=sm[:, :, None] & rm2[None, :, :]
+                    & (ff < F)[None, None, :], other=0.0, cache_modifier=MOD), axis=0)
+                ss += tl.sum(tl.load(spart_ptr + sT[:, None] + rows64[None, :],
+                                     mask=sm & rmask[None, :], other=0.0, cache_modifier=MOD),
+                             axis=0)
+        return acc, ss
+
+    # -----------------------------------------------------------------------------------------
+    # Forward, cooperative variant (CUDA only; set_config(fwd_coop=S)): pass 1 and the h_in
+    # pass in one launch, each token block's S programs meeting in between, so that a program
+    # re-reads the x of its share right after reading it (from L2):
+    #   ticket = atomic_add(sync[0], 1): block ticket // S, share ticket % S (tickets in the
+    #            order the programs start: the programs a block waits for are running or
+    #            finished, so with S <= the programs resident at once there is no deadlock)
+    #   pass 1 over the share (_part_share) -> partials; arrive at sync[1 + block]
+    #   the last to arrive: gates from the S partials (fixed order), stored; arrives again
+    #   the others wait for that; then every program: h_in over its share, chunks last first
+    # Never run by the interpreter (its programs run one after another: the first would wait
+    # forever).
+    @triton.jit(do_not_specialize=["T", "S"])
+    def _pre_fwd_coop_kernel(
+        x_ptr,       # [T, n, D] x dtype
+        pg_ptr,      # [NPB, F_PAD, ND] bf16 pieces of phi*g
+        mpart_ptr,   # [S*T*F + S*T] fp32 scratch: the partials (_part_share)
+        sync_ptr,    # [1 + token blocks] int32, zeros: the ticket, then arrivals per block
+        alpha_ptr, bias_ptr,   # [3], [F] fp32
+        hin_ptr,     # [T, D] x dtype (out)
+        hpost_ptr, hres_ptr, rms_ptr, hmix_ptr, hpre_ptr,   # as _pre_fwd_kernel's (out)
+        T, S, norm_eps, hc_eps,
+        N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr,
+        FA: tl.constexpr, FB: tl.constexpr, CAT: tl.constexpr = False,
+        SEP: tl.constexpr = False, K: tl.constexpr = 0, NP: tl.constexpr = 1,
+        BLOCK_D2: tl.constexpr = 64,   # the h_in pass's columns per step
+    ):
+        ND: tl.constexpr = N * D
+        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        tl.static_assert(BLOCK_D % BLOCK_D2 == 0)
+        ticket = tl.atomic_add(sync_ptr, 1)
+        blk = ticket // S
+        s = ticket - blk * S
+        rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        rows64 = rows.to(tl.int64)
+        _part_share(x_ptr, pg_ptr, mpart_ptr, rows, s, T, S, pg_ptr, N, D, F, F_PAD, BLOCK_T,
+                    BLOCK_D, NPA, NPB, INTERP, FA, FB, CAT, False, SEP, False, False, "")
+        tl.debug_barrier()   # the program's partials stored before it arrives
+        arrive = sync_ptr + 1 + blk
+        if tl.atomic_add(arrive, 1, sem="acq_rel") == S - 1:   # the last of the block
+            tl.debug_barrier()
+            ff = tl.arange(0, F_PAD)
+            acc, ss = _sum_parts(mpart_ptr, S, T, rows64, rmask, ff, F, 0, True)
+            _gates_epilogue(acc, ss, rows, rows64, rmask, ff, alpha_ptr, bias_ptr, rms_ptr,
+                            hmix_ptr, hpre_ptr, hpost_ptr, hres_ptr, norm_eps, hc_eps, N, F,
+                            ND, K, NP)
+            tl.debug_barrier()   # the gates stored before the block's programs read h_pre
+            tl.atomic_add(arrive, 1, sem="release")
+        else:
+            while tl.atomic_add(arrive, 0, sem="acquire") < S + 1:
+                pass
+        tl.debug_barrier()
+        # h_in over the share's D chunks, the last read first
+        CPS = (NCH + S - 1) // S
+        c_lo = s * CPS
+        n2 = (tl.minimum(c_lo + CPS, NCH) - c_lo) * (BLOCK_D // BLOCK_D2)
+        dd = tl.arange(0, BLOCK_D2)
+        rm2 = rmask[:, None]
+        for j in range(n2):
+            d = c_lo * BLOCK_D + (n2 - 1 - j) * BLOCK_D2 + dd
+            m2 = rm2 & (d < D)[None, :]
+            h = tl.zeros([BLOCK_T, BLOCK_D2], dtype=tl.float32)
+            for i in tl.static_range(N):
+                hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0,
+                             cache_modifier=".cg")
+                xv = tl.load(x_ptr + rows64[:, None] * ND + i * D + d[None, :], mask=m2,
+                             other=0.0)
+                h += hp[:, None] * xv.to(tl.float32)
+            tl.store(hin_ptr + rows64[:, None] * D + d[None, :],
+                     _round_out(h, hin_ptr.dtype.element_ty, INTERP), mask=m2)
 
 
 def _prep_phi_launch(F, ND, F_pad, npieces, has_g, cuda) -> _Launch:
@@ -350,6 +450,7 @@ class _Plan(NamedTuple):
     main: _Launch                # the fused kernel, or pass 1 of the split forward
     fin: _Launch | None = None   # the split forward's h_in pass
     pieces: _Launch | None = None   # _prep_phi_kernel, where the pieces are made apart
+    coop: bool = False           # main is the cooperative kernel (S shares, one launch)
 
 
 def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
@@ -359,16 +460,29 @@ def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
     few = T * n * n < cfg.get("few_res", FEW_RES)   # few h_res entries: products added in fp32
     npa, npb = fwd_pieces(dname, few)
     common = dict(N=n, D=D, F=F, F_PAD=F_pad, INTERP=_interpret())
-    S = _fwd_splits(cfg, T, D, dev, F_pad, dname)
     pieces = partial(_prep_phi_launch, F, n * D, F_pad, npb, has_g, dev.type == "cuda")
+    coop = int(cfg.get("fwd_coop", 0))
+    if coop > 1 and (dev.type != "cuda" or _interpret()):
+        coop = 0   # the interpreter runs one program at a time: only S = 1 never waits
+    if coop:
+        bt = cfg["fwd_split_bt"]
+        fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
+        kw = dict(common, BLOCK_T=bt, BLOCK_D=cfg["fwd_split_bd"], NPA=npa, NPB=npb, FA=fa,
+                  FB=fb, CAT=_cat(npa, npb, F_pad), SEP=few,
+                  BLOCK_D2=min(cfg.get("fwd_coop_bd2", 64), cfg["fwd_split_bd"]), **_sk_kw(k, n),
+                  **_launch_kw(cfg, "fwd_split"))
+        S = max(1, min(int(coop), _cdiv(D, cfg["fwd_split_bd"])))
+        return _Plan(S, False, npb, _Launch(_pre_fwd_coop_kernel, (_cdiv(T, bt) * S,), kw),
+                     pieces=pieces(), coop=True)
+    S = _fwd_splits(cfg, T, D, dev, F_pad, dname)
     if S == 0:
         return _Plan(0, False, npb, _Launch(_pre_fwd_kernel, _fwd_grid(T, cfg), dict(
             common, BLOCK_T=cfg["fwd_bt"], BLOCK_D=cfg["fwd_bd"],
             BLOCK_D2=cfg.get("fwd_bd2", cfg["fwd_bd"]), NPA=npa, NPB=npb,
             CAT=_cat(npa, npb, F_pad), SEP=few, **_sk_kw(k, n), **_launch_kw(cfg, "fwd"))),
             pieces=pieces())
-    prep = _fwd_prep(cfg, T)
     fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
+    prep = _fwd_prep(cfg, T)
     ilv, order, hin_ev = _l2_reuse(cfg, S, F_pad, dev)
     grid1, grid2, hbt, hbd = _split_grids(T, D, S, cfg)
     kw1 = dict(common, BLOCK_T=_split_bt(cfg, T), BLOCK_D=_split_bd(cfg, T), NPA=npa,
@@ -421,6 +535,11 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
         if p.S == 0:
             p.main(x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre,
                    T, *eps)
+        elif p.coop:   # one launch; the partials, and the ticket and arrival counters
+            part = torch.empty(p.S * T * (F + 1), dtype=torch.float32, device=dev)
+            sync = torch.zeros(1 + p.main.grid[0] // p.S, dtype=torch.int32, device=dev)
+            p.main(x, pg, part, sync, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms,
+                   h_mix, h_pre, T, p.S, *eps)
         else:
             # pass 1 in S shares -> partials [S, T, F] and [S, T] (one buffer: _spart); then
             # the gates and h_in
