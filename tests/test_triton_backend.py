@@ -686,6 +686,29 @@ def test_coop_forward_equals_split_bitwise(S, n, dname, k):
         assert torch.isfinite(a).all(), name
 
 
+def test_coop_forward_rule(monkeypatch):
+    """With ``fwd_coop_s`` > 0 the CUDA rule takes the cooperative forward for 16-bit x at
+    n <= 4 from T = 2048 on, unless fwd_split is set; never with more shares than D chunks or
+    multiprocessors; with the table's value it takes the split forward."""
+    monkeypatch.setattr(config, "_interpret", lambda: False)
+    cuda = torch.device("cuda")
+    table = config._make_config(4, 4096, "bf16", cuda)
+    assert config._fwd_coop(table, 4096, 4096, cuda, 32, "bf16", sms=132) == \
+        (table["fwd_coop_s"] if table["fwd_coop_s"] > 1 else 0)
+    S = 16
+    cfg = dict(table, fwd_coop_s=S)
+    coop = lambda c, T=4096, D=4096, F_pad=32, dname="bf16", sms=132: \
+        config._fwd_coop(c, T, D, cuda, F_pad, dname, sms=sms)  # noqa: E731
+    assert S > 1 and coop(cfg) == S and coop(cfg, dname="fp16") == S
+    assert coop(cfg, T=2047) == coop(cfg, dname="fp32") == coop(cfg, F_pad=64) == 0
+    assert coop(dict(cfg, fwd_split=2)) == 0
+    assert coop(cfg, sms=S - 1) == 0
+    assert coop(cfg, D=cfg["fwd_split_bd"] * 2) == 2   # one share per D chunk at most
+    assert coop(dict(cfg, fwd_coop=3), T=5) == 3 and coop(dict(cfg, fwd_coop=0)) == 0
+    assert config._fwd_coop(dict(cfg, fwd_coop=3), 4096, 4096, torch.device("cpu"), 32,
+                            "bf16") == 0
+
+
 def test_coop_forward_only_where_it_cannot_wait_forever():
     """The interpreter's plan takes the cooperative kernel at one share only; more shares fall
     back to the split forward (CUDA takes any)."""

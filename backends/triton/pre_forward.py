@@ -14,11 +14,11 @@ from functools import partial
 from typing import NamedTuple
 
 from .._common import FEW_RES, empty_torch
-from ._util import _Launch, _cdiv, _dtype_name, _f32, _f_pad, _interpret, _next_pow2, \
-    _on_x_device, _tokens, tl, torch, triton
-from .config import _cat, _config, _f_blocks, _fwd_pdl, _fwd_prep, _fwd_splits, _hin_tiles, \
-    _l2_reuse, _launch_kw, _plan, _split_bd, _split_bt
-from .grids import _fwd_grid, _prep_phi_grid, _split_grids
+from ._util import _Launch, _dtype_name, _f32, _f_pad, _interpret, _next_pow2, _on_x_device, \
+    _tokens, tl, torch, triton
+from .config import _cat, _config, _f_blocks, _fwd_coop, _fwd_pdl, _fwd_prep, _fwd_splits, \
+    _hin_tiles, _l2_reuse, _launch_kw, _plan, _split_bd, _split_bt
+from .grids import _coop_grid, _fwd_grid, _prep_phi_grid, _split_grids
 from .precision import fwd_pieces
 from .sinkhorn import _sk_kw
 
@@ -461,19 +461,15 @@ def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
     npa, npb = fwd_pieces(dname, few)
     common = dict(N=n, D=D, F=F, F_PAD=F_pad, INTERP=_interpret())
     pieces = partial(_prep_phi_launch, F, n * D, F_pad, npb, has_g, dev.type == "cuda")
-    coop = int(cfg.get("fwd_coop", 0))
-    if coop > 1 and (dev.type != "cuda" or _interpret()):
-        coop = 0   # the interpreter runs one program at a time: only S = 1 never waits
+    coop = _fwd_coop(cfg, T, D, dev, F_pad, dname)
     if coop:
-        bt = cfg["fwd_split_bt"]
         fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
-        kw = dict(common, BLOCK_T=bt, BLOCK_D=cfg["fwd_split_bd"], NPA=npa, NPB=npb, FA=fa,
+        kw = dict(common, BLOCK_T=cfg["fwd_split_bt"], BLOCK_D=cfg["fwd_split_bd"], NPA=npa, NPB=npb, FA=fa,
                   FB=fb, CAT=_cat(npa, npb, F_pad), SEP=few,
-                  BLOCK_D2=min(cfg.get("fwd_coop_bd2", 64), cfg["fwd_split_bd"]), **_sk_kw(k, n),
-                  **_launch_kw(cfg, "fwd_split"))
-        S = max(1, min(int(coop), _cdiv(D, cfg["fwd_split_bd"])))
-        return _Plan(S, False, npb, _Launch(_pre_fwd_coop_kernel, (_cdiv(T, bt) * S,), kw),
-                     pieces=pieces(), coop=True)
+                  BLOCK_D2=min(cfg.get("fwd_coop_bd2", 64), cfg["fwd_split_bd"]),
+                  **_sk_kw(k, n), **_launch_kw(cfg, "fwd_split"))
+        return _Plan(coop, False, npb, _Launch(_pre_fwd_coop_kernel, _coop_grid(T, coop, cfg),
+                                               kw), pieces=pieces(), coop=True)
     S = _fwd_splits(cfg, T, D, dev, F_pad, dname)
     if S == 0:
         return _Plan(0, False, npb, _Launch(_pre_fwd_kernel, _fwd_grid(T, cfg), dict(
