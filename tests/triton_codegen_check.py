@@ -120,8 +120,8 @@ def cases():
            dict(N=4, D=4096, F=24, F_PAD=32, BLOCK_T=cfg["fwd_split_bt"],
                 BLOCK_D=cfg["fwd_split_bd"], NPA=1, NPB=2, INTERP=False, FA=32, FB=0,
                 CAT=config._cat(1, 2, 32), SEP=False, K=20, NP=4,
-                BLOCK_D2=cfg["fwd_coop_bd2"], GATE_T=8),
-           cfg["fwd_split_warps"], cfg["fwd_split_stages"])
+                BLOCK_D2=cfg["fwd_coop_bd2"]),
+           cfg["fwd_coop_warps"], cfg["fwd_split_stages"])
     for dt in ("fp32", "bf16"):   # pass 1 for few h_res entries (SEP: separate dots), with
         #                             phi*g's pieces read, or made in pass 1 (PREP, one token block)
         for prep in (False, True):

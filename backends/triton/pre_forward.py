@@ -376,7 +376,6 @@ if triton is not None:
         FA: tl.constexpr, FB: tl.constexpr, CAT: tl.constexpr = False,
         SEP: tl.constexpr = False, K: tl.constexpr = 0, NP: tl.constexpr = 1,
         BLOCK_D2: tl.constexpr = 64,   # the h_in pass's columns per step
-        GATE_T: tl.constexpr = 8,      # the gates' tokens per step (registers: as the fin's)
     ):
         ND: tl.constexpr = N * D
         NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
@@ -394,14 +393,10 @@ if triton is not None:
         if tl.atomic_add(arrive, 1, sem="acq_rel") == S - 1:   # the last of the block
             tl.debug_barrier()
             ff = tl.arange(0, F_PAD)
-            for g0 in range(0, BLOCK_T, GATE_T):   # the gates GATE_T tokens at a time
-                grows = blk * BLOCK_T + g0 + tl.arange(0, GATE_T)
-                gmask = grows < T
-                grows64 = grows.to(tl.int64)
-                acc, ss = _sum_parts(mpart_ptr, S, T, grows64, gmask, ff, F, 0, True)
-                _gates_epilogue(acc, ss, grows, grows64, gmask, ff, alpha_ptr, bias_ptr,
-                                rms_ptr, hmix_ptr, hpre_ptr, hpost_ptr, hres_ptr, norm_eps,
-                                hc_eps, N, F, ND, K, NP)
+            acc, ss = _sum_parts(mpart_ptr, S, T, rows64, rmask, ff, F, 0, True)
+            _gates_epilogue(acc, ss, rows, rows64, rmask, ff, alpha_ptr, bias_ptr, rms_ptr,
+                            hmix_ptr, hpre_ptr, hpost_ptr, hres_ptr, norm_eps, hc_eps, N, F,
+                            ND, K, NP)
             tl.debug_barrier()   # the gates stored before the block's programs read h_pre
             tl.atomic_add(arrive, 1, sem="release")
         else:
@@ -469,10 +464,11 @@ def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
     coop = _fwd_coop(cfg, T, D, dev, F_pad, dname)
     if coop:
         fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
-        kw = dict(common, BLOCK_T=cfg["fwd_split_bt"], BLOCK_D=cfg["fwd_split_bd"], NPA=npa, NPB=npb, FA=fa,
-                  FB=fb, CAT=_cat(npa, npb, F_pad), SEP=few,
+        kw = dict(common, BLOCK_T=cfg["fwd_split_bt"], BLOCK_D=cfg["fwd_split_bd"], NPA=npa,
+                  NPB=npb, FA=fa, FB=fb, CAT=_cat(npa, npb, F_pad), SEP=few,
                   BLOCK_D2=min(cfg.get("fwd_coop_bd2", 64), cfg["fwd_split_bd"]),
                   **_sk_kw(k, n), **_launch_kw(cfg, "fwd_split"))
+        kw["num_warps"] = cfg.get("fwd_coop_warps", kw["num_warps"])
         return _Plan(coop, False, npb, _Launch(_pre_fwd_coop_kernel, _coop_grid(T, coop, cfg),
                                                kw), pieces=pieces(), coop=True)
     S = _fwd_splits(cfg, T, D, dev, F_pad, dname)
