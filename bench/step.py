@@ -24,6 +24,8 @@ copy bandwidth measured in the same run. Writes every row to JSON (``--json``, d
     # against another version in the same run: install it apart, then
     pip install --no-deps --no-build-isolation --target /tmp/base <its checkout>
     python bench/step.py --baseline /tmp/base             # its rows: "mhc_multi (baseline)"
+    # launch variants of the Triton backend (set_config keys), rows "mhc_multi [name]":
+    python bench/step.py --no-compile --variants '{"coop16": {"fwd_coop": 16}}'
 """
 from __future__ import annotations
 
@@ -156,6 +158,8 @@ def bench_shape(shape, a, device, timer, bandwidth, kernels=None) -> list[dict]:
     x = mhc_multi.random_inputs(shape, a.dtype, seed=0, device=device)[0].requires_grad_()
     dy = torch.randn_like(x)
     impls = {"mhc_multi": layer}
+    variants = {f"mhc_multi [{k}]": v for k, v in a.variants.items()}
+    impls.update(dict.fromkeys(variants, layer))
     plain = PlainStep(layer)
     if not a.no_compile and not a.only_ours:
         impls["torch compile"] = torch.compile(plain)
@@ -175,6 +179,9 @@ def bench_shape(shape, a, device, timer, bandwidth, kernels=None) -> list[dict]:
 
         def fwd_bwd():
             return torch.autograd.grad(model(x), [x, *mparams], dy)
+        if name in variants:   # the Triton backend's rule with these overrides, then restored
+            from mhc_multi.backends import triton as tg
+            tg.set_config(**variants[name])
         try:
             if kernels is not None and name == "mhc_multi":
                 kernels += kernel_rows(shape, fwd, fwd_bwd, x.element_size(), bandwidth)
@@ -193,6 +200,9 @@ def bench_shape(shape, a, device, timer, bandwidth, kernels=None) -> list[dict]:
         except Exception as exc:   # noqa: BLE001 - reported in the table
             rows.append(dict(shape=shape, impl=name, pass_="-",
                              error=f"{type(exc).__name__}: {exc}"[:160]))
+        finally:
+            if name in variants:
+                tg.set_config()
     if not a.only_ours and why:
         rows.append(dict(shape=shape, impl="liger", pass_="-", error=why))
     return rows
@@ -233,6 +243,9 @@ def parse_args(argv=None):
     p.add_argument("--kernels", action="store_true",
                    help="also each kernel's device time in our step (torch.profiler), against "
                         "its design bytes (CUDA)")
+    p.add_argument("--variants", default="{}", type=json.loads,
+                   help='JSON {"name": {set_config keys}}: our step again under each of these '
+                        "launch variants of the Triton backend, in the same run")
     p.add_argument("--only-ours", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:

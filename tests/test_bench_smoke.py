@@ -42,11 +42,14 @@ def test_model_bench_quick_writes_json(tmp_path):
 
 
 def test_step_bench_quick_writes_json(tmp_path):
-    """bench/step.py on the CPU: both implementations time both passes and agree."""
-    data = _run_bench("step.py", tmp_path, "--device", "cpu", "--quick", "--eager")
+    """bench/step.py on the CPU: both implementations and a launch variant of ours time both
+    passes and agree."""
+    data = _run_bench("step.py", tmp_path, "--device", "cpu", "--quick", "--eager",
+                      "--variants", '{"s1": {"fwd_split": 1}}')
     rows = [r for r in data["rows"] if "ms" in r]
     assert {(r["impl"], r["pass_"]) for r in rows} == {
-        (i, p) for i in ("mhc_multi", "torch eager") for p in ("fwd", "fwd+bwd")}, rows
+        (i, p) for i in ("mhc_multi", "mhc_multi [s1]", "torch eager")
+        for p in ("fwd", "fwd+bwd")}, rows
     assert all(r["ms"] > 0 and r["rel_diff_vs_first"] < 0.05 for r in rows), rows
 
 
