@@ -693,8 +693,7 @@ def test_coop_forward_rule(monkeypatch):
     monkeypatch.setattr(config, "_interpret", lambda: False)
     cuda = torch.device("cuda")
     table = config._make_config(4, 4096, "bf16", cuda)
-    assert config._fwd_coop(table, 4096, 4096, cuda, 32, "bf16", sms=132) == \
-        (table["fwd_coop_s"] if table["fwd_coop_s"] > 1 else 0)
+    assert config._fwd_coop(table, 4096, 4096, cuda, 32, "bf16", sms=132) == table["fwd_coop_s"]
     S = 16
     cfg = dict(table, fwd_coop_s=S)
     coop = lambda c, T=4096, D=4096, F_pad=32, dname="bf16", sms=132: \

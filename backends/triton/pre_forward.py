@@ -7,6 +7,9 @@ Kernels (design in docs/triton.md; phi*g's bf16 pieces come from precision._prep
                         writes h_in.  Nothing bigger than [T, F] is written besides the outputs.
 * ``_pre_fwd_part_kernel``, ``_pre_fwd_fin_kernel``  the split forward (config._fwd_splits):
                         pass 1 over a share of the row -> fp32 partials; then gates and h_in.
+* ``_pre_fwd_coop_kernel``  the cooperative forward (config._fwd_coop, off in the rule): the
+                        split forward's two passes in one launch, a token block's programs
+                        meeting between them through counters in global memory.
 """
 from __future__ import annotations
 
@@ -312,8 +315,6 @@ if triton is not None:
         tl.store(hin_ptr + rows64[:, None] * D + d[None, :],
                  _round_out(h, hin_ptr.dtype.element_ty, INTERP), mask=m2)
 
-
-
     @triton.jit
     def _sum_parts(mpart_ptr, S, T, rows64, rmask, ff, F: tl.constexpr, SB: tl.constexpr,
                    CG: tl.constexpr = False):
@@ -358,8 +359,8 @@ if triton is not None:
     #   pass 1 over the share (_part_share) -> partials; arrive at sync[1 + block]
     #   the last to arrive: gates from the S partials (fixed order), stored; arrives again
     #   the others wait for that; then every program: h_in over its share, chunks last first
-    # Never run by the interpreter (its programs run one after another: the first would wait
-    # forever).
+    # The interpreter runs it at S = 1 only: its programs run one after another, so at S > 1
+    # the first would wait forever (_fwd_coop).
     @triton.jit(do_not_specialize=["T", "S"])
     def _pre_fwd_coop_kernel(
         x_ptr,       # [T, n, D] x dtype
