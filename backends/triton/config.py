@@ -39,7 +39,7 @@ _INTERP_CONFIG = dict(fwd_bt=16, fwd_bd=16, fwd_warps=4, row_bt=16, row_bd=32, r
 #: CUDA: the values every shape shares ...
 _CUDA_COMMON = dict(fwd_bt=64, fwd_bd2=128, fwd_warps=4,
                     fwd_split_bt=64, fwd_split_few_bt=16, fwd_split_few_bd=32,
-                    fwd_coop_s=0, fwd_coop_bd2=64, fwd_coop_warps=8,
+                    fwd_coop_s=0, fwd_coop_bd2=64, fwd_coop_warps=4,
                     fwd_split_warps=4, fwd_split_stages=3,
                     hin_bt=8, hin_bd=512, hin_few_bt=1, hin_few_bd=1024, hin_few_sb=128,
                     sk_bt=64, sk_warps=4,
