@@ -9,10 +9,18 @@ the same chain, never from a value carried around the loop.  Triton folds ``acc 
 into ``dot(a, b, acc)``; then the whole loop accumulates on the tensor cores, whose fp32
 accumulation is not IEEE (the post backward's dh_res drifted to 8e-5 at D = 65536 on the H200,
 against 2e-5 allowed).  The interpreter has no such pass, so only a compile can catch it.
+
+Each line also gives the compiled kernel's registers per thread and stack bytes (spilled
+registers), from ``cuobjdump -res-usage`` of its cubin (the tool ships with Triton's NVIDIA
+backend; where it is missing, "regs ?"), and the check fails if a kernel for 16-bit x spills:
+spills cost time without changing a result, so no accuracy test sees them.  (fp32 x, the
+precise path, may: three-piece products in 255 registers.)
 """
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,7 +59,22 @@ def compile_ttgir(fn, types, consts, num_warps=4, num_stages=3):
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=num_warps, num_stages=num_stages))
-    return k.asm["ttgir"]
+    return k.asm["ttgir"], k.asm["cubin"]
+
+
+def resources(cubin):
+    """(registers per thread, stack bytes) of a compiled kernel, or None where Triton's
+    cuobjdump is missing or says nothing we read."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def bad_accumulators(ttgir):
@@ -163,14 +186,20 @@ def main():
     failed = ncases = 0
     for name, fn, types, consts, *launch in cases():
         ncases += 1
-        ttgir = compile_ttgir(fn, types, consts, *launch)
+        ttgir, cubin = compile_ttgir(fn, types, consts, *launch)
         ndots = len(DOT.findall(ttgir))
         bad = bad_accumulators(ttgir)
-        print(f"{name}: {ndots} dots, {len(bad)} accumulating across the loop")
+        res = resources(cubin)
+        regs = "regs ?" if res is None else f"regs {res[0]}, stack {res[1]}"
+        print(f"{name}: {ndots} dots, {len(bad)} accumulating across the loop, {regs}")
         for line in bad:
             print("   ", line)
         # short rows (EXACT) are float64 throughout: no tensor-core dot; every other case has some
         failed += bool(bad) or (ndots == 0) != ("EXACT" in name)
+        spills = res is not None and res[1] > 0 and ("bf16" in name or "fp16" in name)
+        if spills:
+            print("    spills: a kernel for 16-bit x uses stack")
+        failed += spills
     print(f"cases checked: {ncases}")
     return 1 if failed else 0
 
