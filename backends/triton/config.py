@@ -161,8 +161,10 @@ def set_config(**kw) -> None:
 
     Variants: ``fwd_split`` ("auto": the rule in _fwd_splits; 0: the fused forward; S >= 1,
     or -1 for ~4 programs per SM: the split forward), with ``fwd_ilv``, ``hin_order`` ("rev",
-    "dlast", "plain") and ``hin_ev`` (_l2_reuse); ``sk_bwd`` ("auto", "sep": d(logits) by
-    _sk_bwd_kernel before the row kernel; "fused": inside the row kernel; _sk_bwd_mode)."""
+    "dlast", "plain") and ``hin_ev`` (_l2_reuse); ``fwd_coop`` ("auto": _fwd_coop; 0: never;
+    S >= 1: the cooperative forward with S shares, its tiles ``fwd_coop_bd2``,
+    ``fwd_coop_warps``); ``sk_bwd`` ("auto", "sep": d(logits) by _sk_bwd_kernel before the
+    row kernel; "fused": inside the row kernel; _sk_bwd_mode)."""
     unknown = sorted(set(kw) - VALID_KEYS)
     if unknown:
         raise ValueError(f"set_config: unknown key {', '.join(map(repr, unknown))}; "
