@@ -46,7 +46,9 @@ DOT = re.compile(r"=\s*(tt\.dot|ttng\.warp_group_dot)\s+(%[\w.#]+),\s*(%[\w.#]+)
 DEF = re.compile(r"^\s*(%[\w.]+)(?::\d+)?\s*=\s*(.*)$")
 
 
-def compile_ttgir(fn, types, consts, num_warps=4, num_stages=3):
+def compile_sm90(fn, types, consts, num_warps=4, num_stages=3):
+    """(TTGIR text, cubin bytes) of fn compiled for sm_90 with these argument types and
+    constexprs."""
     # a constexpr left out would compile as a runtime i32 (both sides of its branches)
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in consts]
     if missing:
@@ -186,7 +188,7 @@ def main():
     failed = ncases = 0
     for name, fn, types, consts, *launch in cases():
         ncases += 1
-        ttgir, cubin = compile_ttgir(fn, types, consts, *launch)
+        ttgir, cubin = compile_sm90(fn, types, consts, *launch)
         ndots = len(DOT.findall(ttgir))
         bad = bad_accumulators(ttgir)
         res = resources(cubin)
