@@ -13,8 +13,8 @@ Per launch site of the pre forward: the whole ``_Launch`` call against the compi
 own launcher called alone with the same arguments (what Triton's launch costs by itself) and
 ``_Launch``'s key.  Then one ``torch.empty`` and one small aten op (``x.sum()``), for scale.
 
-Medians of 5 loops of calls (``tokens.call_us``), microseconds; JSON to ``--json``, default ``$OUT/host.json``,
-else ``bench/results/host-<device>.json``.
+Medians of 5 loops of calls (``tokens.call_us``), microseconds; JSON to ``--json``, default
+``$OUT/host.json``, else ``bench/results/host-<device>.json``.
 
     python3 bench/host.py                       # n = 4, D = 4096, bf16, k = 20, T = 1
     python3 bench/host.py --shape 1,64,4,4096

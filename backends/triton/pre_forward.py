@@ -147,18 +147,24 @@ if triton is not None:
         NCH2: tl.constexpr = (D + BLOCK_D2 - 1) // BLOCK_D2
         dd2 = tl.arange(0, BLOCK_D2)
         for cc in range(NCH2):
-            c = NCH2 - 1 - cc
-            d = c * BLOCK_D2 + dd2
-            dmask = d < D
-            m2 = rmask[:, None] & dmask[None, :]
-            h = tl.zeros([BLOCK_T, BLOCK_D2], dtype=tl.float32)
-            for i in tl.static_range(N):
-                hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
-                xv = tl.load(x_ptr + rows64[:, None] * ND + (i * D) + d[None, :], mask=m2,
-                             other=0.0)
-                h += hp[:, None] * xv.to(tl.float32)
-            tl.store(hin_ptr + rows64[:, None] * D + d[None, :],
-                     _round_out(h, hin_ptr.dtype.element_ty, INTERP), mask=m2)
+            _hin_chunk(x_ptr, hpre_ptr, hin_ptr, rows64, rmask, (NCH2 - 1 - cc) * BLOCK_D2 + dd2,
+                       N, D, INTERP)
+
+    @triton.jit
+    def _hin_chunk(x_ptr, hpre_ptr, hin_ptr, rows64, rmask, d, N: tl.constexpr,
+                   D: tl.constexpr, INTERP: tl.constexpr, CG: tl.constexpr = False):
+        """h_in = sum_i h_pre[i] * x[i, d] of the rows at the columns d, stored; h_pre read
+        back from its store [T, n] (CG: from L2, where another program of the grid wrote it)."""
+        ND: tl.constexpr = N * D
+        MOD: tl.constexpr = ".cg" if CG else ""
+        m2 = rmask[:, None] & (d < D)[None, :]
+        h = tl.zeros([rows64.shape[0], d.shape[0]], dtype=tl.float32)
+        for i in tl.static_range(N):
+            hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0, cache_modifier=MOD)
+            xv = tl.load(x_ptr + rows64[:, None] * ND + (i * D) + d[None, :], mask=m2, other=0.0)
+            h += hp[:, None] * xv.to(tl.float32)
+        tl.store(hin_ptr + rows64[:, None] * D + d[None, :],
+                 _round_out(h, hin_ptr.dtype.element_ty, INTERP), mask=m2)
 
     # -----------------------------------------------------------------------------------------
     # Forward, split variant (the rule in _fwd_splits, or set_config(fwd_split=S)): S programs
@@ -409,19 +415,9 @@ if triton is not None:
         c_lo = s * CPS
         n2 = (tl.minimum(c_lo + CPS, NCH) - c_lo) * (BLOCK_D // BLOCK_D2)
         dd = tl.arange(0, BLOCK_D2)
-        rm2 = rmask[:, None]
         for j in range(n2):
-            d = c_lo * BLOCK_D + (n2 - 1 - j) * BLOCK_D2 + dd
-            m2 = rm2 & (d < D)[None, :]
-            h = tl.zeros([BLOCK_T, BLOCK_D2], dtype=tl.float32)
-            for i in tl.static_range(N):
-                hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0,
-                             cache_modifier=".cg")
-                xv = tl.load(x_ptr + rows64[:, None] * ND + i * D + d[None, :], mask=m2,
-                             other=0.0)
-                h += hp[:, None] * xv.to(tl.float32)
-            tl.store(hin_ptr + rows64[:, None] * D + d[None, :],
-                     _round_out(h, hin_ptr.dtype.element_ty, INTERP), mask=m2)
+            _hin_chunk(x_ptr, hpre_ptr, hin_ptr, rows64, rmask,
+                       c_lo * BLOCK_D + (n2 - 1 - j) * BLOCK_D2 + dd, N, D, INTERP, True)
 
 
 def _prep_phi_launch(F, ND, F_pad, npieces, has_g, cuda) -> _Launch:
@@ -462,9 +458,9 @@ def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
     npa, npb = fwd_pieces(dname, few)
     common = dict(N=n, D=D, F=F, F_PAD=F_pad, INTERP=_interpret())
     pieces = partial(_prep_phi_launch, F, n * D, F_pad, npb, has_g, dev.type == "cuda")
+    fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
     coop = _fwd_coop(cfg, T, D, dev, F_pad, dname)
     if coop:
-        fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
         kw = dict(common, BLOCK_T=cfg["fwd_split_bt"], BLOCK_D=cfg["fwd_split_bd"], NPA=npa,
                   NPB=npb, FA=fa, FB=fb, CAT=_cat(npa, npb, F_pad), SEP=few,
                   BLOCK_D2=min(cfg.get("fwd_coop_bd2", 64), cfg["fwd_split_bd"]),
@@ -479,7 +475,6 @@ def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
             BLOCK_D2=cfg.get("fwd_bd2", cfg["fwd_bd"]), NPA=npa, NPB=npb,
             CAT=_cat(npa, npb, F_pad), SEP=few, **_sk_kw(k, n), **_launch_kw(cfg, "fwd"))),
             pieces=pieces())
-    fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
     prep = _fwd_prep(cfg, T)
     ilv, order, hin_ev = _l2_reuse(cfg, S, F_pad, dev)
     grid1, grid2, hbt, hbd = _split_grids(T, D, S, cfg)
@@ -533,17 +528,18 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
         if p.S == 0:
             p.main(x, pg, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre,
                    T, *eps)
-        elif p.coop:   # one launch; the partials, and the ticket and arrival counters
-            part = torch.empty(p.S * T * (F + 1), dtype=torch.float32, device=dev)
-            sync = torch.zeros(1 + p.main.grid[0] // p.S, dtype=torch.int32, device=dev)
-            p.main(x, pg, part, sync, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms,
-                   h_mix, h_pre, T, p.S, *eps)
         else:
             # pass 1 in S shares -> partials [S, T, F] and [S, T] (one buffer: _spart); then
-            # the gates and h_in
+            # the gates and h_in: by a second launch, or (coop) by the same one, whose
+            # programs meet through the ticket and arrival counters
             part = torch.empty(p.S * T * (F + 1), dtype=torch.float32, device=dev)
-            p.main(x, pg, part, T, p.S, **prep)
-            p.fin(x, part, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix,
-                  h_pre, T, p.S, *eps)
+            if p.coop:
+                sync = torch.zeros(1 + p.main.grid[0] // p.S, dtype=torch.int32, device=dev)
+                p.main(x, pg, part, sync, _f32(alpha), _f32(bias), h_in, h_post, h_res,
+                       inv_rms, h_mix, h_pre, T, p.S, *eps)
+            else:
+                p.main(x, pg, part, T, p.S, **prep)
+                p.fin(x, part, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix,
+                      h_pre, T, p.S, *eps)
     outs = (h_post, h_res, inv_rms, h_mix, h_pre)
     return (h_in,) + tuple(o if o.dtype == pdt else o.to(pdt) for o in outs)
