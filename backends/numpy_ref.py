@@ -92,8 +92,9 @@ def forward64(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0)
     r = 1.0 / np.sqrt(np.mean(v * v, axis=1) + norm_eps)                      # inv_rms
     m = (v * g) @ phi.T                                                        # h_mix
     u = r[:, None] * m
-    h_pre = 1.0 / (1.0 + np.exp(-(alpha[0] * u[:, :n] + bias[:n]))) + hc_eps
-    h_post = 2.0 / (1.0 + np.exp(-(alpha[1] * u[:, n:2 * n] + bias[n:2 * n])))
+    with np.errstate(over="ignore"):   # exp(-z) = inf for z < -709: the gate is exactly 0
+        h_pre = 1.0 / (1.0 + np.exp(-(alpha[0] * u[:, :n] + bias[:n]))) + hc_eps
+        h_post = 2.0 / (1.0 + np.exp(-(alpha[1] * u[:, n:2 * n] + bias[n:2 * n])))
     h_res = (alpha[2] * u[:, 2 * n:] + bias[2 * n:]).reshape(T, n, n)
     if sinkhorn_iters:
         h_res = _sinkhorn(h_res, sinkhorn_iters)[0]
@@ -101,10 +102,23 @@ def forward64(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0)
     return h_in, h_post, h_res, r, m, h_pre
 
 
+#: float64's unit roundoff
+U64 = 2.0 ** -53
+
+
 def backward64(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res,
-               gamma, *, norm_eps, hc_eps, sinkhorn_iters=0, dx_add=None):
+               gamma, *, norm_eps, hc_eps, sinkhorn_iters=0, dx_add=None, dx_rounding=False):
     """The backward pass in float64: (dx, dphi, dalpha, dbias, dgamma); ``dx_add`` [T,n,D]
-    (another gradient of x, such as the post operator's) is added to dx."""
+    (another gradient of x, such as the post operator's) is added to dx.
+
+    With ``dx_rounding=True`` a sixth value follows: a bound [T,n,D] on the rounding error of
+    a float64 evaluation of dx's formula, ``(F + 8) u64`` times the sum of the magnitudes it
+    adds (its F-term dot products taken term by term: ``|g| (|dm| @ |phi|)``,
+    ``r^3/nD (|e| . |m|) |v|``, ``|h_pre dh_in|``, ``|dx_add|``), F for the dot products and 8
+    for the roundings around them. dx's first two terms cancel where a row is short (at
+    n*D = 1 to ``eps r^2`` of their size), and there this bound, not ||dx||, is how far two
+    float64 evaluations in different orders can drift apart (``tolerances.reference_slack``).
+    """
     T, n, D = x.shape
     v = _to64(x).reshape(T, n * D)
     phi, alpha, bias = _to64(phi), _to64(alpha), _to64(bias)
@@ -126,16 +140,24 @@ def backward64(x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_pos
     dm = r[:, None] * e
     w = dm @ phi                                                               # dvecX_mm
     dr = np.sum(e * m, axis=1)
-    dv = (w * g - (dr * r ** 3 / (n * D))[:, None] * v
-          + (h_pre[:, :, None] * dh_in[:, None, :]).reshape(T, n * D))
+    hd = (h_pre[:, :, None] * dh_in[:, None, :]).reshape(T, n * D)
+    dv = w * g - (dr * r ** 3 / (n * D))[:, None] * v + hd
     if dx_add is not None:
         dv = dv + _to64(dx_add).reshape(T, n * D)
+    if dx_rounding:
+        size = (np.abs(g) * (np.abs(dm) @ np.abs(phi))
+                + (np.sum(np.abs(e * m), axis=1) * r ** 3 / (n * D))[:, None] * np.abs(v)
+                + np.abs(hd))
+        if dx_add is not None:
+            size = size + np.abs(_to64(dx_add).reshape(T, n * D))
+        dx_err = (phi.shape[0] + 8) * U64 * size
 
     dalpha = np.array([np.sum(dp * u[:, :n]), np.sum(dq * u[:, n:2 * n]), np.sum(dR * u[:, 2 * n:])])
     dbias = np.concatenate([dp.sum(0), dq.sum(0), dR.sum(0)])
     dphi = dm.T @ (v * g)
     dgamma = None if gamma is None else np.sum(v * w, axis=0).reshape(n, D)
-    return dv.reshape(T, n, D), dphi, dalpha, dbias, dgamma
+    grads = (dv.reshape(T, n, D), dphi, dalpha, dbias, dgamma)
+    return grads + (dx_err.reshape(T, n, D),) if dx_rounding else grads
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from . import api, checks, registry
 from .checks import _is_tensor, dtype_name
 from .convert import _to_backend
 from .backends import numpy_ref
-from .tolerances import tolerance
+from .tolerances import reference_slack, tolerance
 
 PRE_OUTPUTS = ("h_in", "h_post", "h_res", "inv_rms", "h_mix", "h_pre")
 PRE_GRADIENTS = ("dx", "dphi", "dalpha", "dbias", "dgamma")
@@ -54,7 +54,7 @@ class Report:
                 f"seed={self.seed}")
         lines = [head, f"{'backend':<10} {'output':<14} {'rel. error':>10} {'bound':>9}  result"]
         for r in self.rows:
-            lines.append(f"{r.backend:<10} {r.output:<14} {r.error:>10.2e} {r.tolerance:>9.0e}  "
+            lines.append(f"{r.backend:<10} {r.output:<14} {r.error:>10.2e} {r.tolerance:>9.1e}  "
                          f"{'ok' if r.ok else 'FAIL'}")
         lines.append("all ok" if self.ok else f"{len(self.failures)} FAILED")
         return "\n".join(lines)
@@ -170,9 +170,11 @@ def crosscheck(x, phi, alpha, bias, gamma=None, *, backends: Sequence[str] | Non
         x_np, *as_np[1:4], *(_to_backend(mids[k], "numpy").reshape((B * S,) + mids[k].shape[2:])
                              for k in ("inv_rms", "h_mix", "h_pre", "h_post")),
         _to_backend(dh_in, "numpy").reshape(B * S, D), _to_backend(dh_post, "numpy").reshape(B * S, n),
-        _to_backend(dh_res, "numpy").reshape(B * S, n, n), as_np[4], **kw)
+        _to_backend(dh_res, "numpy").reshape(B * S, n, n), as_np[4], dx_rounding=True, **kw)
     ref_grads = dict(zip(PRE_GRADIENTS, ref_bwd))
     ref_grads["dx"] = ref_grads["dx"].reshape(B, S, n, D)
+    # where a short row's dx cancels, the reference's own rounding widens dx's bound
+    slack = {"dx": reference_slack(ref_bwd[-1], ref_grads["dx"])}
 
     rows: list[CheckRow] = []
 
@@ -180,7 +182,7 @@ def crosscheck(x, phi, alpha, bias, gamma=None, *, backends: Sequence[str] | Non
         if ref64 is None:
             return
         err = relative_error(got, ref64)
-        tol = tolerance(tol_name or output, xd, own.get(output, pd))
+        tol = tolerance(tol_name or output, xd, own.get(output, pd)) + slack.get(output, 0.0)
         rows.append(CheckRow(name, output, err, tol, err <= tol))
 
     for name in backends:

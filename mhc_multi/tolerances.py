@@ -11,6 +11,8 @@ is fp32-class: 2e-5, or 1e-12 when both the activations and the parameters are f
 """
 from __future__ import annotations
 
+import numpy as np
+
 DTYPE_NAMES = ("bf16", "fp16", "fp32", "fp64")
 
 #: outputs that take the activation (x) dtype
@@ -52,3 +54,22 @@ def tolerance(output: str, x_dtype: str, param_dtype: str | None = None) -> floa
             PARAM_TOLERANCE["fp32"]
     both_fp64 = x_dtype == "fp64" and param_dtype == "fp64"
     return PARAM_TOLERANCE["fp64" if both_fp64 else "fp32"]
+
+
+def reference_slack(rounding_bound, ref64) -> float:
+    """What to add to an output's bound because the reference is itself a float64 evaluation.
+
+    ``rounding_bound`` bounds the rounding error of a float64 evaluation of the output element
+    by element (``numpy_ref.backward64(..., dx_rounding=True)`` gives it for dx). Two float64
+    evaluations (the reference and an fp64 backend, or two transcriptions of the formula) may
+    each be off by it, so the slack is ``2 ||rounding_bound|| / ||ref||``. It matters only
+    where the output is the small difference of large terms: dx of a short row (n*D = 1: its
+    first two terms cancel to ``eps r^2`` of their size), where no float64 evaluation is
+    within 1e-12 of another. Where nothing cancels it is ``2 (F + 8) u64`` times a factor of
+    order one, a few percent of the fp64 bound (measured: at most 10 % of 1e-12 at n = 8,
+    docs/tolerances.md), and nothing against a 16-bit or fp32 bound.
+    """
+    norm = float(np.linalg.norm(np.ravel(ref64)))
+    slack = 2.0 * float(np.linalg.norm(np.ravel(rounding_bound)))
+    return slack / norm if norm > 0 else slack
+

@@ -25,7 +25,7 @@ import pytest
 
 from mhc_multi import registry
 from mhc_multi.crosscheck import relative_error
-from mhc_multi.tolerances import tolerance
+from mhc_multi.tolerances import reference_slack, tolerance
 
 # every backend loads now, under the environment set above: the Triton backend reads
 # TRITON_INTERPRET once, when it is imported, and a test that unsets it must not be the first
@@ -83,10 +83,14 @@ def pytest_runtest_makereport(item, call):
 
 
 def assert_close(got, ref64, output: str, x_dtype: str, param_dtype: str | None = None,
-                 *, where: str = ""):
-    """Relative Frobenius error of ``got`` against float64 ``ref64`` within the table's bound."""
+                 *, where: str = "", rounding=None):
+    """Relative Frobenius error of ``got`` against float64 ``ref64`` within the table's bound,
+    widened by ``tolerances.reference_slack(rounding, ref64)`` when ``rounding`` (the float64
+    evaluation's own rounding bound, for dx) is given."""
     err = relative_error(got, np.asarray(ref64, dtype=np.float64))
     tol = tolerance(output, x_dtype, param_dtype)
-    print(f"{where} {output}: rel. error {err:.2e} (bound {tol:.0e})")
-    assert err <= tol, f"{where} {output}: rel. error {err:.3e} > bound {tol:.0e}"
+    if rounding is not None:
+        tol += reference_slack(rounding, ref64)
+    print(f"{where} {output}: rel. error {err:.2e} (bound {tol:.1e})")
+    assert err <= tol, f"{where} {output}: rel. error {err:.3e} > bound {tol:.1e}"
     return err

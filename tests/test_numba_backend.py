@@ -23,7 +23,7 @@ from mhc_multi.backends.numba import pre_backward as nb_bwd  # noqa: E402
 from mhc_multi.backends.numba import pre_forward as nb_fwd  # noqa: E402
 from mhc_multi.backends import numpy_ref as ref  # noqa: E402
 from mhc_multi.crosscheck import random_inputs, relative_error  # noqa: E402
-from mhc_multi.tolerances import tolerance  # noqa: E402
+from mhc_multi.tolerances import reference_slack, tolerance  # noqa: E402
 
 KW = dict(norm_eps=1e-6, hc_eps=1e-6)
 FWD_NAMES = ("h_in", "h_post", "h_res", "inv_rms", "h_mix", "h_pre")
@@ -109,14 +109,18 @@ def test_matches_reference(x_dtype, p_dtype, T, n, D, gamma):
     bwd_ref = run_bwd(a, fwd_ref, ref)
     h_in, h_post, h_res, r, m, h_pre = fwd_ref
     want = ref.backward64(a["x"], a["phi"], a["alpha"], a["bias"], r, m, h_pre, h_post,
-                          a["dh_in"], a["dh_post"], a["dh_res"], a["gamma"], **KW)
+                          a["dh_in"], a["dh_post"], a["dh_res"], a["gamma"], dx_rounding=True,
+                          **KW)
     for name, got, exp, w in zip(BWD_NAMES, bwd, bwd_ref, want):
         if exp is None:
             assert got is None, (name, seed)
             continue
         assert got.dtype == exp.dtype and got.shape == exp.shape, (name, seed)
         err = rel_err(got, w)
-        assert err <= tolerance(name, x_dtype, pname), f"{name}: {err:.3e} (seed {seed})"
+        bound = tolerance(name, x_dtype, pname)
+        if name == "dx":   # a short row's dx cancels: the reference's own rounding counts
+            bound += reference_slack(want[5], w)
+        assert err <= bound, f"{name}: {err:.3e} (seed {seed})"
 
 
 def test_zero_tokens():
@@ -429,10 +433,13 @@ def test_sinkhorn_matches_reference(k, x_dtype, p_dtype, T, n, D, poison, seed):
     args = (a["x"], a["phi"], a["alpha"], a["bias"], r, m, h_pre, h_post, a["dh_in"],
             a["dh_post"], a["dh_res"], a["gamma"])
     got = nb.backward(*args, **kw)
-    want = ref.backward64(*args, **kw)
+    want = ref.backward64(*args, dx_rounding=True, **kw)
     for name, g, w in zip(BWD_NAMES, got, want):
         err = rel_err(g, w)
-        assert err <= tolerance(name, x_dtype, pname), f"{name}: {err:.3e}"
+        bound = tolerance(name, x_dtype, pname)
+        if name == "dx":   # a short row's dx cancels: the reference's own rounding counts
+            bound += reference_slack(want[5], w)
+        assert err <= bound, f"{name}: {err:.3e}"
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 8])

@@ -40,14 +40,17 @@ def test_reference_matches_autograd(shape, gamma, sinkhorn_iters, seed):
 
     inv_rms, h_mix, h_pre, h_post = ref_fwd[3], ref_fwd[4], ref_fwd[5], ref_fwd[1]
     ref_bwd = numpy_ref.backward64(*np_in[:4], inv_rms, h_mix, h_pre, h_post, dh_in.numpy(),
-                                   dh_post.numpy(), dh_res.numpy(), np_in[4], **kw)
+                                   dh_post.numpy(), dh_res.numpy(), np_in[4], dx_rounding=True,
+                                   **kw)
     want_bwd = oracle.pre_vjp(x, phi, alpha, bias, g, dh_in, dh_post, dh_res, **kw)
+    # two float64 evaluations of a short row's cancelling dx differ by their rounding
+    rounding = {"dx": ref_bwd[5]}
     for name, got, want in zip(BWD, ref_bwd, want_bwd):
         if want is None:
             assert got is None, f"{name} must be None without gamma"
             continue
         assert_close(got, want.reshape(got.shape).numpy(), name, "fp64", "fp64",
-                     where=f"seed={seed}")
+                     where=f"seed={seed}", rounding=rounding.get(name))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 1, 5), (1, 4, 3, 37), (2, 1, 8, 9)],
