@@ -1,4 +1,4 @@
-"""What every backend shares and no backend owns: output allocation, the short-row rule.
+"""What every backend shares and no backend owns: output allocation, the few-element rules.
 
 Backends allocate their outputs here. With ``POISON`` set (the test suite sets it; so does
 ``MHC_MULTI_POISON=1``) outputs start as NaN (bf16 words: a NaN pattern) instead of whatever
@@ -27,6 +27,14 @@ SMALL_ND = 16
 #: out (test_cancelling_h_res). Over many entries the error averages out, so large batches keep
 #: the cheaper arithmetic.
 FEW_RES = 256
+
+#: At most this many elements per x-dtype output of the post operator (T*n*D) and it sums in
+#: float64. Each element of x_next (h_res @ x + h_post * f_out) and of its dx and df_out is a sum
+#: of a few terms with random signs that can cancel; where a handful of elements make up the
+#: whole norm nothing averages that out, and fp32 arithmetic misses the fp32 bound: x_next of a
+#: (1,1,1,1) fp32 x was past 1e-5 in 6.7e-4 of simulated draws (5e-6 at two elements, none of
+#: 2e5 from four on). 16 leaves a wide margin at no cost (test_cancelling_post).
+FEW_POST = 16
 _BF16_NAN = 0x7FC0
 
 

@@ -144,6 +144,44 @@ def test_cancelling_h_res(backend, shape, x_dtype, poison, seed):
     assert report.ok, f"seed={seed}\n{report}"
 
 
+@pytest.mark.parametrize("backend", [_backend_param("numba"), _backend_param("triton")])
+def test_cancelling_post(backend, poison, seed):
+    """An element of x_next = h_res x + h_post f_out (or of df_out = sum_i h_post[i] dx_next[i])
+    is a sum of a few terms; with one element (two for df_out) nothing averages their
+    cancellation out. f_out (dx_next[1]) is set to cancel 99.9 % of the rest, which multiplies
+    fp32 arithmetic's few ulps by 1000, past the fp32 bound; at these sizes the backends sum in
+    float64 (backends/_common.FEW_POST). 16 draws per run, fp32 x."""
+    from mhc_multi import post_backward, post_forward
+    from mhc_multi.backends import numpy_ref
+    from mhc_multi.crosscheck import relative_error
+    dev = _device(backend)
+    for s in range(seed, seed + 16):
+        gen = torch.Generator().manual_seed(s)
+        x, g0 = torch.randn(1, 1, 2, 1, generator=gen), torch.randn(1, 1, 1, generator=gen)
+        h_post = 2 * torch.sigmoid(torch.randn(1, 1, 2, generator=gen))
+        h_res = torch.randn(1, 1, 2, 2, generator=gen)
+        # forward at (1,1,1,1): f_out cancels 99.9 % of h_res x
+        xf, hp, hr = x[:, :, :1], h_post[:, :, :1], h_res[:, :, :1, :1]
+        f = -0.999 * hr[..., 0, 0] * xf[..., 0, 0] / hp[..., 0]
+        f_out = f[..., None].expand(1, 1, 1).contiguous()
+        args = [t.to(dev) for t in (xf, f_out, hp, hr)]
+        got = post_forward(*args, backend=backend)
+        ref = numpy_ref.post_forward64(*(t.double().numpy().reshape((1,) + t.shape[2:])
+                                         for t in (xf, f_out, hp, hr)))
+        err = relative_error(got.cpu().reshape(ref.shape), ref)
+        assert err <= tolerance("x_next", "fp32"), f"seed={s}: x_next rel. error {err:.2e}"
+        # backward at (1,1,2,1): dx_next[1] cancels 99.9 % of h_post[0] dx_next[0] in df_out
+        g1 = -0.999 * h_post[..., 0] * g0[..., 0] / h_post[..., 1]
+        dx_next = torch.stack([g0[..., 0], g1], dim=-1)[..., None]
+        f_out = torch.randn(1, 1, 1, generator=gen)
+        args = [t.to(dev) for t in (x, f_out, h_post, h_res, dx_next)]
+        got = post_backward(*args, backend=backend)
+        ref = numpy_ref.post_backward64(*(t.double().numpy().reshape((1,) + t.shape[2:])
+                                          for t in (x, f_out, h_post, h_res, dx_next)))
+        err = relative_error(got[1].cpu().reshape(ref[1].shape), ref[1])
+        assert err <= tolerance("df_out", "fp32"), f"seed={s}: df_out rel. error {err:.2e}"
+
+
 @functools.lru_cache(maxsize=None)
 def _cancelling_dgamma_inputs(x_dtype):
     """(inputs (x, phi, alpha, bias, gamma, dh_in, dh_post, dh_res), seed): the first draw at

@@ -111,7 +111,14 @@ def cases():
         yield (f"_post_bwd_kernel {dt} n={n}", post._post_bwd_kernel,
                {k: v.format(dt) for k, v in ptypes.items()},
                dict(N=n, NP=np_, D=4096, BLOCK_T=bt, BLOCK_D=bd, FR=max(16, bt), NPC=npc,
-                    INTERP=False))
+                    INTERP=False, EXACT=False))
+    # a few elements (_common.FEW_POST): both post kernels sum x's outputs in float64
+    yield ("_post_bwd_kernel bf16 n=2 EXACT", post._post_bwd_kernel,
+           {k: v.format("bf16") for k, v in ptypes.items()},
+           dict(N=2, NP=2, D=1, BLOCK_T=8, BLOCK_D=16, FR=16, NPC=1, INTERP=False, EXACT=True))
+    yield ("_post_fwd_kernel fp32 n=1 EXACT", post._post_fwd_kernel,
+           {"x_ptr": "*fp32", "f_ptr": "*fp32", "out_ptr": "*fp32"},
+           dict(N=1, NP=1, D=1, BLOCK_T=16, BLOCK_D=16, INTERP=False, EXACT=True))
     fwd = {"x_ptr": "*{0}", "hin_ptr": "*{0}", "pg_ptr": "*bf16", "norm_eps": "fp32", "hc_eps": "fp32"}
     for dt in ("bf16", "fp32"):
         npa, npb = precision._PIECES[dt][0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._common import empty
+from .._common import FEW_POST, empty
 from ._kernels import LOCK, PT, chunking, compute_dtype, numba, storage
 
 if numba is not None:
@@ -130,10 +130,16 @@ if numba is not None:
                     dhr[t, q] = sr[q]
 
 
+def _post_dtype(x, h_post):
+    """The post kernels' compute dtype: float64 for a few elements (_common.FEW_POST)."""
+    T, n, D = x.shape
+    return np.float64 if T * n * D <= FEW_POST else compute_dtype(x.dtype, h_post.dtype)
+
+
 def post_forward(x, f_out, h_post, h_res):
     """x_next [T,n,D] (x's encoding) = h_res @ x + h_post * f_out, per token."""
     T, n, D = x.shape
-    cd = compute_dtype(x.dtype, h_post.dtype)
+    cd = _post_dtype(x, h_post)
     x_next = empty((T, n, D), x.dtype)
     if T == 0:
         return x_next
@@ -150,7 +156,7 @@ def post_backward(x, f_out, h_post, h_res, dx_next):
     """(dx [T,n,D], df_out [T,D] in x's encoding; dh_post [T,n], dh_res [T,n,n] in h_post's)"""
     T, n, D = x.shape
     pd = h_post.dtype
-    cd = compute_dtype(x.dtype, pd)
+    cd = _post_dtype(x, h_post)
     dx = empty((T, n, D), x.dtype)
     df_out = empty((T, D), x.dtype)
     dh_post = empty((T, n), pd)

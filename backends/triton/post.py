@@ -4,7 +4,7 @@ The math of each pass is above its kernel; blocks come from config._post_config.
 """
 from __future__ import annotations
 
-from .._common import empty_torch
+from .._common import FEW_POST, empty_torch
 from ._util import _Launch, _as, _f32, _interpret, _next_pow2, _on_x_device, _tokens, tl, torch, \
     triton
 from .config import _plan, _post_config
@@ -26,9 +26,11 @@ if triton is not None:
         T,
         N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
+        EXACT: tl.constexpr = False,
     ):
         ND: tl.constexpr = N * D
         NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+        CD: tl.constexpr = tl.float64 if EXACT else tl.float32   # EXACT: _common.FEW_POST
         pid = tl.program_id(0)
         nblk = tl.num_programs(0) // NCH
         rows = (pid % nblk) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -40,14 +42,14 @@ if triton is not None:
         m2 = rmask[:, None] & dmask[None, :]
         m3 = m2[:, None, :] & (jj < N)[None, :, None]
         x3 = tl.load(x_ptr + rows64[:, None, None] * ND + jj[None, :, None] * D + d[None, None, :],
-                     mask=m3, other=0.0).to(tl.float32)
-        f = tl.load(f_ptr + rows64[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
+                     mask=m3, other=0.0).to(CD)
+        f = tl.load(f_ptr + rows64[:, None] * D + d[None, :], mask=m2, other=0.0).to(CD)
         hm = rmask[:, None] & (jj < N)[None, :]
         for i in tl.static_range(N):
             hr = tl.load(hres_ptr + rows64[:, None] * (N * N) + i * N + jj[None, :], mask=hm,
-                         other=0.0)
-            hp = tl.load(hpost_ptr + rows64 * N + i, mask=rmask, other=0.0)
-            o = tl.sum(hr[:, :, None] * x3, axis=1) + hp[:, None] * f
+                         other=0.0).to(CD)
+            hp = tl.load(hpost_ptr + rows64 * N + i, mask=rmask, other=0.0).to(CD)
+            o = (tl.sum(hr[:, :, None] * x3, axis=1) + hp[:, None] * f).to(tl.float32)
             tl.store(out_ptr + rows64[:, None] * ND + i * D + d[None, :],
                      _round_out(o, out_ptr.dtype.element_ty, INTERP), mask=m2)
 
@@ -79,9 +81,10 @@ if triton is not None:
         T,
         N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, FR: tl.constexpr,
-        NPC: tl.constexpr, INTERP: tl.constexpr,
+        NPC: tl.constexpr, INTERP: tl.constexpr, EXACT: tl.constexpr = False,
     ):
         ND: tl.constexpr = N * D
+        CD: tl.constexpr = tl.float64 if EXACT else tl.float32   # EXACT: _common.FEW_POST
         R: tl.constexpr = BLOCK_T * NP
         NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
         t0 = tl.program_id(0) * BLOCK_T
@@ -101,7 +104,7 @@ if triton is not None:
         ft = t0 + fq
         fmask = (fq < BLOCK_T) & (ft < T)
         foff = ft.to(tl.int64) * D
-        hp = tl.load(hpost_ptr + rows64[:, None] * N + jj[None, :], mask=hm, other=0.0)
+        hp = tl.load(hpost_ptr + rows64[:, None] * N + jj[None, :], mask=hm, other=0.0).to(CD)
         sx = tl.zeros([R, R], dtype=tl.float32)
         sf = tl.zeros([R, FR], dtype=tl.float32)
         for c in range(NCH):
@@ -110,14 +113,14 @@ if triton is not None:
             m2 = rmask[:, None] & dmask[None, :]
             m3 = m2[:, None, :] & nmask[None, :, None]
             g3 = tl.load(g_ptr + rows64[:, None, None] * ND + jj[None, :, None] * D
-                         + d[None, None, :], mask=m3, other=0.0).to(tl.float32)
-            df = tl.sum(hp[:, :, None] * g3, axis=1)
+                         + d[None, None, :], mask=m3, other=0.0).to(CD)
+            df = tl.sum(hp[:, :, None] * g3, axis=1).to(tl.float32)
             tl.store(df_ptr + rows64[:, None] * D + d[None, :],
                      _round_out(df, df_ptr.dtype.element_ty, INTERP), mask=m2)
             for j in tl.static_range(N):
                 hc = tl.load(hres_ptr + rows64[:, None] * (N * N) + jj[None, :] * N + j, mask=hm,
-                             other=0.0)                             # h_res[t, :, j]
-                dxj = tl.sum(hc[:, :, None] * g3, axis=1)
+                             other=0.0).to(CD)                      # h_res[t, :, j]
+                dxj = tl.sum(hc[:, :, None] * g3, axis=1).to(tl.float32)
                 tl.store(dx_ptr + rows64[:, None] * ND + j * D + d[None, :],
                          _round_out(dxj, dx_ptr.dtype.element_ty, INTERP), mask=m2)
             # the reductions: [R, BLOCK_D] tiles (the re-read of g comes from L1)
@@ -162,7 +165,7 @@ def _post_fwd_launch(T, n, D, dev) -> _Launch:
         kw["num_stages"] = cfg["pf_stages"]
     return _Launch(_post_fwd_kernel, _post_fwd_grid(T, D, cfg), dict(
         N=n, NP=_next_pow2(n), D=D, BLOCK_T=cfg["pf_bt"], BLOCK_D=cfg["pf_bd"],
-        INTERP=_interpret(), **kw))
+        INTERP=_interpret(), EXACT=T * n * D <= FEW_POST, **kw))
 
 
 def _post_bwd_launch(T, n, D, dev, fp32) -> _Launch:
@@ -175,7 +178,7 @@ def _post_bwd_launch(T, n, D, dev, fp32) -> _Launch:
     return _Launch(_post_bwd_kernel, grid, dict(
         N=n, NP=_next_pow2(n), D=D, BLOCK_T=bt, BLOCK_D=cfg["pb_bd"], FR=max(16, _next_pow2(bt)),
         NPC=3 if fp32 else 1,   # fp32: 3 bf16 pieces per operand
-        INTERP=_interpret(), **kw))
+        INTERP=_interpret(), EXACT=T * n * D <= FEW_POST, **kw))
 
 
 @_on_x_device
