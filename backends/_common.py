@@ -28,8 +28,8 @@ SMALL_ND = 16
 #: the cheaper arithmetic.
 FEW_RES = 256
 
-#: At most this many elements per x-dtype output of the post operator (T*n*D) and it sums in
-#: float64. Each element of x_next (h_res @ x + h_post * f_out) and of its dx and df_out is a sum
+#: Where x has at most this many elements (T*n*D) the post operator sums x_next, dx and df_out
+#: in float64. Each element of x_next (h_res @ x + h_post * f_out) and of its dx and df_out is a sum
 #: of a few terms with random signs that can cancel; where a handful of elements make up the
 #: whole norm nothing averages that out, and fp32 arithmetic misses the fp32 bound: x_next of a
 #: (1,1,1,1) fp32 x was past 1e-5 in 6.7e-4 of simulated draws (5e-6 at two elements, none of

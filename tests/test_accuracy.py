@@ -162,8 +162,7 @@ def test_cancelling_post(backend, poison, seed):
         h_res = torch.randn(1, 1, 2, 2, generator=gen)
         # forward at (1,1,1,1): f_out cancels 99.9 % of h_res x
         xf, hp, hr = x[:, :, :1], h_post[:, :, :1], h_res[:, :, :1, :1]
-        f = -0.999 * hr[..., 0, 0] * xf[..., 0, 0] / hp[..., 0]
-        f_out = f[..., None].expand(1, 1, 1).contiguous()
+        f_out = (-0.999 * hr[..., 0, 0] * xf[..., 0, 0] / hp[..., 0])[..., None]   # [1, 1, 1]
         args = [t.to(dev) for t in (xf, f_out, hp, hr)]
         got = post_forward(*args, backend=backend)
         ref = numpy_ref.post_forward64(*(t.double().numpy().reshape((1,) + t.shape[2:])
