@@ -1,8 +1,9 @@
 """Quick GPU timing of the Triton backend at the realistic shapes, in one device call: forward
 and backward graph times (median of CUDA-graph replays) and each kernel's device time, of the
-pre operator (passes fwd, bwd) and of the post operator (post_fwd, post_bwd).
+pre operator (passes fwd, bwd; bwd_add: the backward with another gradient of x added in its
+column kernel, dx_add, as in the step) and of the post operator (post_fwd, post_bwd).
 
-    python3 bench/gpu_quick.py [--dtype bf16] [--passes fwd,bwd,post_fwd,post_bwd] [--variants JSON]
+    python3 bench/gpu_quick.py [--dtype bf16] [--passes fwd,bwd,bwd_add,post_fwd,post_bwd] [--variants JSON]
                                [--shapes B,S,n,D ...]
 
 Each (shape, pass) also gets its floor (bytes that must move / the copy bandwidth of this
@@ -37,7 +38,7 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="bf16", help="x dtype: bf16, fp16 or fp32")
     ap.add_argument("--passes", default="fwd,bwd",
-                    help="comma-separated: fwd, bwd (pre), post_fwd, post_bwd")
+                    help="comma-separated: fwd, bwd, bwd_add (pre), post_fwd, post_bwd")
     ap.add_argument("--variants", default='{"rule": {}}',
                     help='JSON {"name": {set_config keys}}; the first is the reference')
     ap.add_argument("--shapes", nargs="*", help="B,S,n,D (default: the three realistic shapes)")
@@ -54,12 +55,15 @@ def main():
         fo = tg.forward(x, phi, alpha, bias, g, **kw)
         bargs = backward_args(fo, x, phi, alpha, bias, g, dh_in, dh_post, dh_res)
         pin = post_inputs(*shape, DT[args.dtype], seed=5) if "post" in args.passes else ()
+        # bwd_add: the step's pre backward, post's dx added in the column kernel (dx_add)
+        dxa = post_inputs(*shape, DT[args.dtype], seed=6)[0] if "bwd_add" in passes else None
         fns = {"fwd": lambda: tg.forward(x, phi, alpha, bias, g, **kw),
                "bwd": lambda: tg.backward(*bargs, **kw),
+               "bwd_add": lambda: tg.backward(*bargs, **kw, dx_add=dxa),
                "post_fwd": lambda: (tg.post_forward(*pin[:4]),),
                "post_bwd": lambda: tg.post_backward(*pin)}
-        inputs = {"fwd": (x, phi, alpha, bias, g), "bwd": bargs, "post_fwd": pin[:4],
-                  "post_bwd": pin}
+        inputs = {"fwd": (x, phi, alpha, bias, g), "bwd": bargs, "bwd_add": bargs + (dxa,),
+                  "post_fwd": pin[:4], "post_bwd": pin}
         for name in passes:   # bytes that must move: the pass's inputs and outputs
             moved = nbytes(*inputs[name], *fns[name]())
             r = dict(shape=shape, pass_=name,
@@ -87,7 +91,7 @@ def main():
                     rows.append(r)
             finally:
                 tg.set_config()
-        del x, dh_in, fo, bargs, fns, first, pin, inputs
+        del x, dh_in, fo, bargs, fns, first, pin, inputs, dxa
         torch.cuda.empty_cache()
     with open(os.path.join(os.environ.get("OUT") or ".", "gpu_quick.json"), "w") as f:
         json.dump(rows, f, indent=1)

@@ -25,7 +25,7 @@ copy bandwidth measured in the same run. Writes every row to JSON (``--json``, d
     pip install --no-deps --no-build-isolation --target /tmp/base <its checkout>
     python bench/step.py --baseline /tmp/base             # its rows: "mhc_multi (baseline)"
     # launch variants of the Triton backend (set_config keys), rows "mhc_multi [name]":
-    python bench/step.py --no-compile --variants '{"coop16": {"fwd_coop": 16}}'
+    python bench/step.py --no-compile --variants '{"split4": {"fwd_split": 4}}'
 """
 from __future__ import annotations
 

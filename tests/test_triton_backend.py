@@ -540,8 +540,7 @@ def test_post_through_front_end():
 VARIANTS = [dict(fwd_split=2), dict(fwd_split=3, hin_order="plain"), dict(fwd_split=-1),
             dict(sk_bwd="sep"), dict(fwd_split=2, sk_bwd="sep"),
             dict(fwd_split=4, fwd_ilv=True, hin_order="dlast", hin_ev="evict_first"),
-            dict(fwd_split=-1, hin_sb=4), dict(few_res=0), dict(fwd_coop=1),
-            dict(fwd_coop=3)]
+            dict(fwd_split=-1, hin_sb=4), dict(few_res=0)]
 VAR_CASES = [(37, 4, 130, "bf16", True, 0), (19, 4, 130, "fp16", False, 20),
              (9, 3, 7, "fp32", True, 3), (3, 1, 1, "bf16", True, 20), (6, 8, 33, "bf16", True, 1)]
 
@@ -657,65 +656,6 @@ def _fwd_bwd_vs_float64(T, n, D, dname, with_gamma, k):
                                     dh_post, dh_res, gamma, **kw)
     assert all(torch.equal(a, b) for a, b in zip(out, out2))
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(bout, bout2))
-
-
-# The cooperative forward (set_config(fwd_coop=S), pre_forward._pre_fwd_coop_kernel) sums the
-# same partials in the same order as the split forward with S contiguous shares: the same bits.
-# The interpreter runs it at S = 1 only (its programs run one at a time; at S > 1 the first
-# would wait forever for its block's others), the GPU at every S.
-COOP_S = (1,) if DEVICE == "cpu" else (1, 3, 8)
-
-
-@pytest.mark.parametrize("S", COOP_S)
-@pytest.mark.parametrize("n,dname,k", [(1, "fp32", 0), (4, "bf16", 20), (5, "fp16", 3),
-                                       (8, "bf16", 20)])
-def test_coop_forward_equals_split_bitwise(S, n, dname, k):
-    T, D = 100, (40 if DEVICE == "cpu" else 1000)   # T past one token block, not a multiple
-    x, phi, alpha, bias, gamma = _inputs(T, n, D, dname, True, seed=n + S)[:5]
-    dev = torch.device(DEVICE)
-    bd = 16 if DEVICE == "cpu" else 128   # the D chunks of both (the split's rule at T > 64)
-    outs = []
-    for variant in (dict(fwd_split=S, fwd_ilv=False), dict(fwd_coop=S)):
-        with config.config_override(fwd_split_bd=bd, **variant):
-            plan = pre_forward._plan_forward(T, n, D, dname, dev, k, True)
-            assert (plan.coop, plan.S) == ("fwd_coop" in variant, S)
-            outs.append(triton_backend.forward(x, phi, alpha, bias, gamma, norm_eps=NORM_EPS,
-                                               hc_eps=HC_EPS, sinkhorn_iters=k))
-    for name, a, b in zip(FWD, *outs):
-        assert torch.equal(a, b), name
-        assert torch.isfinite(a).all(), name
-
-
-def test_coop_forward_rule(monkeypatch):
-    """With ``fwd_coop_s`` > 0 the CUDA rule takes the cooperative forward for 16-bit x at
-    n <= 4 from T = 2048 on, unless fwd_split is set; never with more shares than D chunks or
-    multiprocessors; with the table's value it takes the split forward."""
-    monkeypatch.setattr(config, "_interpret", lambda: False)
-    cuda = torch.device("cuda")
-    table = config._make_config(4, 4096, "bf16", cuda)
-    assert config._fwd_coop(table, 4096, 4096, cuda, 32, "bf16", sms=132) == table["fwd_coop_s"]
-    S = 16
-    cfg = dict(table, fwd_coop_s=S)
-    coop = lambda c, T=4096, D=4096, F_pad=32, dname="bf16", sms=132: \
-        config._fwd_coop(c, T, D, cuda, F_pad, dname, sms=sms)  # noqa: E731
-    assert S > 1 and coop(cfg) == S and coop(cfg, dname="fp16") == S
-    assert coop(cfg, T=2047) == coop(cfg, dname="fp32") == coop(cfg, F_pad=64) == 0
-    assert coop(dict(cfg, fwd_split=2)) == 0
-    assert coop(cfg, sms=S - 1) == 0
-    assert coop(cfg, D=cfg["fwd_split_bd"] * 2) == 2   # one share per D chunk at most
-    assert coop(dict(cfg, fwd_coop=3), T=5) == 3 and coop(dict(cfg, fwd_coop=0)) == 0
-    assert config._fwd_coop(dict(cfg, fwd_coop=3), 4096, 4096, torch.device("cpu"), 32,
-                            "bf16") == 0
-
-
-def test_coop_forward_only_where_it_cannot_wait_forever():
-    """The interpreter's plan takes the cooperative kernel at one share only; more shares fall
-    back to the split forward (CUDA takes any)."""
-    cpu = torch.device("cpu")
-    for S, coop in ((1, True), (2, False), (16, False)):
-        with config.config_override(fwd_coop=S, fwd_split=2):
-            plan = pre_forward._plan_forward(300, 4, 64, "bf16", cpu, 0, True)
-            assert plan.coop is coop and plan.S == (1 if coop else 2), S
 
 
 # The split forward's pass 1 makes phi*g's pieces itself at one token block (config._fwd_prep):

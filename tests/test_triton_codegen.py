@@ -6,8 +6,7 @@ tensor-core dot accumulates across the loop: Triton folds ``acc + dot(a, b, 0)``
 ``dot(a, b, acc)``, which made the post backward's dh_res drift with D (8e-5 at D = 65536 on
 the H200, bound 2e-5) while every interpreter test passed.  Removing ``_opaque`` from
 ``_mm_core`` makes this test fail (checked).  It also fails when a kernel for 16-bit x spills
-registers to the stack (a too large tile: the cooperative forward with 512-column D chunks
-takes 1776 bytes of stack, checked), which costs time that no accuracy test sees.
+registers to the stack (a too large tile), which costs time that no accuracy test sees.
 """
 import os
 import subprocess

@@ -146,15 +146,6 @@ def cases():
                     CAT=config._cat(npa, npb, F_pad), ILV=n == 4, SEP=False, PREP=False,
                     HAS_G=False, PDL="end"),   # ILV, PDL: as at short T on sm_90
                cfg["fwd_split_warps"], cfg["fwd_split_stages"])
-    cfg = config._make_config(4, 4096, "bf16", torch.device("cuda"))   # the cooperative forward
-    yield ("_pre_fwd_coop_kernel bf16 n=4", pre_forward._pre_fwd_coop_kernel,
-           {"x_ptr": "*bf16", "pg_ptr": "*bf16", "hin_ptr": "*bf16", "sync_ptr": "*i32",
-            "norm_eps": "fp32", "hc_eps": "fp32"},
-           dict(N=4, D=4096, F=24, F_PAD=32, BLOCK_T=cfg["fwd_split_bt"],
-                BLOCK_D=cfg["fwd_split_bd"], NPA=1, NPB=2, INTERP=False, FA=32, FB=0,
-                CAT=config._cat(1, 2, 32), SEP=False, K=20, NP=4,
-                BLOCK_D2=cfg["fwd_coop_bd2"]),
-           cfg["fwd_coop_warps"], cfg["fwd_split_stages"])
     for dt in ("fp32", "bf16"):   # pass 1 for few h_res entries (SEP: separate dots), with
         #                             phi*g's pieces read, or made in pass 1 (PREP, one token block)
         for prep in (False, True):

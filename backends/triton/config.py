@@ -39,7 +39,6 @@ _INTERP_CONFIG = dict(fwd_bt=16, fwd_bd=16, fwd_warps=4, row_bt=16, row_bd=32, r
 #: CUDA: the values every shape shares ...
 _CUDA_COMMON = dict(fwd_bt=64, fwd_bd2=128, fwd_warps=4,
                     fwd_split_bt=64, fwd_split_few_bt=16, fwd_split_few_bd=32,
-                    fwd_coop_s=0, fwd_coop_bd2=64, fwd_coop_warps=4,
                     fwd_split_warps=4, fwd_split_stages=3,
                     hin_bt=8, hin_bd=512, hin_few_bt=1, hin_few_bd=1024, hin_few_sb=128,
                     sk_bt=64, sk_warps=4,
@@ -73,9 +72,9 @@ _CUDA_TABLE = {
 _D_CLAMPED = ("fwd_bd", "fwd_bd2", "col_bd", "row_bd")
 
 #: Keys that set_config takes besides the rule's own: variants and switches (see set_config).
-_SWITCHES = ("fwd_split", "fwd_coop", "fwd_prep", "fwd_pdl", "fwd_ilv", "hin_order", "hin_ev",
-             "hin_sb", "sk_bwd", "col_splits",
-             "col_fblocks", "fwd_fblocks", "w_pieces", "p_pieces", "few_res")
+_SWITCHES = ("fwd_split", "fwd_prep", "fwd_pdl", "fwd_ilv", "hin_order", "hin_ev", "hin_sb",
+             "sk_bwd", "col_splits", "col_fblocks", "fwd_fblocks", "w_pieces", "p_pieces",
+             "few_res")
 #: The post operator's keys, set with a ``post_`` prefix (_post_config).
 _POST_KEYS = ("pf_bt", "pf_bd", "pf_stages", "pb_bt", "pb_bd", "pb_warps", "pb_stages", "warps")
 VALID_KEYS = frozenset(_CUDA_COMMON) | frozenset(_CUDA_COLUMNS) | frozenset(_INTERP_CONFIG) \
@@ -161,10 +160,8 @@ def set_config(**kw) -> None:
 
     Variants: ``fwd_split`` ("auto": the rule in _fwd_splits; 0: the fused forward; S >= 1,
     or -1 for ~4 programs per SM: the split forward), with ``fwd_ilv``, ``hin_order`` ("rev",
-    "dlast", "plain") and ``hin_ev`` (_l2_reuse); ``fwd_coop`` ("auto": _fwd_coop; 0: never;
-    S >= 1: the cooperative forward with S shares, its tiles ``fwd_coop_bd2``,
-    ``fwd_coop_warps``); ``sk_bwd`` ("auto", "sep": d(logits) by _sk_bwd_kernel before the
-    row kernel; "fused": inside the row kernel; _sk_bwd_mode)."""
+    "dlast", "plain") and ``hin_ev`` (_l2_reuse); ``sk_bwd`` ("auto", "sep": d(logits) by
+    _sk_bwd_kernel before the row kernel; "fused": inside the row kernel; _sk_bwd_mode)."""
     unknown = sorted(set(kw) - VALID_KEYS)
     if unknown:
         raise ValueError(f"set_config: unknown key {', '.join(map(repr, unknown))}; "
@@ -298,31 +295,6 @@ def _fwd_splits(cfg, T, D, device, F_pad, dname, sms: int | None = None) -> int:
     if S < 0:
         S = _cdiv(4 * (sms or _sm_count(device)), _cdiv(T, _split_bt(cfg, T)))
     return max(1, min(S, nch, _MAX_GRID12))
-
-
-def _fwd_coop(cfg, T, D, device, F_pad, dname, sms: int | None = None) -> int:
-    """0: not the cooperative forward; S >= 1: the cooperative forward with S shares per token
-    block (pre_forward._pre_fwd_coop_kernel: both passes in one launch, a block's programs
-    meeting between them, each re-reading its share of x from L2).
-
-    Rule ("auto", the default), on CUDA where ``fwd_coop_s`` > 0: 16-bit x, F_PAD <= 32
-    (n <= 4) and T >= 2048, where the split forward's rule (_fwd_splits) reads x twice from
-    memory, unless fwd_split is set: S = ``fwd_coop_s``.  The table's ``fwd_coop_s`` is 0 (not
-    yet timed against the split forward on a GPU).  set_config(fwd_coop=S) forces it (0:
-    never).  At most one share per D chunk, and S > 1 only on a GPU with at least S
-    multiprocessors (a block's S programs must run at once; the interpreter runs one program
-    at a time, so there S = 1 only)."""
-    mode = cfg.get("fwd_coop", "auto")
-    cuda = device.type == "cuda" and not _interpret()
-    if mode == "auto":
-        mode = 0
-        if (cuda and cfg.get("fwd_coop_s", 0) > 0 and dname in ("bf16", "fp16")
-                and F_pad <= 32 and T >= 2048 and cfg.get("fwd_split", "auto") == "auto"):
-            mode = cfg["fwd_coop_s"]
-    S = min(int(mode), _cdiv(D, cfg["fwd_split_bd"]))
-    if S > 1 and not (cuda and S <= (sms or _sm_count(device))):
-        return 0
-    return max(S, 0)
 
 
 def _fwd_prep(cfg, T: int) -> bool:

@@ -47,12 +47,6 @@ def _split_grids(T: int, D: int, S: int, cfg) -> tuple[tuple, tuple, int, int]:
             _checked((_cdiv(T, hbt) * _cdiv(D, hbd),)), hbt, hbd)
 
 
-def _coop_grid(T: int, S: int, cfg) -> tuple:
-    """The cooperative forward's grid: S programs per token block of fwd_split_bt (each takes
-    its block and share from a ticket, _pre_fwd_coop_kernel)."""
-    return _checked((_cdiv(T, cfg["fwd_split_bt"]) * S,))
-
-
 def _sk_grid(T: int, cfg) -> tuple:
     """_sk_bwd_kernel's grid: one program per token block."""
     return _checked((_cdiv(T, cfg["sk_bt"]),))

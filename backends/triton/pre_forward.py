@@ -7,9 +7,6 @@ Kernels (design in docs/triton.md; phi*g's bf16 pieces come from precision._prep
                         writes h_in.  Nothing bigger than [T, F] is written besides the outputs.
 * ``_pre_fwd_part_kernel``, ``_pre_fwd_fin_kernel``  the split forward (config._fwd_splits):
                         pass 1 over a share of the row -> fp32 partials; then gates and h_in.
-* ``_pre_fwd_coop_kernel``  the cooperative forward (config._fwd_coop, off in the rule): the
-                        split forward's two passes in one launch, a token block's programs
-                        meeting between them through counters in global memory.
 """
 from __future__ import annotations
 
@@ -19,9 +16,9 @@ from typing import NamedTuple
 from .._common import FEW_RES, empty_torch
 from ._util import _Launch, _dtype_name, _f32, _f_pad, _interpret, _next_pow2, _on_x_device, \
     _tokens, tl, torch, triton
-from .config import _cat, _config, _f_blocks, _fwd_coop, _fwd_pdl, _fwd_prep, _fwd_splits, \
+from .config import _cat, _config, _f_blocks, _fwd_pdl, _fwd_prep, _fwd_splits, \
     _hin_tiles, _l2_reuse, _launch_kw, _plan, _split_bd, _split_bt
-from .grids import _coop_grid, _fwd_grid, _prep_phi_grid, _split_grids
+from .grids import _fwd_grid, _prep_phi_grid, _split_grids
 from .precision import fwd_pieces
 from .sinkhorn import _sk_kw
 
@@ -152,15 +149,14 @@ if triton is not None:
 
     @triton.jit
     def _hin_chunk(x_ptr, hpre_ptr, hin_ptr, rows64, rmask, d, N: tl.constexpr,
-                   D: tl.constexpr, INTERP: tl.constexpr, CG: tl.constexpr = False):
+                   D: tl.constexpr, INTERP: tl.constexpr):
         """h_in = sum_i h_pre[i] * x[i, d] of the rows at the columns d, stored; h_pre read
-        back from its store [T, n] (CG: from L2, where another program of the grid wrote it)."""
+        back from its store [T, n]."""
         ND: tl.constexpr = N * D
-        MOD: tl.constexpr = ".cg" if CG else ""
         m2 = rmask[:, None] & (d < D)[None, :]
         h = tl.zeros([rows64.shape[0], d.shape[0]], dtype=tl.float32)
         for i in tl.static_range(N):
-            hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0, cache_modifier=MOD)
+            hp = tl.load(hpre_ptr + rows64 * N + i, mask=rmask, other=0.0)
             xv = tl.load(x_ptr + rows64[:, None] * ND + (i * D) + d[None, :], mask=m2, other=0.0)
             h += hp[:, None] * xv.to(tl.float32)
         tl.store(hin_ptr + rows64[:, None] * D + d[None, :],
@@ -322,13 +318,10 @@ if triton is not None:
                  _round_out(h, hin_ptr.dtype.element_ty, INTERP), mask=m2)
 
     @triton.jit
-    def _sum_parts(mpart_ptr, S, T, rows64, rmask, ff, F: tl.constexpr, SB: tl.constexpr,
-                   CG: tl.constexpr = False):
+    def _sum_parts(mpart_ptr, S, T, rows64, rmask, ff, F: tl.constexpr, SB: tl.constexpr):
         """A token block's projections [BLOCK_T, F_PAD] and sums of squares [BLOCK_T]: its S
         partials (_part_share) summed in a fixed order, one share at a time (SB = 0) or SB
-        shares as one [SB, BLOCK_T, F_PAD] tile.  CG: loads from L2 (".cg"), for partials
-        that other programs of the same grid wrote."""
-        MOD: tl.constexpr = ".cg" if CG else ""
+        shares as one [SB, BLOCK_T, F_PAD] tile."""
         spart_ptr = _spart(mpart_ptr, S, T, F)
         rm2 = rmask[:, None]
         acc = tl.zeros([rows64.shape[0], ff.shape[0]], dtype=tl.float32)
@@ -337,9 +330,8 @@ if triton is not None:
             for s in range(S):
                 sT = tl.cast(s, tl.int64) * T   # int64: S * T can pass 2^31
                 acc += tl.load(mpart_ptr + (sT + rows64[:, None]) * F + ff[None, :],
-                               mask=rm2 & (ff < F)[None, :], other=0.0, cache_modifier=MOD)
-                ss += tl.load(spart_ptr + sT + rows64, mask=rmask, other=0.0,
-                              cache_modifier=MOD)
+                               mask=rm2 & (ff < F)[None, :], other=0.0)
+                ss += tl.load(spart_ptr + sT + rows64, mask=rmask, other=0.0)
         else:
             sb = tl.arange(0, SB)
             for s0 in range(0, S, SB):
@@ -349,75 +341,10 @@ if triton is not None:
                 acc += tl.sum(tl.load(
                     mpart_ptr + (sT[:, None, None] + rows64[None, :, None]) * F
                     + ff[None, None, :], mask=sm[:, :, None] & rm2[None, :, :]
-                    & (ff < F)[None, None, :], other=0.0, cache_modifier=MOD), axis=0)
+                    & (ff < F)[None, None, :], other=0.0), axis=0)
                 ss += tl.sum(tl.load(spart_ptr + sT[:, None] + rows64[None, :],
-                                     mask=sm & rmask[None, :], other=0.0, cache_modifier=MOD),
-                             axis=0)
+                                     mask=sm & rmask[None, :], other=0.0), axis=0)
         return acc, ss
-
-    # -----------------------------------------------------------------------------------------
-    # Forward, cooperative variant (CUDA only; set_config(fwd_coop=S)): pass 1 and the h_in
-    # pass in one launch, each token block's S programs meeting in between, so that a program
-    # re-reads the x of its share right after reading it (from L2):
-    #   ticket = atomic_add(sync[0], 1): block ticket // S, share ticket % S (tickets in the
-    #            order the programs start: the programs a block waits for are running or
-    #            finished, so with S <= the programs resident at once there is no deadlock)
-    #   pass 1 over the share (_part_share) -> partials; arrive at sync[1 + block]
-    #   the last to arrive: gates from the S partials (fixed order), stored; arrives again
-    #   the others wait for that; then every program: h_in over its share, chunks last first
-    # The interpreter runs it at S = 1 only: its programs run one after another, so at S > 1
-    # the first would wait forever (_fwd_coop).
-    @triton.jit(do_not_specialize=["T", "S"])
-    def _pre_fwd_coop_kernel(
-        x_ptr,       # [T, n, D] x dtype
-        pg_ptr,      # [NPB, F_PAD, ND] bf16 pieces of phi*g
-        mpart_ptr,   # [S*T*F + S*T] fp32 scratch: the partials (_part_share)
-        sync_ptr,    # [1 + token blocks] int32, zeros: the ticket, then arrivals per block
-        alpha_ptr, bias_ptr,   # [3], [F] fp32
-        hin_ptr,     # [T, D] x dtype (out)
-        hpost_ptr, hres_ptr, rms_ptr, hmix_ptr, hpre_ptr,   # as _pre_fwd_kernel's (out)
-        T, S, norm_eps, hc_eps,
-        N: tl.constexpr, D: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-        NPA: tl.constexpr, NPB: tl.constexpr, INTERP: tl.constexpr,
-        FA: tl.constexpr, FB: tl.constexpr, CAT: tl.constexpr = False,
-        SEP: tl.constexpr = False, K: tl.constexpr = 0, NP: tl.constexpr = 1,
-        BLOCK_D2: tl.constexpr = 64,   # the h_in pass's columns per step
-    ):
-        ND: tl.constexpr = N * D
-        NCH: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
-        tl.static_assert(BLOCK_D % BLOCK_D2 == 0)
-        ticket = tl.atomic_add(sync_ptr, 1)
-        blk = ticket // S
-        s = ticket - blk * S
-        rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-        rmask = rows < T
-        rows64 = rows.to(tl.int64)
-        _part_share(x_ptr, pg_ptr, mpart_ptr, rows, s, T, S, pg_ptr, N, D, F, F_PAD, BLOCK_T,
-                    BLOCK_D, NPA, NPB, INTERP, FA, FB, CAT, False, SEP, False, False, "")
-        tl.debug_barrier()   # the program's partials stored before it arrives
-        arrive = sync_ptr + 1 + blk
-        if tl.atomic_add(arrive, 1, sem="acq_rel") == S - 1:   # the last of the block
-            tl.debug_barrier()
-            ff = tl.arange(0, F_PAD)
-            acc, ss = _sum_parts(mpart_ptr, S, T, rows64, rmask, ff, F, 0, True)
-            _gates_epilogue(acc, ss, rows, rows64, rmask, ff, alpha_ptr, bias_ptr, rms_ptr,
-                            hmix_ptr, hpre_ptr, hpost_ptr, hres_ptr, norm_eps, hc_eps, N, F,
-                            ND, K, NP)
-            tl.debug_barrier()   # the gates stored before the block's programs read h_pre
-            tl.atomic_add(arrive, 1, sem="release")
-        else:
-            while tl.atomic_add(arrive, 0, sem="acquire") < S + 1:
-                pass
-        tl.debug_barrier()
-        # h_in over the share's D chunks, the last read first
-        CPS = (NCH + S - 1) // S
-        c_lo = s * CPS
-        n2 = (tl.minimum(c_lo + CPS, NCH) - c_lo) * (BLOCK_D // BLOCK_D2)
-        dd = tl.arange(0, BLOCK_D2)
-        for j in range(n2):
-            _hin_chunk(x_ptr, hpre_ptr, hin_ptr, rows64, rmask,
-                       c_lo * BLOCK_D + (n2 - 1 - j) * BLOCK_D2 + dd, N, D, INTERP, True)
 
 
 def _prep_phi_launch(F, ND, F_pad, npieces, has_g, cuda) -> _Launch:
@@ -447,7 +374,6 @@ class _Plan(NamedTuple):
     main: _Launch                # the fused kernel, or pass 1 of the split forward
     fin: _Launch | None = None   # the split forward's h_in pass
     pieces: _Launch | None = None   # _prep_phi_kernel, where the pieces are made apart
-    coop: bool = False           # main is the cooperative kernel (S shares, one launch)
 
 
 def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
@@ -459,15 +385,6 @@ def _plan_forward(T, n, D, dname, dev, k, has_g) -> _Plan:
     common = dict(N=n, D=D, F=F, F_PAD=F_pad, INTERP=_interpret())
     pieces = partial(_prep_phi_launch, F, n * D, F_pad, npb, has_g, dev.type == "cuda")
     fa, fb = _f_blocks(F, F_pad) if cfg.get("fwd_fblocks", True) else (F_pad, 0)
-    coop = _fwd_coop(cfg, T, D, dev, F_pad, dname)
-    if coop:
-        kw = dict(common, BLOCK_T=cfg["fwd_split_bt"], BLOCK_D=cfg["fwd_split_bd"], NPA=npa,
-                  NPB=npb, FA=fa, FB=fb, CAT=_cat(npa, npb, F_pad), SEP=few,
-                  BLOCK_D2=min(cfg.get("fwd_coop_bd2", 64), cfg["fwd_split_bd"]),
-                  **_sk_kw(k, n), **_launch_kw(cfg, "fwd_split"))
-        kw["num_warps"] = cfg.get("fwd_coop_warps", kw["num_warps"])
-        return _Plan(coop, False, npb, _Launch(_pre_fwd_coop_kernel, _coop_grid(T, coop, cfg),
-                                               kw), pieces=pieces(), coop=True)
     S = _fwd_splits(cfg, T, D, dev, F_pad, dname)
     if S == 0:
         return _Plan(0, False, npb, _Launch(_pre_fwd_kernel, _fwd_grid(T, cfg), dict(
@@ -530,16 +447,10 @@ def forward(x, phi, alpha, bias, gamma, *, norm_eps, hc_eps, sinkhorn_iters=0):
                    T, *eps)
         else:
             # pass 1 in S shares -> partials [S, T, F] and [S, T] (one buffer: _spart); then
-            # the gates and h_in: by a second launch, or (coop) by the same one, whose
-            # programs meet through the ticket and arrival counters
+            # the gates and h_in
             part = torch.empty(p.S * T * (F + 1), dtype=torch.float32, device=dev)
-            if p.coop:
-                sync = torch.zeros(1 + p.main.grid[0] // p.S, dtype=torch.int32, device=dev)
-                p.main(x, pg, part, sync, _f32(alpha), _f32(bias), h_in, h_post, h_res,
-                       inv_rms, h_mix, h_pre, T, p.S, *eps)
-            else:
-                p.main(x, pg, part, T, p.S, **prep)
-                p.fin(x, part, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix,
-                      h_pre, T, p.S, *eps)
+            p.main(x, pg, part, T, p.S, **prep)
+            p.fin(x, part, _f32(alpha), _f32(bias), h_in, h_post, h_res, inv_rms, h_mix, h_pre,
+                  T, p.S, *eps)
     outs = (h_post, h_res, inv_rms, h_mix, h_pre)
     return (h_in,) + tuple(o if o.dtype == pdt else o.to(pdt) for o in outs)
