@@ -199,6 +199,31 @@ def test_column_splits_fill_the_waves(occ):
             assert config._col_splits(dict(cfg, col_splits=5), programs, nblk, sms) == min(5, nblk)
 
 
+def test_column_tiles_with_dx_add():
+    """_col_cfg: a column kernel that adds dx_add takes the add tile where the rule has one
+    (CUDA, bf16 at n = 4: _CUDA_COL_ADD), its D tile clamped for short rows like col_bd; every
+    other row, and every column kernel without dx_add, keeps col_bt x col_bd; a set_config
+    override of the add tile wins."""
+    cuda = torch.device("cuda")
+    cfg = config._make_config(4, 4096, "bf16", cuda)
+    add = config._col_cfg(cfg, True)
+    assert (add["col_bt"], add["col_bd"]) == config._CUDA_COL_ADD["bf16", 32]
+    assert (add["col_bt"], add["col_bd"]) != (cfg["col_bt"], cfg["col_bd"])
+    assert {k: v for k, v in add.items() if k not in ("col_bt", "col_bd")} == \
+        {k: v for k, v in cfg.items() if k not in ("col_bt", "col_bd")}
+    assert config._col_cfg(cfg, False) is cfg
+    for n, dname in ((1, "bf16"), (3, "bf16"), (8, "bf16"), (4, "fp16"), (4, "fp32")):
+        other = config._make_config(n, 4096, dname, cuda)
+        assert config._col_cfg(other, True) is other, (n, dname)
+    short = config._col_cfg(config._make_config(4, 20, "bf16", cuda), True)
+    assert short["col_bd"] == 32
+    interp = config._make_config(4, 4096, "bf16", torch.device("cpu"))
+    assert config._col_cfg(interp, True) is interp
+    with config.config_override(col_add_bt=64, col_add_bd=128):
+        over = config._col_cfg(config._make_config(4, 4096, "bf16", cuda), True)
+        assert (over["col_bt"], over["col_bd"]) == (64, 128)
+
+
 def test_gate_column_blocks_cover_f():
     """_f_blocks: the one or two blocks of gate columns the column kernel and pass 1 of the
     split forward run cover all F columns, stay inside the padded F_PAD rows of their scratch,

@@ -164,8 +164,8 @@ def cases():
                           ("fp32", 4096, 4, False), ("bf16", 4096, 8, False),
                           ("fp16", 4096, 6, False), ("fp32", 4096, 8, False), ("fp32", 3, 2, True),
                           ("bf16", 1, 1, False)):
-        cfg = config._make_config(n, D, dt, torch.device("cuda"))   # the launch rule's pieces, tiles
-        (nwa, nwb), (npa, npb) = cfg["w_pieces"], cfg["p_pieces"]
+        cfg = config._col_cfg(config._make_config(n, D, dt, torch.device("cuda")), add)
+        (nwa, nwb), (npa, npb) = cfg["w_pieces"], cfg["p_pieces"]   # the rule's pieces, tiles
         F = n * n + 2 * n
         fa, fb = config._f_blocks(F, max(16, _util._next_pow2(F)))
         exact = n * D <= _common.SMALL_ND   # short rows: _dx_exact, as the launch takes it

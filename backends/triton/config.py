@@ -68,8 +68,14 @@ _CUDA_TABLE = {
     ("fp32", 64):     (32,    2,     32,      16,    128,   32,    64,    2,     None),
     ("fp32", 128):    (32,    2,     32,      16,    128,   32,    64,    2,     None),
 }
+#: The column kernel's tiles (col_add_bt, col_add_bd) where it also adds another gradient of x
+#: (dx_add: post's dx, in the step's backward), by (x dtype, F_PAD); elsewhere col_bt, col_bd.
+#: At bf16 n = 4 a [32 x 64] tile beats [16 x 128] with dx_add (H100: 0.653 ms against 0.771 at
+#: (4,4096,4,4096), 2.31 against 2.77 at (4,8192,4,7168)) and loses without it (0.524 against
+#: 0.493), as it does at n <= 3 either way (docs/triton.md, "Splits and tiles").
+_CUDA_COL_ADD = {("bf16", 32): (32, 64)}
 #: Short rows (D <= 64): these D tiles are clamped to max(16, pow2(D)).
-_D_CLAMPED = ("fwd_bd", "fwd_bd2", "col_bd", "row_bd")
+_D_CLAMPED = ("fwd_bd", "fwd_bd2", "col_bd", "col_add_bd", "row_bd")
 
 #: Keys that set_config takes besides the rule's own: variants and switches (see set_config).
 _SWITCHES = ("fwd_split", "fwd_prep", "fwd_pdl", "fwd_ilv", "hin_order", "hin_ev", "hin_sb",
@@ -78,7 +84,8 @@ _SWITCHES = ("fwd_split", "fwd_prep", "fwd_pdl", "fwd_ilv", "hin_order", "hin_ev
 #: The post operator's keys, set with a ``post_`` prefix (_post_config).
 _POST_KEYS = ("pf_bt", "pf_bd", "pf_stages", "pb_bt", "pb_bd", "pb_warps", "pb_stages", "warps")
 VALID_KEYS = frozenset(_CUDA_COMMON) | frozenset(_CUDA_COLUMNS) | frozenset(_INTERP_CONFIG) \
-    | frozenset(_SWITCHES) | frozenset("post_" + k for k in _POST_KEYS)
+    | frozenset(_SWITCHES) | frozenset("post_" + k for k in _POST_KEYS) \
+    | frozenset(("col_add_bt", "col_add_bd"))
 
 
 def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
@@ -89,13 +96,24 @@ def _make_config(n: int, D: int, dtype_name: str, device) -> dict:
     if device.type != "cuda":
         cfg = dict(_INTERP_CONFIG)
     else:
-        row = _CUDA_TABLE[dtype_name, min(F_pad, 128)]
-        cfg = dict(_CUDA_COMMON, **{k: v for k, v in zip(_CUDA_COLUMNS, row) if v is not None})
+        key = (dtype_name, min(F_pad, 128))
+        cfg = dict(_CUDA_COMMON, **{k: v for k, v in zip(_CUDA_COLUMNS, _CUDA_TABLE[key])
+                                    if v is not None})
+        if key in _CUDA_COL_ADD:
+            cfg["col_add_bt"], cfg["col_add_bd"] = _CUDA_COL_ADD[key]
         if D <= 64:
             p2 = max(16, _next_pow2(D))
-            cfg.update({k: min(cfg[k], p2) for k in _D_CLAMPED})
+            cfg.update({k: min(cfg[k], p2) for k in _D_CLAMPED if k in cfg})
     _, cfg["w_pieces"], cfg["p_pieces"] = pieces(dtype_name, n, D)
     cfg.update(_CONFIG_OVERRIDES)
+    return cfg
+
+
+def _col_cfg(cfg: dict, has_add: bool) -> dict:
+    """``cfg`` for a column kernel that adds dx_add (``has_add``): its tiles col_bt, col_bd are
+    then ``col_add_bt``, ``col_add_bd`` where the rule has those (_CUDA_COL_ADD)."""
+    if has_add and "col_add_bt" in cfg:
+        return dict(cfg, col_bt=cfg["col_add_bt"], col_bd=cfg.get("col_add_bd", cfg["col_bd"]))
     return cfg
 
 

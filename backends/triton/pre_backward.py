@@ -13,7 +13,7 @@ from __future__ import annotations
 from .._common import SMALL_ND, empty_torch
 from ._util import _Launch, _cdiv, _dtype_name, _f32, _f_pad, _interpret, _next_pow2, \
     _on_x_device, _tokens, tl, torch, triton
-from .config import _config, _f_blocks, _launch_kw, _plan, _resident, _row_tiles, \
+from .config import _col_cfg, _config, _f_blocks, _launch_kw, _plan, _resident, _row_tiles, \
     _sk_bwd_mode, _sm_count
 from .grids import _col_grid, _reduce_grid, _row_grid, _sk_grid
 from .sinkhorn import _sk_kw
@@ -291,7 +291,7 @@ class _Plan:
         F, F_pad = n * n + 2 * n, _f_pad(n)
         ND = n * D
         self.dname = dname
-        cfg = self.cfg = _config(n, D, dname, dev)
+        cfg = self.cfg = _col_cfg(_config(n, D, dname, dev), has_add)
         (nwa, nwb), (npa, npb) = cfg["w_pieces"], cfg["p_pieces"]
         self.sms = _sm_count(dev)
         self.bt, bd = _row_tiles(cfg, T, D, self.sms)
