@@ -4,7 +4,10 @@ The operators are ``torch.library`` custom ops over the front end, with fake (me
 implementations and registered autograd: the forward saves what the backward needs (the
 inputs and the forward's intermediates ``inv_rms, h_mix, h_pre, h_post``) and the backward
 calls the selected backend's backward. Being custom ops, they compile under
-``torch.compile(fullgraph=True)`` without graph breaks.
+``torch.compile(fullgraph=True)`` without graph breaks. In eager mode on plain tensors a call
+is recorded through an ``autograd.Function`` over the same front end instead (``_eager``), and
+without grad it calls the front end directly (``_untracked``): the same results, with less host
+time.
 """
 from __future__ import annotations
 
@@ -83,18 +86,19 @@ def _pre_setup_context(ctx, inputs, output):
 
 
 def pre_gradients(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post,
-                  dh_res, dslot, opts):
+                  dh_res, dslot, opts, op=True):
     """``(dx, dphi, dalpha, dbias, dgamma or None)`` of the pre operator; a gradient that autograd
     passes as None (an output nobody used) counts as zeros. ``dslot``: the gradient of the
     :func:`dx_slot` output (added to dx in the kernel), or None. ``opts``: (backend, norm_eps,
-    hc_eps, sinkhorn_iters)."""
+    hc_eps, sinkhorn_iters). ``op``: through the custom op (traced, subclasses), else the front
+    end directly (_eager)."""
     B, S, n, D = x.shape
     dh_in = x.new_zeros(B, S, D) if dh_in is None else dh_in
     dh_post = torch.zeros_like(h_post) if dh_post is None else dh_post
     dh_res = h_post.new_zeros(B, S, n, n) if dh_res is None else dh_res
-    dx, dphi, dalpha, dbias, dgamma = _pre_backward_op(
-        x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma, *opts,
-        dslot)
+    args = (x, phi, alpha, bias, inv_rms, h_mix, h_pre, h_post, dh_in, dh_post, dh_res, gamma,
+            *opts, dslot)
+    dx, dphi, dalpha, dbias, dgamma = (_pre_backward_op if op else api._backward)(*args)
     return dx, dphi, dalpha, dbias, dgamma if gamma is not None else None
 
 
@@ -121,6 +125,36 @@ def _untracked(*tensors) -> bool:
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _eager(*tensors) -> bool:
+    """Whether a recorded call may go through :class:`_PreFunction` / :class:`_PostFunction`
+    instead of its custom op: nothing traces it and every tensor is a plain one. The functions
+    call the same front end forward and backward as the ops; they spare each call the
+    dispatcher's Python wrappers, which on a GPU host cost several times the kernels' launches
+    (docs/performance.md, "Where the remaining time goes")."""
+    return (not torch.compiler.is_compiling()
+            and all(a is None or type(a) in _PLAIN for a in tensors))
+
+
+class _PreFunction(torch.autograd.Function):
+    """The pre operator's autograd in eager mode (_eager): forward ``(h_in, h_post, h_res,
+    slot)``, backward through :func:`pre_gradients`, as the custom op's registered autograd."""
+
+    @staticmethod
+    def forward(ctx, x, phi, alpha, bias, gamma, opts):
+        out = api._forward(x, phi, alpha, bias, gamma, *opts)
+        ctx.save_for_backward(x, phi, alpha, bias, gamma, out.inv_rms, out.h_mix, out.h_pre,
+                              out.h_post)
+        ctx.opts = opts
+        ctx.set_materialize_grads(False)   # an unused output's gradient stays None
+        return out.h_in, out.h_post, out.h_res, dx_slot(x)
+
+    @staticmethod
+    def backward(ctx, dh_in, dh_post, dh_res, dslot):
+        x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post = ctx.saved_tensors
+        return (*pre_gradients(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, dh_in,
+                               dh_post, dh_res, dslot, ctx.opts, op=False), None)
 
 
 def mhc_pre(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps: float = 1e-6,
@@ -151,6 +185,9 @@ def pre_with_slot(x, phi, alpha, bias, gamma, *, backend, norm_eps, hc_eps, sink
         out = api._forward(x, phi, alpha, bias, gamma, backend, norm_eps, hc_eps,
                            sinkhorn_iters)
         return out.h_in, out.h_post, out.h_res, None
+    if _eager(x, phi, alpha, bias, gamma):
+        return _PreFunction.apply(x, phi, alpha, bias, gamma,
+                                  (backend, norm_eps, hc_eps, sinkhorn_iters))
     h_in, h_post, h_res, _, _, _, slot = _pre_forward_op(x, phi, alpha, bias, gamma, backend,
                                                          norm_eps, hc_eps, sinkhorn_iters)
     return h_in, h_post, h_res, slot
@@ -206,6 +243,23 @@ def _post_backward(ctx, dx_next):
 _post_forward_op.register_autograd(_post_backward, setup_context=_post_setup_context)
 
 
+class _PostFunction(torch.autograd.Function):
+    """The post operator's autograd in eager mode (_eager), as the custom op's registered
+    autograd: with a slot, x's gradient goes to the slot."""
+
+    @staticmethod
+    def forward(ctx, x, f_out, h_post, h_res, slot, backend):
+        ctx.save_for_backward(x, f_out, h_post, h_res)
+        ctx.backend, ctx.slot = backend, slot is not None
+        return api.post_forward(x, f_out, h_post, h_res, backend=backend)
+
+    @staticmethod
+    def backward(ctx, dx_next):
+        x, f_out, h_post, h_res = ctx.saved_tensors
+        return (*post_input_gradients(*post_grads(x, f_out, h_post, h_res, dx_next,
+                                                  ctx.backend), ctx.slot), None)
+
+
 def mhc_post(x, f_out, h_post, h_res, *, backend: str = "auto", slot=None):
     """Differentiable post operator: ``x_next = h_res @ x + h_post * f_out`` per token
     (custom op ``mhc_multi::post_forward``, see :func:`mhc_multi.post_forward`).
@@ -215,6 +269,8 @@ def mhc_post(x, f_out, h_post, h_res, *, backend: str = "auto", slot=None):
     to x from here. Without it (the default) x gets its gradient as from any other op."""
     if _untracked(x, f_out, h_post, h_res, slot):
         return api.post_forward(x, f_out, h_post, h_res, backend=backend)
+    if _eager(x, f_out, h_post, h_res, slot):
+        return _PostFunction.apply(x, f_out, h_post, h_res, slot, backend)
     return _post_forward_op(x, f_out, h_post, h_res, slot, backend)
 
 

@@ -206,7 +206,7 @@ def _count_ops(monkeypatch, calls):
 def test_untracked_calls_skip_the_custom_ops(mode, monkeypatch, seed):
     """Where no graph records a call (no_grad, inference_mode) the stack's layers run the
     front end directly instead of through the custom ops: the same bits, and the ops are not
-    called. With grad on they are."""
+    called."""
     from mhc_multi import autograd
     x = random_inputs((1, 3, 4, 16), "fp32", seed=seed)[0]
     stack = _stack(4, 16, 2, None, CPU, seed)
@@ -215,11 +215,36 @@ def test_untracked_calls_skip_the_custom_ops(mode, monkeypatch, seed):
     _count_ops(monkeypatch, calls)
     with monkeypatch.context() as m, untracked():
         m.setattr(autograd, "_untracked", lambda *a: False)   # through the ops
+        m.setattr(autograd, "_eager", lambda *a: False)
         want = stack(x)
     assert calls == ["_pre_forward_op", "_post_forward_op"] * 2
     calls.clear()
     with untracked():
         got = stack(x)
     assert calls == [] and torch.equal(got, want)
-    got = stack(x)   # grad on: through the ops, the same values
-    assert calls == ["_pre_forward_op", "_post_forward_op"] * 2 and torch.equal(got, want)
+
+
+def test_eager_calls_skip_the_custom_ops(monkeypatch, seed):
+    """With grad on, in eager mode on plain tensors, the layers record their calls through
+    autograd.Functions (_PreFunction, _PostFunction) rather than the custom ops: the same
+    outputs and gradients of x and every parameter, bit for bit, post's dx reaching the pre
+    backward through the slot either way, and the ops are not called."""
+    from mhc_multi import autograd
+    x = random_inputs((2, 3, 4, 16), "fp32", seed=seed)[0].requires_grad_()
+    stack = _stack(4, 16, 2, None, CPU, seed)
+    params = list(stack.parameters())
+    dy = torch.randn_like(x)
+    calls = []
+    _count_ops(monkeypatch, calls)
+    with monkeypatch.context() as m:
+        m.setattr(autograd, "_eager", lambda *a: False)   # through the ops
+        want = stack(x)
+        want_grads = torch.autograd.grad(want, [x, *params], dy)
+    assert calls == ["_pre_forward_op", "_post_forward_op"] * 2
+    calls.clear()
+    got = stack(x)
+    got_grads = torch.autograd.grad(got, [x, *params], dy)
+    assert calls == [] and torch.equal(got, want)
+    assert len(got_grads) == len(want_grads) == 1 + len(params)
+    for a, b in zip(got_grads, want_grads):
+        assert torch.equal(a, b)
