@@ -152,9 +152,12 @@ class _PreFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh_in, dh_post, dh_res, dslot):
+        # with create_graph (grad mode on here) through the op, whose missing autograd formula
+        # makes a second derivative raise rather than silently treat x as a constant
         x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post = ctx.saved_tensors
         return (*pre_gradients(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, dh_in,
-                               dh_post, dh_res, dslot, ctx.opts, op=False), None)
+                               dh_post, dh_res, dslot, ctx.opts, op=torch.is_grad_enabled()),
+                None)
 
 
 def mhc_pre(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps: float = 1e-6,
@@ -256,8 +259,9 @@ class _PostFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dx_next):
         x, f_out, h_post, h_res = ctx.saved_tensors
-        return (*post_input_gradients(*post_grads(x, f_out, h_post, h_res, dx_next,
-                                                  ctx.backend), ctx.slot), None)
+        grads = (_post_backward_op if torch.is_grad_enabled() else post_grads)(   # as above
+            x, f_out, h_post, h_res, dx_next, ctx.backend)
+        return (*post_input_gradients(*grads, ctx.slot), None)
 
 
 def mhc_post(x, f_out, h_post, h_res, *, backend: str = "auto", slot=None):

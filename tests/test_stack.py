@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mhc_multi import MHCStack, random_inputs
+from mhc_multi import MHCPre, MHCStack, mhc_post, random_inputs
 from mhc_multi import recompute as rc
 from mhc_multi.layer import group_size
 
@@ -248,3 +248,21 @@ def test_eager_calls_skip_the_custom_ops(monkeypatch, seed):
     assert len(got_grads) == len(want_grads) == 1 + len(params)
     for a, b in zip(got_grads, want_grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("ops", [False, True], ids=["eager", "ops"])
+def test_second_derivatives_raise(ops, monkeypatch, seed):
+    """The kernels give first derivatives only: differentiating a gradient of the pre or the
+    post operator again raises, through the autograd.Functions as through the custom ops,
+    rather than returning a silent zero."""
+    from mhc_multi import autograd
+    if ops:
+        monkeypatch.setattr(autograd, "_eager", lambda *a: False)
+    pre = MHCPre(2, 8, backend=CPU, dtype=torch.float64)
+    x = random_inputs((1, 3, 2, 8), "fp64", seed=seed)[0].requires_grad_()
+    h_in, h_post, h_res = pre(x)
+    f = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
+    for out in (h_in.sum() + h_post.sum(), mhc_post(x, f, h_post.detach(), h_res.detach()).sum()):
+        g, = torch.autograd.grad(out, x, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice|no autograd formula"):
+            torch.autograd.grad(g.sum(), x)
