@@ -131,8 +131,9 @@ def _eager(*tensors) -> bool:
     """Whether a recorded call may go through :class:`_PreFunction` / :class:`_PostFunction`
     instead of its custom op: nothing traces it and every tensor is a plain one. The functions
     call the same front end forward and backward as the ops; they spare each call the
-    dispatcher's Python wrappers, which on a GPU host cost several times the kernels' launches
-    (docs/performance.md, "Where the remaining time goes")."""
+    dispatcher's Python wrappers (through the ops, an MHCLayer forward+backward took 1.56 ms
+    of host time on an H100 machine at (1,64,4,4096), its four operators called directly 0.47:
+    docs/performance.md, "Where the remaining time goes")."""
     return (not torch.compiler.is_compiling()
             and all(a is None or type(a) in _PLAIN for a in tensors))
 

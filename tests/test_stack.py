@@ -264,5 +264,5 @@ def test_second_derivatives_raise(ops, monkeypatch, seed):
     f = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
     for out in (h_in.sum() + h_post.sum(), mhc_post(x, f, h_post.detach(), h_res.detach()).sum()):
         g, = torch.autograd.grad(out, x, create_graph=True)
-        with pytest.raises(RuntimeError, match="differentiate twice|no autograd formula"):
+        with pytest.raises(RuntimeError, match="no autograd formula"):
             torch.autograd.grad(g.sum(), x)
