@@ -102,12 +102,17 @@ def pre_gradients(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, dh_
     return dx, dphi, dalpha, dbias, dgamma if gamma is not None else None
 
 
+def _saved_pre_gradients(ctx, dh_in, dh_post, dh_res, dslot, op=True):
+    """:func:`pre_gradients` from what :func:`_pre_setup_context` saved."""
+    x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post = ctx.saved_tensors
+    return pre_gradients(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, dh_in,
+                         dh_post, dh_res, dslot, ctx.opts, op)
+
+
 def _pre_backward(ctx, dh_in, dh_post, dh_res, _inv_rms, _h_mix, _h_pre, dslot):
     # inv_rms, h_mix and h_pre are saved for the backward, not differentiable outputs:
     # mhc_pre does not hand them out
-    x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post = ctx.saved_tensors
-    return (*pre_gradients(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, dh_in,
-                           dh_post, dh_res, dslot, ctx.opts), None, None, None, None)
+    return (*_saved_pre_gradients(ctx, dh_in, dh_post, dh_res, dslot), None, None, None, None)
 
 
 _pre_forward_op.register_autograd(_pre_backward, setup_context=_pre_setup_context)
@@ -116,12 +121,9 @@ _pre_forward_op.register_autograd(_pre_backward, setup_context=_pre_setup_contex
 def _untracked(*tensors) -> bool:
     """Whether a call on ``tensors`` may skip its custom op and run the front end directly: no
     graph records it (grad mode off, as under ``torch.no_grad`` or ``torch.inference_mode``),
-    nothing traces it (not compiling), and every tensor is a plain one (a FakeTensor, a DTensor
-    or another subclass goes through the op, whose fake implementation or dispatch it needs).
-    The op would call the same front end: the results are the same, without the dispatcher's
-    host time."""
-    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and all(a is None or type(a) in _PLAIN for a in tensors))
+    nothing traces it and every tensor is a plain one (_eager). The op would call the same
+    front end: the results are the same, without the dispatcher's host time."""
+    return not torch.is_grad_enabled() and _eager(*tensors)
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -129,11 +131,12 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 def _eager(*tensors) -> bool:
     """Whether a recorded call may go through :class:`_PreFunction` / :class:`_PostFunction`
-    instead of its custom op: nothing traces it and every tensor is a plain one. The functions
-    call the same front end forward and backward as the ops; they spare each call the
-    dispatcher's Python wrappers (through the ops, an MHCLayer forward+backward took 1.56 ms
-    of host time on an H100 machine at (1,64,4,4096), its four operators called directly 0.47:
-    docs/performance.md, "Where the remaining time goes")."""
+    instead of its custom op: nothing traces it (not compiling) and every tensor is a plain one
+    (a FakeTensor, a DTensor or another subclass goes through the op, whose fake implementation
+    or dispatch it needs). The functions call the same front end forward and backward as the
+    ops; they spare each call the dispatcher's Python wrappers (through the ops, an MHCLayer
+    forward+backward took 1.56 ms of host time on an H100 machine at (1,64,4,4096), its four
+    operators called directly 0.47: docs/performance.md, "Where the remaining time goes")."""
     return (not torch.compiler.is_compiling()
             and all(a is None or type(a) in _PLAIN for a in tensors))
 
@@ -144,21 +147,18 @@ class _PreFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, phi, alpha, bias, gamma, opts):
-        out = api._forward(x, phi, alpha, bias, gamma, *opts)
-        ctx.save_for_backward(x, phi, alpha, bias, gamma, out.inv_rms, out.h_mix, out.h_pre,
-                              out.h_post)
-        ctx.opts = opts
+        out = (*api._forward(x, phi, alpha, bias, gamma, *opts), dx_slot(x))
+        _pre_setup_context(ctx, (x, phi, alpha, bias, gamma, *opts), out)
         ctx.set_materialize_grads(False)   # an unused output's gradient stays None
-        return out.h_in, out.h_post, out.h_res, dx_slot(x)
+        h_in, h_post, h_res, *_, slot = out
+        return h_in, h_post, h_res, slot
 
     @staticmethod
     def backward(ctx, dh_in, dh_post, dh_res, dslot):
         # with create_graph (grad mode on here) through the op, whose missing autograd formula
         # makes a second derivative raise rather than silently treat x as a constant
-        x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post = ctx.saved_tensors
-        return (*pre_gradients(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, dh_in,
-                               dh_post, dh_res, dslot, ctx.opts, op=torch.is_grad_enabled()),
-                None)
+        return (*_saved_pre_gradients(ctx, dh_in, dh_post, dh_res, dslot,
+                                      op=torch.is_grad_enabled()), None)
 
 
 def mhc_pre(x, phi, alpha, bias, gamma=None, *, backend: str = "auto", norm_eps: float = 1e-6,
@@ -238,10 +238,13 @@ def post_input_gradients(dx, df_out, dh_post, dh_res, slot: bool):
     return (None, df_out, dh_post, dh_res, dx) if slot else (dx, df_out, dh_post, dh_res, None)
 
 
-def _post_backward(ctx, dx_next):
+def _post_backward(ctx, dx_next, op=True):
+    """The post op's gradients from what :func:`_post_setup_context` saved: through the
+    backward op, or (``op=False``, _PostFunction) the front end directly."""
     x, f_out, h_post, h_res = ctx.saved_tensors
-    return (*post_input_gradients(*_post_backward_op(x, f_out, h_post, h_res, dx_next,
-                                                     ctx.backend), ctx.slot), None)
+    grads = (_post_backward_op if op else post_grads)(x, f_out, h_post, h_res, dx_next,
+                                                      ctx.backend)
+    return (*post_input_gradients(*grads, ctx.slot), None)
 
 
 _post_forward_op.register_autograd(_post_backward, setup_context=_post_setup_context)
@@ -253,16 +256,13 @@ class _PostFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, f_out, h_post, h_res, slot, backend):
-        ctx.save_for_backward(x, f_out, h_post, h_res)
-        ctx.backend, ctx.slot = backend, slot is not None
-        return api.post_forward(x, f_out, h_post, h_res, backend=backend)
+        out = api.post_forward(x, f_out, h_post, h_res, backend=backend)
+        _post_setup_context(ctx, (x, f_out, h_post, h_res, slot, backend), out)
+        return out
 
     @staticmethod
     def backward(ctx, dx_next):
-        x, f_out, h_post, h_res = ctx.saved_tensors
-        grads = (_post_backward_op if torch.is_grad_enabled() else post_grads)(   # as above
-            x, f_out, h_post, h_res, dx_next, ctx.backend)
-        return (*post_input_gradients(*grads, ctx.slot), None)
+        return _post_backward(ctx, dx_next, op=torch.is_grad_enabled())   # as _PreFunction
 
 
 def mhc_post(x, f_out, h_post, h_res, *, backend: str = "auto", slot=None):
