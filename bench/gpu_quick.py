@@ -3,8 +3,8 @@ and backward graph times (median of CUDA-graph replays) and each kernel's device
 pre operator (passes fwd, bwd; bwd_add: the backward with another gradient of x added in its
 column kernel, dx_add, as in the step) and of the post operator (post_fwd, post_bwd).
 
-    python3 bench/gpu_quick.py [--dtype bf16] [--passes fwd,bwd,bwd_add,post_fwd,post_bwd] [--variants JSON]
-                               [--shapes B,S,n,D ...]
+    python3 bench/gpu_quick.py [--dtype bf16] [--passes fwd,bwd,bwd_add,post_fwd,post_bwd]
+                               [--variants JSON] [--shapes B,S,n,D ...]
 
 Each (shape, pass) also gets its floor (bytes that must move / the copy bandwidth of this
 process, _gpu.copy_bandwidth) and ``copy_same_ms`` (_gpu.copy_same_ms: a copy of the same
@@ -56,7 +56,7 @@ def main():
         bargs = backward_args(fo, x, phi, alpha, bias, g, dh_in, dh_post, dh_res)
         pin = post_inputs(*shape, DT[args.dtype], seed=5) if "post" in args.passes else ()
         # bwd_add: the step's pre backward, post's dx added in the column kernel (dx_add)
-        dxa = post_inputs(*shape, DT[args.dtype], seed=6)[0] if "bwd_add" in passes else None
+        dxa = torch.randn_like(x) if "bwd_add" in passes else None
         fns = {"fwd": lambda: tg.forward(x, phi, alpha, bias, g, **kw),
                "bwd": lambda: tg.backward(*bargs, **kw),
                "bwd_add": lambda: tg.backward(*bargs, **kw, dx_add=dxa),
