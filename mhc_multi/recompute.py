@@ -1,4 +1,5 @@
-"""Selective recompute of the residual streams (the paper's §4.3), as custom ops.
+"""Selective recompute of the residual streams (the paper's §4.3), as custom ops (and, in eager
+mode on plain tensors, as autograd.Functions over the same code, as ``mhc_multi.autograd``).
 
 Within a group of consecutive layers only the group's first stream ``x_a`` [B,S,n,D] is kept
 for the backward. Every later stream of the group is a chain of post operators,
@@ -28,7 +29,7 @@ import threading
 import torch
 from torch import Tensor
 
-from . import api
+from . import api, autograd
 from .autograd import _pre_forward_fake, dx_slot, post_grads, post_input_gradients, pre_gradients
 
 _STEP = 3   # chain tensors per layer: f_out, h_post, h_res
@@ -116,19 +117,48 @@ def _pre_setup(ctx, inputs, output):
     x, phi, alpha, bias, gamma, chain, *opts = inputs
     _, h_post, _, inv_rms, h_mix, h_pre, _ = output
     ctx.save_for_backward(phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, *chain)
-    ctx.opts = tuple(opts)
+    ctx.opts, ctx.chain_len = tuple(opts), len(chain)
+
+
+def _replayed_pre_gradients(ctx, dh_in, dh_post, dh_res, dslot, op=True):
+    """``(dx, dphi, dalpha, dbias, dgamma or None)`` from what :func:`_pre_setup` saved, x taken
+    from the cache or rebuilt: through the ops (``_take_op`` is ordered after this backward's
+    incoming gradients, which a traced graph needs), or (``op=False``, eager) directly."""
+    phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, *chain = ctx.saved_tensors
+    if op:
+        after = next((g for g in (dh_in, dh_post, dh_res, dslot) if g is not None), h_post)
+        x = _take_op(chain, ctx.opts[0], after)
+    else:
+        x = _CACHE.take(chain, ctx.opts[0])
+    return pre_gradients(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post,
+                         dh_in, dh_post, dh_res, dslot, ctx.opts, op)
 
 
 def _pre_backward(ctx, dh_in, dh_post, dh_res, _inv_rms, _h_mix, _h_pre, dslot):
-    phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post, *chain = ctx.saved_tensors
-    after = next((g for g in (dh_in, dh_post, dh_res, dslot) if g is not None), h_post)
-    x = _take_op(chain, ctx.opts[0], after)
-    return (*pre_gradients(x, phi, alpha, bias, gamma, inv_rms, h_mix, h_pre, h_post,
-                           dh_in, dh_post, dh_res, dslot, ctx.opts),
-            [None] * len(chain), None, None, None, None)
+    return (*_replayed_pre_gradients(ctx, dh_in, dh_post, dh_res, dslot),
+            [None] * ctx.chain_len, None, None, None, None)
 
 
 _pre_forward_replayed_op.register_autograd(_pre_backward, setup_context=_pre_setup)
+
+
+class _PreReplayedFunction(torch.autograd.Function):
+    """``pre_forward_replayed``'s autograd in eager mode (``autograd._eager``): forward ``(h_in,
+    h_post, h_res, slot)``, backward as the op's registered one."""
+
+    @staticmethod
+    def forward(ctx, x, phi, alpha, bias, gamma, chain, opts):
+        out = (*api._forward(x, phi, alpha, bias, gamma, *opts), dx_slot(x))
+        _pre_setup(ctx, (x, phi, alpha, bias, gamma, chain, *opts), out)
+        ctx.set_materialize_grads(False)   # an unused output's gradient stays None
+        h_in, h_post, h_res, *_, slot = out
+        return h_in, h_post, h_res, slot
+
+    @staticmethod
+    def backward(ctx, dh_in, dh_post, dh_res, dslot):
+        # with create_graph through the ops, so that a second derivative raises (autograd.py)
+        return (*_replayed_pre_gradients(ctx, dh_in, dh_post, dh_res, dslot,
+                                         op=torch.is_grad_enabled()), None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +178,7 @@ def _(x, f_out, h_post, h_res, slot, chain, backend):
 def _post_setup(ctx, inputs, output):
     x, f_out, h_post, h_res, slot, chain, backend = inputs
     ctx.save_for_backward(f_out, h_post, h_res, *chain)
-    ctx.backend, ctx.slot = backend, slot is not None
+    ctx.backend, ctx.slot, ctx.chain_len = backend, slot is not None, len(chain)
 
 
 @torch.library.custom_op("mhc_multi::post_backward_replayed", mutates_args=())
@@ -166,13 +196,38 @@ def _(chain, f_out, h_post, h_res, dx_next, backend):
             torch.empty_like(h_res))
 
 
-def _post_backward(ctx, dx_next):
+def _replayed_post_gradients(ctx, dx_next, op=True):
+    """The post gradients in its inputs' order ``(x, f_out, h_post, h_res, slot)`` from what
+    :func:`_post_setup` saved, on the rebuilt stream: through the backward op, or (``op=False``,
+    eager) directly."""
     f_out, h_post, h_res, *chain = ctx.saved_tensors
-    grads = _post_backward_replayed_op(chain, f_out, h_post, h_res, dx_next, ctx.backend)
-    return (*post_input_gradients(*grads, ctx.slot), [None] * len(chain), None)
+    if op:
+        grads = _post_backward_replayed_op(chain, f_out, h_post, h_res, dx_next, ctx.backend)
+    else:
+        grads = post_grads(_CACHE.rebuild(chain, ctx.backend), f_out, h_post, h_res, dx_next,
+                           ctx.backend)
+    return post_input_gradients(*grads, ctx.slot)
+
+
+def _post_backward(ctx, dx_next):
+    return (*_replayed_post_gradients(ctx, dx_next), [None] * ctx.chain_len, None)
 
 
 _post_forward_replayed_op.register_autograd(_post_backward, setup_context=_post_setup)
+
+
+class _PostReplayedFunction(torch.autograd.Function):
+    """``post_forward_replayed``'s autograd in eager mode (``autograd._eager``)."""
+
+    @staticmethod
+    def forward(ctx, x, f_out, h_post, h_res, slot, chain, backend):
+        out = api.post_forward(x, f_out, h_post, h_res, backend=backend)
+        _post_setup(ctx, (x, f_out, h_post, h_res, slot, chain, backend), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dx_next):
+        return (*_replayed_post_gradients(ctx, dx_next, op=torch.is_grad_enabled()), None, None)
 
 
 class StreamChain:
@@ -200,6 +255,9 @@ def pre_replayed(x, phi, alpha, bias, gamma, chain: StreamChain, *, backend, nor
                  sinkhorn_iters):
     """``(h_in, h_post, h_res, slot)`` as :func:`mhc_multi.autograd.pre_with_slot` gives them,
     with x rebuilt from ``chain`` in the backward."""
+    if autograd._eager(x, phi, alpha, bias, gamma, *chain.tensors):
+        return _PreReplayedFunction.apply(x, phi, alpha, bias, gamma, chain.tensors,
+                                          (backend, norm_eps, hc_eps, sinkhorn_iters))
     h_in, h_post, h_res, _, _, _, slot = _pre_forward_replayed_op(
         x, phi, alpha, bias, gamma, chain.tensors, backend, norm_eps, hc_eps, sinkhorn_iters)
     return h_in, h_post, h_res, slot
@@ -207,4 +265,6 @@ def pre_replayed(x, phi, alpha, bias, gamma, chain: StreamChain, *, backend, nor
 
 def post_replayed(x, f_out, h_post, h_res, slot, chain: StreamChain, *, backend):
     """:func:`mhc_multi.mhc_post` with ``slot``, with x rebuilt from ``chain`` in the backward."""
+    if autograd._eager(x, f_out, h_post, h_res, slot, *chain.tensors):
+        return _PostReplayedFunction.apply(x, f_out, h_post, h_res, slot, chain.tensors, backend)
     return _post_forward_replayed_op(x, f_out, h_post, h_res, slot, chain.tensors, backend)

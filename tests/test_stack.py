@@ -194,12 +194,15 @@ def test_meta_device_init(seed):
 
 
 def _count_ops(monkeypatch, calls):
-    """Record each call of the pre and post custom ops (by name) in ``calls``."""
+    """Record each call of the pre and post custom ops, recompute's replayed ones too (by
+    name), in ``calls``."""
     from mhc_multi import autograd
-    for name in ("_pre_forward_op", "_post_forward_op"):
-        op = getattr(autograd, name)
-        monkeypatch.setattr(autograd, name,
-                            lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    for mod, names in ((autograd, ("_pre_forward_op", "_post_forward_op")),
+                       (rc, ("_pre_forward_replayed_op", "_post_forward_replayed_op"))):
+        for name in names:
+            op = getattr(mod, name)
+            monkeypatch.setattr(mod, name,
+                                lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
@@ -224,14 +227,16 @@ def test_untracked_calls_skip_the_custom_ops(mode, monkeypatch, seed):
     assert calls == [] and torch.equal(got, want)
 
 
-def test_eager_calls_skip_the_custom_ops(monkeypatch, seed):
+@pytest.mark.parametrize("recompute", [None, 3])
+def test_eager_calls_skip_the_custom_ops(recompute, monkeypatch, seed):
     """With grad on, in eager mode on plain tensors, the layers record their calls through
-    autograd.Functions (_PreFunction, _PostFunction) rather than the custom ops: the same
-    outputs and gradients of x and every parameter, bit for bit, post's dx reaching the pre
-    backward through the slot either way, and the ops are not called."""
+    autograd.Functions (_PreFunction, _PostFunction; with recompute, the replayed layers'
+    _PreReplayedFunction, _PostReplayedFunction) rather than the custom ops: the same outputs
+    and gradients of x and every parameter, bit for bit, post's dx reaching the pre backward
+    through the slot either way, and the ops are not called."""
     from mhc_multi import autograd
     x = random_inputs((2, 3, 4, 16), "fp32", seed=seed)[0].requires_grad_()
-    stack = _stack(4, 16, 2, None, CPU, seed)
+    stack = _stack(4, 16, 4, recompute, CPU, seed)
     params = list(stack.parameters())
     dy = torch.randn_like(x)
     calls = []
@@ -240,7 +245,10 @@ def test_eager_calls_skip_the_custom_ops(monkeypatch, seed):
         m.setattr(autograd, "_eager", lambda *a: False)   # through the ops
         want = stack(x)
         want_grads = torch.autograd.grad(want, [x, *params], dy)
-    assert calls == ["_pre_forward_op", "_post_forward_op"] * 2
+    plain, replayed = ["_pre_forward_op", "_post_forward_op"], \
+        ["_pre_forward_replayed_op", "_post_forward_replayed_op"]
+    # 4 layers; with recompute=3 the groups are layers 0-2 and 3, whose first layers keep x
+    assert calls == (plain * 4 if recompute is None else plain + replayed * 2 + plain)
     calls.clear()
     got = stack(x)
     got_grads = torch.autograd.grad(got, [x, *params], dy)
@@ -266,3 +274,10 @@ def test_second_derivatives_raise(ops, monkeypatch, seed):
         g, = torch.autograd.grad(out, x, create_graph=True)
         with pytest.raises(RuntimeError, match="no autograd formula"):
             torch.autograd.grad(g.sum(), x)
+    # with recompute, the second layer's operators are the replayed ones: differentiate
+    # through them alone (its phi enters nothing else)
+    stack = _stack(2, 8, 2, 2, CPU, seed, dtype=torch.float64)
+    phi = stack.layers[1].phi
+    g, = torch.autograd.grad(stack(x).sum(), phi, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(g.sum(), phi)
