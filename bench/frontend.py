@@ -14,9 +14,16 @@ minimum) of ``--rounds`` rounds of ``--calls`` calls, in microseconds per call, 
 to JSON (``--json``, default ``$OUT/frontend.json``, else
 ``bench/results/frontend-<backend>.json``).
 
+``--autograd L`` times the framework's share of a training step instead: an ``MHCStack`` of L
+per-channel scale blocks, forward and ``torch.autograd.grad`` of x and every parameter, per
+layer, recorded through the eager ``autograd.Function`` s and through the custom ops
+(``autograd._eager`` off), without and with ``recompute=L``; each backend call returns the
+result of the first real call made at the same place in the step (numba and numpy backends).
+
     .venv/bin/python bench/frontend.py                      # numba, T = 1 (1,1,4,64) bf16
     .venv/bin/python bench/frontend.py --shape 1,1,4,4096 --backend numpy
     .venv/bin/python bench/frontend.py --shape 1,1,4,4096 --backend triton --calls 300 --rounds 25
+    .venv/bin/python bench/frontend.py --autograd 4 --shape 1,64,4,256 --dtype fp32 --calls 50 --rounds 5
 """
 from __future__ import annotations
 
@@ -54,6 +61,70 @@ def _stub_backend(name: str) -> None:
         setattr(mod, fn, stub)
 
 
+def _stub_by_place(name: str) -> list[int]:
+    """The backend's four functions return, at the k-th backend call of a step, the result of
+    the first real call made k-th; the returned counter (its one entry) restarts a step."""
+    mod = importlib.import_module(f"mhc_multi.backends.{'numpy_ref' if name == 'numpy' else name}")
+    place, memo = [0], {}
+    for fn in ENTRY_POINTS:
+        def stub(*args, _real=getattr(mod, fn), _fn=fn, **kw):
+            place[0] += 1
+            key = (_fn, place[0])
+            if key not in memo:
+                memo[key] = _real(*args, **kw)
+            return memo[key]
+        setattr(mod, fn, stub)
+    return place
+
+
+class _Scale(torch.nn.Module):
+    """The block: ``h_in * w`` per channel."""
+
+    def __init__(self, D):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(D))
+
+    def forward(self, h):
+        return h * self.w
+
+
+def autograd_steps(a, layers: int) -> dict:
+    """Framework µs per layer of an MHCStack forward+backward, eager functions against the
+    custom ops, without and with recompute (the backend stubbed by place)."""
+    from mhc_multi import autograd
+    B, S, n, D = (int(v) for v in a.shape.split(","))
+    x = random_inputs((B, S, n, D), a.dtype, seed=0)[0].requires_grad_()
+    dy = torch.randn_like(x)
+    eager = autograd._eager
+    place = _stub_by_place(a.backend)
+    res = {}
+    for recompute in (None, layers):
+        for path in ("functions", "ops"):
+            torch.manual_seed(0)
+            stack = mhc_multi.MHCStack([_Scale(D) for _ in range(layers)], n, D,
+                                       backend=a.backend, recompute=recompute)
+            params = list(stack.parameters())
+            autograd._eager = eager if path == "functions" else (lambda *t: False)
+
+            def step():
+                place[0] = 0
+                return torch.autograd.grad(stack(x), [x, *params], dy)
+            for _ in range(5):
+                step()
+            rounds = []
+            for _ in range(a.rounds):
+                t0 = time.perf_counter()
+                for _ in range(a.calls):
+                    step()
+                rounds.append((time.perf_counter() - t0) / a.calls / layers * 1e6)
+            key = f"recompute={recompute} {path}"
+            res[key] = {"median_us": statistics.median(rounds), "min_us": min(rounds)}
+            print(f"{key:<24} {res[key]['median_us']:7.1f} us per layer forward+backward "
+                  f"(min {res[key]['min_us']:.1f})")
+    autograd._eager = eager
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backend", default="numba", choices=("numba", "numpy", "triton"))
@@ -62,7 +133,16 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--json", default=None)
+    p.add_argument("--autograd", type=int, default=0, metavar="L",
+                   help="time an MHCStack of L layers through autograd instead (see above)")
     a = p.parse_args(argv)
+    if a.autograd:
+        if a.backend == "triton":
+            p.error("--autograd stubs the numba or numpy backend")
+        res = autograd_steps(a, a.autograd)
+        _results.write("frontend-autograd", a.backend, {"results": res}, a.json, argv,
+                       args=vars(a), cpu_count=os.cpu_count(), torch=torch.__version__)
+        return 0
     B, S, n, D = (int(v) for v in a.shape.split(","))
     x, phi, alpha, bias, g = random_inputs((B, S, n, D), a.dtype, seed=0)
     # the parameters as a module hands them over: the same Parameter objects at every call

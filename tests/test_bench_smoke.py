@@ -65,6 +65,17 @@ def test_frontend_bench_writes_json(tmp_path, backend):
     assert all(r["median_us"] > 0 for r in results.values()), results
 
 
+def test_frontend_bench_autograd_writes_json(tmp_path):
+    """bench/frontend.py --autograd: an MHCStack step through the eager functions and through
+    the custom ops, without and with recompute, the backend stubbed by place."""
+    results = _run_bench("frontend.py", tmp_path, "--backend", "numpy", "--autograd", "2",
+                         "--shape", "1,4,2,16", "--dtype", "fp32", "--calls", "2",
+                         "--rounds", "2")["results"]
+    assert set(results) == {f"recompute={r} {p}" for r in (None, 2)
+                            for p in ("functions", "ops")}
+    assert all(r["median_us"] > 0 for r in results.values()), results
+
+
 def test_tokens_bench_quick_writes_json(tmp_path):
     """bench/tokens.py on the CPU: every operator and the step timed at each T, with a floor."""
     rows = _run_bench("tokens.py", tmp_path, "--device", "cpu", "--quick")["rows"]
