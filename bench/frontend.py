@@ -23,7 +23,7 @@ result of the first real call made at the same place in the step (numba and nump
     .venv/bin/python bench/frontend.py                      # numba, T = 1 (1,1,4,64) bf16
     .venv/bin/python bench/frontend.py --shape 1,1,4,4096 --backend numpy
     .venv/bin/python bench/frontend.py --shape 1,1,4,4096 --backend triton --calls 300 --rounds 25
-    .venv/bin/python bench/frontend.py --autograd 4 --shape 1,64,4,256 --dtype fp32 --calls 50 --rounds 5
+    .venv/bin/python bench/frontend.py --autograd 4 --shape 1,64,4,256 --dtype fp32 --calls 50
 """
 from __future__ import annotations
 
@@ -104,24 +104,26 @@ def autograd_steps(a, layers: int) -> dict:
             stack = mhc_multi.MHCStack([_Scale(D) for _ in range(layers)], n, D,
                                        backend=a.backend, recompute=recompute)
             params = list(stack.parameters())
-            autograd._eager = eager if path == "functions" else (lambda *t: False)
 
             def step():
                 place[0] = 0
                 return torch.autograd.grad(stack(x), [x, *params], dy)
-            for _ in range(5):
-                step()
-            rounds = []
-            for _ in range(a.rounds):
-                t0 = time.perf_counter()
-                for _ in range(a.calls):
+            autograd._eager = eager if path == "functions" else (lambda *t: False)
+            try:
+                for _ in range(5):
                     step()
-                rounds.append((time.perf_counter() - t0) / a.calls / layers * 1e6)
+                rounds = []
+                for _ in range(a.rounds):
+                    t0 = time.perf_counter()
+                    for _ in range(a.calls):
+                        step()
+                    rounds.append((time.perf_counter() - t0) / a.calls / layers * 1e6)
+            finally:
+                autograd._eager = eager
             key = f"recompute={recompute} {path}"
             res[key] = {"median_us": statistics.median(rounds), "min_us": min(rounds)}
             print(f"{key:<24} {res[key]['median_us']:7.1f} us per layer forward+backward "
                   f"(min {res[key]['min_us']:.1f})")
-    autograd._eager = eager
     return res
 
 
