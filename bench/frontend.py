@@ -77,6 +77,20 @@ def _stub_by_place(name: str) -> list[int]:
     return place
 
 
+def _timed(fn, warmup: int, rounds: int, calls: int, per: int = 1) -> dict:
+    """``fn`` after ``warmup`` calls: the median and minimum over ``rounds`` rounds of ``calls``
+    calls, in µs per call divided by ``per``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls / per * 1e6)
+    return {"median_us": statistics.median(times), "min_us": min(times)}
+
+
 class _Scale(torch.nn.Module):
     """The block: ``h_in * w`` per channel."""
 
@@ -110,18 +124,10 @@ def autograd_steps(a, layers: int) -> dict:
                 return torch.autograd.grad(stack(x), [x, *params], dy)
             autograd._eager = eager if path == "functions" else (lambda *t: False)
             try:
-                for _ in range(5):
-                    step()
-                rounds = []
-                for _ in range(a.rounds):
-                    t0 = time.perf_counter()
-                    for _ in range(a.calls):
-                        step()
-                    rounds.append((time.perf_counter() - t0) / a.calls / layers * 1e6)
+                key = f"recompute={recompute} {path}"
+                res[key] = _timed(step, 5, a.rounds, a.calls, per=layers)
             finally:
                 autograd._eager = eager
-            key = f"recompute={recompute} {path}"
-            res[key] = {"median_us": statistics.median(rounds), "min_us": min(rounds)}
             print(f"{key:<24} {res[key]['median_us']:7.1f} us per layer forward+backward "
                   f"(min {res[key]['min_us']:.1f})")
     return res
@@ -173,15 +179,7 @@ def main(argv=None) -> int:
     }
     res = {}
     for name, fn in calls.items():
-        for _ in range(100):
-            fn()
-        rounds = []
-        for _ in range(a.rounds):
-            t0 = time.perf_counter()
-            for _ in range(a.calls):
-                fn()
-            rounds.append((time.perf_counter() - t0) / a.calls * 1e6)
-        res[name] = {"median_us": statistics.median(rounds), "min_us": min(rounds)}
+        res[name] = _timed(fn, 100, a.rounds, a.calls)
         print(f"{name:<14} {res[name]['median_us']:7.1f} us per call (min {res[name]['min_us']:.1f})")
     _results.write("frontend", a.backend, {"results": res}, a.json, argv, args=vars(a),
                    cpu_count=os.cpu_count(), torch=torch.__version__)

@@ -141,17 +141,26 @@ def _eager(*tensors) -> bool:
             and all(a is None or type(a) in _PLAIN for a in tensors))
 
 
+def eager_pre_forward(ctx, args, opts, setup, inputs):
+    """The forward of an eager pre function (:class:`_PreFunction`, recompute's
+    ``_PreReplayedFunction``): the front end's forward of ``args`` (x, phi, alpha, bias, gamma)
+    under ``opts`` and the slot, saved by the matching op's ``setup`` (its setup_context) as
+    the op saves them from ``inputs``; returns ``(h_in, h_post, h_res, slot)``."""
+    out = (*api._forward(*args, *opts), dx_slot(args[0]))
+    setup(ctx, inputs, out)
+    ctx.set_materialize_grads(False)   # an unused output's gradient stays None
+    h_in, h_post, h_res, *_, slot = out
+    return h_in, h_post, h_res, slot
+
+
 class _PreFunction(torch.autograd.Function):
     """The pre operator's autograd in eager mode (_eager): forward ``(h_in, h_post, h_res,
     slot)``, backward through :func:`pre_gradients`, as the custom op's registered autograd."""
 
     @staticmethod
     def forward(ctx, x, phi, alpha, bias, gamma, opts):
-        out = (*api._forward(x, phi, alpha, bias, gamma, *opts), dx_slot(x))
-        _pre_setup_context(ctx, (x, phi, alpha, bias, gamma, *opts), out)
-        ctx.set_materialize_grads(False)   # an unused output's gradient stays None
-        h_in, h_post, h_res, *_, slot = out
-        return h_in, h_post, h_res, slot
+        args = (x, phi, alpha, bias, gamma)
+        return eager_pre_forward(ctx, args, opts, _pre_setup_context, (*args, *opts))
 
     @staticmethod
     def backward(ctx, dh_in, dh_post, dh_res, dslot):

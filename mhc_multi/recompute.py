@@ -148,11 +148,8 @@ class _PreReplayedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, phi, alpha, bias, gamma, chain, opts):
-        out = (*api._forward(x, phi, alpha, bias, gamma, *opts), dx_slot(x))
-        _pre_setup(ctx, (x, phi, alpha, bias, gamma, chain, *opts), out)
-        ctx.set_materialize_grads(False)   # an unused output's gradient stays None
-        h_in, h_post, h_res, *_, slot = out
-        return h_in, h_post, h_res, slot
+        args = (x, phi, alpha, bias, gamma)
+        return autograd.eager_pre_forward(ctx, args, opts, _pre_setup, (*args, chain, *opts))
 
     @staticmethod
     def backward(ctx, dh_in, dh_post, dh_res, dslot):
